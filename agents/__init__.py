@@ -1,0 +1,1 @@
+"""agents: policies, objectives (MLE, BC, SequenceMatch), the trainer and the `seqmatch` command."""

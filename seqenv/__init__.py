@@ -1,0 +1,52 @@
+"""seqenv: text generation as a Gymnasium environment whose actions are tokens plus a backspace.
+
+Importing this package registers ``SequenceGen-v0``; ``gym.make("seqenv:SequenceGen-v0")`` imports
+it on demand. Every registration of the project is in this file.
+"""
+
+from __future__ import annotations
+
+from gymnasium.envs.registration import register, registry
+
+from seqenv.mdp import InvalidActionError, PromptTooLongError, SequenceMDP
+from seqenv.tasks import TASK_NAMES, Task, UnknownTaskError, make_task
+from seqenv.trajectory import (
+    DemonstrationError,
+    Trajectory,
+    augment,
+    load_demonstrations,
+    random_noise,
+    replay,
+)
+from seqenv.vocab import CharVocab, SpecialIds, TokenizerVocab, Vocab, VocabularyError
+
+ENV_ID = "SequenceGen-v0"
+
+if ENV_ID not in registry:
+    register(
+        id=ENV_ID,
+        entry_point="seqenv.env:SequenceGenEnv",
+        vector_entry_point="seqenv.vector:SequenceGenVectorEnv",
+    )
+
+__all__ = [
+    "ENV_ID",
+    "TASK_NAMES",
+    "CharVocab",
+    "DemonstrationError",
+    "InvalidActionError",
+    "PromptTooLongError",
+    "SequenceMDP",
+    "SpecialIds",
+    "Task",
+    "TokenizerVocab",
+    "Trajectory",
+    "UnknownTaskError",
+    "Vocab",
+    "VocabularyError",
+    "augment",
+    "load_demonstrations",
+    "make_task",
+    "random_noise",
+    "replay",
+]

@@ -1,0 +1,381 @@
+"""Demonstrations: the frozen ``Trajectory`` type, loaders, and noise augmentation (METHOD.md §5).
+
+A trajectory is one episode of the backspace MDP: a prompt, then the actions taken (ordinary
+tokens, ``<bkspc>`` and a final ``<eos>`` when the episode terminated). Replaying its actions
+through :class:`seqenv.mdp.SequenceMDP` gives the final text; :func:`replay` does exactly that.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from seqenv.mdp import SequenceMDP
+from seqenv.vocab import SpecialIds, Vocab, VocabularyError
+
+
+class DemonstrationError(ValueError):
+    """A demonstration file or record that cannot be read as trajectories."""
+
+
+def _frozen_ids(values: Sequence[int] | np.ndarray, name: str) -> np.ndarray:
+    array = np.array(values, dtype=np.int64)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    array.setflags(write=False)
+    return array
+
+
+@dataclass(frozen=True, eq=False)
+class Trajectory:
+    """One episode of the backspace MDP.
+
+    Attributes:
+        prompt: (P,) int64, P >= 1, ordinary token ids; never deleted.
+        actions: (N,) int64, N >= 1, action ids; ``<eos>`` only as the last action.
+        terminated: the episode ended with ``<eos>``.
+        truncated: the episode ended at the step budget or at ``max_length``; its last state
+            still has a value (METHOD.md §3). Exactly one of the two holds.
+        special: the special ids of the vocabulary the ids belong to.
+    """
+
+    prompt: np.ndarray
+    actions: np.ndarray
+    terminated: bool
+    truncated: bool
+    special: SpecialIds = field(repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompt", _frozen_ids(self.prompt, "prompt"))
+        object.__setattr__(self, "actions", _frozen_ids(self.actions, "actions"))
+        s = self.special
+        if len(self.prompt) == 0:
+            raise ValueError("a trajectory needs a prompt of at least one token")
+        bad_prompt = [int(t) for t in self.prompt if not s.is_token(int(t))]
+        if bad_prompt:
+            raise ValueError(f"prompt holds id {bad_prompt[0]}, which is not an ordinary token")
+        if len(self.actions) == 0:
+            raise ValueError("a trajectory needs at least one action")
+        out_of_range = (self.actions < 0) | (self.actions >= s.num_actions)
+        if out_of_range.any():
+            value = int(self.actions[out_of_range][0])
+            raise ValueError(f"action {value} is outside the action space [0, {s.num_actions})")
+        if self.terminated == self.truncated:
+            raise ValueError("exactly one of terminated and truncated must hold")
+        eos_at = np.flatnonzero(self.actions == s.eos_id)
+        if self.terminated and (len(eos_at) != 1 or eos_at[0] != len(self.actions) - 1):
+            raise ValueError("a terminated trajectory has exactly one <eos>, as its last action")
+        if self.truncated and len(eos_at):
+            raise ValueError("a truncated trajectory holds no <eos>")
+        # Backspaces never reach into the prompt: the generated length never goes below zero.
+        delta = np.where(self.actions == s.backspace_id, -1, 1)
+        delta[self.actions == s.eos_id] = 0
+        if (np.cumsum(delta) < 0).any():
+            raise ValueError("a backspace would delete the prompt")
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.actions)
+
+    @property
+    def num_backspaces(self) -> int:
+        return int((self.actions == self.special.backspace_id).sum())
+
+    def generated(self) -> list[int]:
+        """The generated tokens left after every backspace (the MDP's final state, minus prompt)."""
+        return replay([self])[0]
+
+    def to_json(self) -> dict:
+        return {
+            "prompt": self.prompt.tolist(),
+            "actions": self.actions.tolist(),
+            "terminated": self.terminated,
+            "truncated": self.truncated,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, special: SpecialIds) -> Trajectory:
+        return cls(
+            prompt=data["prompt"],
+            actions=data["actions"],
+            terminated=bool(data["terminated"]),
+            truncated=bool(data["truncated"]),
+            special=special,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, Trajectory)
+            and self.special == other.special
+            and self.terminated == other.terminated
+            and self.truncated == other.truncated
+            and np.array_equal(self.prompt, other.prompt)
+            and np.array_equal(self.actions, other.actions)
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def from_completion(
+    prompt: Sequence[int], completion: Sequence[int], special: SpecialIds, max_length: int
+) -> Trajectory:
+    """A clean demonstration: append ``completion`` after ``prompt``, then ``<eos>``.
+
+    Raises:
+        DemonstrationError: if prompt and completion do not fit in ``max_length``.
+    """
+    if len(prompt) + len(completion) >= max_length:
+        raise DemonstrationError(
+            f"prompt ({len(prompt)} tokens) and completion ({len(completion)} tokens) do not fit "
+            f"in max_length={max_length} (the buffer must keep one free slot for <eos>)"
+        )
+    return Trajectory(
+        prompt=list(prompt),
+        actions=[*completion, special.eos_id],
+        terminated=True,
+        truncated=False,
+        special=special,
+    )
+
+
+def from_text(
+    ids: Sequence[int], special: SpecialIds, prompt_tokens: int, max_length: int
+) -> Trajectory:
+    """A passage read as an episode: its first ``prompt_tokens`` are the prompt.
+
+    A passage that fits ends with ``<eos>``; a longer one is the episode truncated at
+    ``max_length``, exactly as the MDP would truncate it.
+    """
+    if len(ids) <= prompt_tokens:
+        raise DemonstrationError(
+            f"a passage of {len(ids)} tokens has no continuation after {prompt_tokens} prompt tokens"
+        )
+    prompt, rest = list(ids[:prompt_tokens]), list(ids[prompt_tokens:])
+    if len(ids) < max_length:
+        return from_completion(prompt, rest, special, max_length)
+    return Trajectory(
+        prompt=prompt,
+        actions=rest[: max_length - prompt_tokens],
+        terminated=False,
+        truncated=True,
+        special=special,
+    )
+
+
+def replay(
+    trajectories: Sequence[Trajectory],
+    max_length: int | None = None,
+    max_steps: int | None = None,
+) -> list[list[int]]:
+    """Run each trajectory's actions through the MDP; return the generated ids left at the end.
+
+    With ``max_length`` and ``max_steps`` given, also checks that each trajectory is an episode of
+    that MDP: it ends exactly when the MDP says it ends, and the same way.
+    """
+    if not trajectories:
+        return []
+    special = trajectories[0].special
+    if any(t.special != special for t in trajectories):
+        raise ValueError("trajectories from different vocabularies cannot be replayed together")
+    longest = max(len(t.prompt) + t.num_steps for t in trajectories) + 1
+    capacity = longest if max_length is None else max_length
+    budget = max(t.num_steps for t in trajectories) if max_steps is None else max_steps
+    mdp = SequenceMDP(special, max_length=max(capacity, 2), max_steps=budget,
+                      batch_size=len(trajectories))
+    mdp.reset([t.prompt.tolist() for t in trajectories])
+    num_steps = max(t.num_steps for t in trajectories)
+    padded = np.full((len(trajectories), num_steps), special.eos_id, dtype=np.int64)
+    for i, t in enumerate(trajectories):
+        padded[i, : t.num_steps] = t.actions
+    actions = torch.from_numpy(padded)
+    check = max_length is not None and max_steps is not None
+    for step in range(num_steps):
+        live_before = ~mdp.done
+        mdp.step(actions[:, step])
+        if check:
+            for i, t in enumerate(trajectories):
+                if step >= t.num_steps or not bool(live_before[i]):
+                    continue
+                last = step == t.num_steps - 1
+                ended = bool(mdp.terminated[i] or mdp.truncated[i])
+                if ended != last or (last and bool(mdp.terminated[i]) != t.terminated):
+                    raise DemonstrationError(
+                        f"trajectory {i} is not an episode of this MDP: it ends at step "
+                        f"{t.num_steps} ({'terminated' if t.terminated else 'truncated'}), the MDP "
+                        f"ended it at step {step + 1}"
+                        if ended
+                        else f"trajectory {i} ends at step {t.num_steps} but the MDP does not"
+                    )
+    return [mdp.generated(i) for i in range(len(trajectories))]
+
+
+# --------------------------------------------------------------------------------------------
+# Noise augmentation (METHOD.md §5)
+
+NoiseFn = Callable[[np.random.Generator, Sequence[int], Sequence[int], int], int]
+"""(rng, prompt, generated so far, the true next action) -> one noise token id."""
+
+
+def random_noise(special: SpecialIds) -> NoiseFn:
+    """Noise tokens drawn uniformly from the ordinary tokens."""
+    tokens = np.array([i for i in range(special.num_actions) if special.is_token(i)])
+
+    def draw(rng: np.random.Generator, prompt: Sequence[int], generated: Sequence[int],
+             true_next: int) -> int:
+        return int(rng.choice(tokens))
+
+    return draw
+
+
+def augment(
+    trajectory: Trajectory,
+    noise: NoiseFn,
+    p: float,
+    k: int = 1,
+    rng: np.random.Generator | None = None,
+    max_length: int | None = None,
+    max_steps: int | None = None,
+) -> Trajectory:
+    """Insert, before each action with probability ``p``, ``k`` noise tokens then ``k`` backspaces.
+
+    The result replays to the same final text. Insertions that would overflow ``max_length`` or
+    the step budget ``max_steps`` are skipped, so the result is still an episode of that MDP.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"noise level p must be in [0, 1], got {p}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    rng = np.random.default_rng() if rng is None else rng
+    special = trajectory.special
+    prompt = trajectory.prompt.tolist()
+    generated: list[int] = []
+    actions: list[int] = []
+    remaining = trajectory.num_steps
+    for action in trajectory.actions.tolist():
+        fits_length = max_length is None or len(prompt) + len(generated) + k < max_length
+        fits_budget = max_steps is None or len(actions) + 2 * k + remaining <= max_steps
+        if fits_length and fits_budget and rng.random() < p:
+            noise_tokens = []
+            for _ in range(k):
+                token = noise(rng, prompt, generated + noise_tokens, action)
+                if not special.is_token(token):
+                    raise ValueError(f"noise function returned {token}, not an ordinary token")
+                noise_tokens.append(token)
+            actions += noise_tokens + [special.backspace_id] * k
+        actions.append(action)
+        remaining -= 1
+        if action == special.backspace_id:
+            generated.pop()
+        elif action != special.eos_id:
+            generated.append(action)
+    return Trajectory(prompt, actions, trajectory.terminated, trajectory.truncated, special)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading demonstrations from files
+
+Format = Literal["auto", "text", "jsonl", "hf"]
+
+
+def _records(path: Path, fmt: Format) -> Iterator[tuple[str, dict]]:
+    """Yield (where, record) pairs; a record has `prompt`+`completion` or `text`."""
+    if fmt == "auto":
+        if path.is_dir():
+            fmt = "hf"
+        elif path.suffix in (".jsonl", ".json"):
+            fmt = "jsonl"
+        else:
+            fmt = "text"
+    if fmt == "hf":
+        try:
+            from datasets import load_from_disk
+        except ImportError as err:  # pragma: no cover - depends on the install
+            raise DemonstrationError(
+                "reading a Hugging Face dataset folder needs the `datasets` package "
+                "(pip install 'seqmatch[hf]')"
+            ) from err
+        try:
+            dataset = load_from_disk(str(path))
+        except FileNotFoundError as err:
+            raise DemonstrationError(f"{path}: not a saved Hugging Face dataset ({err})") from None
+        if hasattr(dataset, "keys"):  # a DatasetDict: take the train split
+            if "train" not in dataset:
+                raise DemonstrationError(f"{path}: a DatasetDict without a 'train' split")
+            dataset = dataset["train"]
+        for i, row in enumerate(dataset):
+            yield f"{path}[{i}]", dict(row)
+        return
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DemonstrationError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        if fmt == "text":
+            yield where, {"text": line}
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DemonstrationError(f"{where}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise DemonstrationError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
+
+
+def load_demonstrations(
+    path: str | Path,
+    vocab: Vocab,
+    max_length: int,
+    prompt_tokens: int | None = None,
+    fmt: Format = "auto",
+) -> list[Trajectory]:
+    """Read demonstrations from a file or folder.
+
+    Formats: JSONL (one object a line, with ``prompt`` and ``completion`` strings, or ``text``),
+    a plain text file (one ``text`` record a line), or a folder saved by ``datasets``'
+    ``save_to_disk`` (columns as in JSONL). A ``text`` record needs ``prompt_tokens``: its first
+    that many tokens are the prompt.
+
+    Raises:
+        DemonstrationError: naming the file, line and cause, for anything that cannot be read.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DemonstrationError(f"{path}: no such file or folder")
+    trajectories = []
+    for where, record in _records(path, fmt):
+        try:
+            if "prompt" in record and "completion" in record:
+                prompt, completion = record["prompt"], record["completion"]
+                if not isinstance(prompt, str) or not isinstance(completion, str):
+                    raise DemonstrationError("`prompt` and `completion` must be strings")
+                trajectories.append(
+                    from_completion(
+                        vocab.encode(prompt), vocab.encode(completion), vocab.special, max_length
+                    )
+                )
+            elif "text" in record:
+                if not isinstance(record["text"], str):
+                    raise DemonstrationError("`text` must be a string")
+                if prompt_tokens is None:
+                    raise DemonstrationError("a `text` record needs prompt_tokens to split it")
+                ids = vocab.encode(record["text"])
+                trajectories.append(from_text(ids, vocab.special, prompt_tokens, max_length))
+            else:
+                raise DemonstrationError(
+                    f"expected `prompt` and `completion` fields, or `text`; got {sorted(record)}"
+                )
+        except (DemonstrationError, VocabularyError, ValueError) as err:
+            raise DemonstrationError(f"{where}: {err}") from None
+    if not trajectories:
+        raise DemonstrationError(f"{path}: no demonstrations found")
+    return trajectories
