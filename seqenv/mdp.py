@@ -108,26 +108,46 @@ class SequenceMDP:
         if bad:
             raise InvalidActionError(f"prompt holds id {bad[0]}, which is not an ordinary token")
 
-    def reset_rows(self, rows: Sequence[int] | torch.Tensor, prompts: Sequence[Sequence[int]]) -> None:
-        """Start new episodes in ``rows`` from ``prompts`` (one prompt per row)."""
+    def reset_rows(
+        self,
+        rows: Sequence[int] | torch.Tensor,
+        prompts: Sequence[Sequence[int]],
+        generated: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        """Start new episodes in ``rows`` from ``prompts`` (one prompt per row).
+
+        ``generated``, if given, are tokens already in the deletable part of each starting state
+        (used to start from a wrong partial answer and see whether the policy backspaces out).
+        """
         rows_list = [int(r) for r in rows]
         if len(rows_list) != len(prompts):
             raise ValueError(f"{len(rows_list)} rows but {len(prompts)} prompts")
+        generated = [()] * len(prompts) if generated is None else generated
+        if len(generated) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(generated)} generated prefixes")
         if not rows_list:
             return
-        for prompt in prompts:
+        states = []
+        for prompt, prefix in zip(prompts, generated, strict=True):
             self.check_prompt(prompt)
+            state = [*prompt, *prefix]
+            if len(state) >= self.max_length:
+                raise PromptTooLongError(
+                    f"prompt and starting tokens ({len(state)}) leave no room to generate: "
+                    f"max_length is {self.max_length}"
+                )
+            if not all(self.special.is_token(int(t)) for t in prefix):
+                raise InvalidActionError("starting tokens must be ordinary tokens")
+            states.append(state)
         index = torch.tensor(rows_list, dtype=torch.int64, device=self.device)
         block = torch.full(
             (len(rows_list), self.max_length), self.special.pad_id, dtype=torch.int64
         )
-        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
-        for i, prompt in enumerate(prompts):
-            block[i, : len(prompt)] = torch.as_tensor(list(prompt), dtype=torch.int64)
+        for i, state in enumerate(states):
+            block[i, : len(state)] = torch.as_tensor(state, dtype=torch.int64)
         self.tokens[index] = block.to(self.device)
-        lengths = lengths.to(self.device)
-        self.length[index] = lengths
-        self.prompt_length[index] = lengths
+        self.length[index] = torch.tensor([len(s) for s in states], device=self.device)
+        self.prompt_length[index] = torch.tensor([len(p) for p in prompts], device=self.device)
         self.num_steps[index] = 0
         self.terminated[index] = False
         self.truncated[index] = False

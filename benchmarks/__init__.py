@@ -1,0 +1,1 @@
+"""Experiments and throughput measurements; imports seqenv and agents, imported by nothing."""

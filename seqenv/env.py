@@ -1,0 +1,179 @@
+"""SequenceGen-v0: text generation with a backspace, one sequence per environment."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from seqenv.mdp import InvalidActionError, SequenceMDP
+from seqenv.tasks import Task, make_task
+from seqenv.vocab import Vocab
+
+RewardFn = Callable[[str, str, bool], float]
+"""(prompt text, generated text, terminated) -> reward, paid once when the episode ends."""
+
+
+def resolve_task(task: str | Task, task_kwargs: dict[str, Any]) -> Task:
+    """A task object from a name and its keyword arguments, or the object itself."""
+    if isinstance(task, Task):
+        if task_kwargs:
+            raise TypeError(f"task keyword arguments {sorted(task_kwargs)} given with a Task object")
+        return task
+    return make_task(task, **task_kwargs)
+
+
+def resolve_reward(reward: str | RewardFn) -> str | RewardFn:
+    if callable(reward) or reward in ("task", "none"):
+        return reward
+    raise ValueError(f"reward must be 'task', 'none' or a callable, got {reward!r}")
+
+
+def episode_reward(
+    reward: str | RewardFn, task: Task, vocab: Vocab, prompt: list[int], generated: list[int],
+    terminated: bool,
+) -> float:
+    """The reward paid at the end of an episode (every other step pays 0)."""
+    if reward == "none":
+        return 0.0
+    if reward == "task":
+        return float(task.score(prompt, generated, terminated))
+    assert callable(reward)
+    return float(reward(vocab.decode(prompt), vocab.decode(generated), terminated))
+
+
+class SequenceGenEnv(gym.Env[np.ndarray, np.int64]):
+    """Generate a sequence token by token, with a backspace to undo the last token.
+
+    ## Description
+    The agent continues a prompt drawn from a task (an arithmetic question, the start symbol of
+    a bracket language, the opening of a passage of prose). Each action appends one token, deletes
+    the last generated token, or ends the sequence. The expert demonstrations of the task never
+    backspace; an imitation learner that strays off the data can (METHOD.md §1).
+
+    ## Observation Space
+    ``Box(0, num_actions, (max_length,), int64)``: the token ids of the current state (prompt, then
+    generated tokens), padded on the right with ``vocab.pad_id`` (= ``num_actions``).
+    ``info["action_mask"]`` (int8, ``(num_actions,)``) marks the allowed actions,
+    ``info["text"]`` is the current text and ``info["generated"]`` the generated part of it.
+
+    ## Action Space
+    ``Discrete(num_actions)``: ids below ``num_actions`` other than the two special ones append
+    that token; ``vocab.eos_id`` ends the episode; ``vocab.backspace_id`` deletes the last generated
+    token. The prompt is never deleted: a backspace with nothing generated is masked out in
+    ``info["action_mask"]`` and, if taken anyway, is a no-op that still costs a step.
+
+    ## Rewards
+    0 on every step but the last. At the end of the episode: with ``reward="task"`` (the default)
+    the task's score (arithmetic: 1 for the correct answer ended by ``<eos>``; dyck: 1 for a valid
+    complete sequence; text: 0); with ``"none"``, 0; with a callable
+    ``f(prompt_text, generated_text, terminated)``, its value.
+
+    ## Starting State
+    A prompt drawn from the task with ``self.np_random``. ``reset(options={"prompt": ...})`` sets
+    the prompt (text or ids) and ``options={"generated": ...}`` places tokens in the deletable part
+    of the starting state (e.g. a wrong partial answer).
+
+    ## Episode End
+    Termination: the action ``<eos>``. Truncation: the state reaches ``max_length`` tokens, or
+    ``max_steps`` actions were taken (backspaces count). A truncated state still has a value.
+
+    ## Arguments
+    ``gym.make("SequenceGen-v0", task="arithmetic", max_length=None, max_steps=None,
+    reward="task", render_mode=None, **task_kwargs)``. ``task`` is a name (``"arithmetic"``,
+    ``"dyck"``, ``"text"``) or a ``Task`` object; ``max_length`` defaults to the task's
+    ``default_max_length`` and ``max_steps`` to ``2 * max_length``; other keyword arguments go to
+    the task (for example ``corpus=`` for ``"text"``).
+
+    ## Version History
+    * v0: initial version.
+    """
+
+    metadata: dict[str, Any] = {"render_modes": ["ansi"], "render_fps": 4}
+
+    def __init__(
+        self,
+        task: str | Task = "arithmetic",
+        max_length: int | None = None,
+        max_steps: int | None = None,
+        reward: str | RewardFn = "task",
+        render_mode: str | None = None,
+        **task_kwargs: Any,
+    ) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']}")
+        self.render_mode = render_mode
+        self.task = resolve_task(task, task_kwargs)
+        self.vocab: Vocab = self.task.vocab
+        self.reward_fn = resolve_reward(reward)
+        self.max_length = self.task.default_max_length if max_length is None else int(max_length)
+        self.mdp = SequenceMDP(self.vocab.special, self.max_length, max_steps, batch_size=1)
+        self.max_steps = self.mdp.max_steps
+        num_actions = self.vocab.num_actions
+        self.action_space = spaces.Discrete(num_actions)
+        self.observation_space = spaces.Box(0, num_actions, (self.max_length,), np.int64)
+        self._needs_reset = True
+
+    def _ids(self, value: Any, name: str) -> list[int]:
+        if isinstance(value, str):
+            return self.vocab.encode(value)
+        try:
+            return [int(v) for v in value]
+        except TypeError:
+            raise TypeError(f"options[{name!r}] must be text or a sequence of ids") from None
+
+    def _obs(self) -> np.ndarray:
+        return self.mdp.tokens[0].numpy().copy()
+
+    def _info(self) -> dict[str, Any]:
+        return {
+            "action_mask": self.mdp.action_mask()[0].numpy().astype(np.int8),
+            "text": self.vocab.decode(self.mdp.state(0)),
+            "generated": self.vocab.decode(self.mdp.generated(0)),
+        }
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        super().reset(seed=seed)
+        options = options or {}
+        if "prompt" in options:
+            prompt = self._ids(options["prompt"], "prompt")
+        else:
+            prompt = list(self.task.sample(self.np_random, options.get("split", "train")).prompt)
+        generated = self._ids(options.get("generated", ()), "generated")
+        self.mdp.reset_rows([0], [prompt], [generated])
+        self._needs_reset = False
+        return self._obs(), self._info()
+
+    def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        if self._needs_reset:
+            raise RuntimeError("call reset() before step() (and after an episode ends)")
+        action_id = int(np.asarray(action).reshape(()))
+        if not 0 <= action_id < self.vocab.num_actions:
+            raise InvalidActionError(
+                f"action {action_id} is outside the action space [0, {self.vocab.num_actions})"
+            )
+        result = self.mdp.step(torch.tensor([action_id]))
+        terminated, truncated = bool(result.terminated[0]), bool(result.truncated[0])
+        reward = 0.0
+        if terminated or truncated:
+            self._needs_reset = True
+            reward = episode_reward(
+                self.reward_fn, self.task, self.vocab, self.mdp.state(0)[: int(self.mdp.prompt_length[0])],
+                self.mdp.generated(0), terminated,
+            )
+        return self._obs(), reward, terminated, truncated, self._info()
+
+    def action_masks(self) -> np.ndarray:
+        """The current action mask as bools (the name sb3-contrib's maskable algorithms call)."""
+        return self.mdp.action_mask()[0].numpy()
+
+    def render(self) -> str | None:  # type: ignore[override]
+        if self.render_mode == "ansi":
+            return self.vocab.decode(self.mdp.state(0))
+        return None

@@ -1,0 +1,228 @@
+"""SequenceGen-v0 for ``num_envs`` sequences at once, on torch tensors, and an SB3 adapter.
+
+One :class:`~seqenv.mdp.SequenceMDP` of batch size ``num_envs`` steps every sequence in one
+tensor operation; only resets (drawing prompts) and end-of-episode scores loop in Python, once
+per episode. Each row keeps its own ``np.random.Generator``, seeded as gymnasium's
+``SyncVectorEnv`` seeds its sub-environments (``seed + i``), so the trajectories equal those of
+``num_envs`` single :class:`~seqenv.env.SequenceGenEnv` with the same seeds and actions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from gymnasium.utils import seeding
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
+from stable_baselines3.common.vec_env.base_vec_env import (
+    VecEnv,
+    VecEnvIndices,
+    VecEnvObs,
+    VecEnvStepReturn,
+)
+
+from seqenv.env import RewardFn, episode_reward, resolve_reward, resolve_task
+from seqenv.mdp import SequenceMDP
+from seqenv.tasks import Task
+
+
+class SequenceGenVectorEnv(VectorEnv):
+    """``num_envs`` copies of SequenceGen-v0 batched on torch tensors on ``device``.
+
+    Observations, rewards, ``terminated`` and ``truncated`` are torch tensors on ``device``
+    (shapes (N, max_length) int64, (N,) float32, (N,) bool, (N,) bool), and
+    ``info["action_mask"]`` is an (N, num_actions) bool tensor. Text is not decoded on every step
+    (it would dominate the cost): ``render()`` with ``render_mode="ansi"`` or :meth:`texts` give it.
+
+    Autoreset: ``NEXT_STEP`` (gymnasium's default; the step after an episode ends resets that row
+    and ignores its action) or ``DISABLED`` (reset rows with ``reset(options={"reset_mask": m})``).
+    Arguments are those of SequenceGenEnv plus ``num_envs``, ``device`` and ``autoreset_mode``.
+    """
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        task: str | Task = "arithmetic",
+        max_length: int | None = None,
+        max_steps: int | None = None,
+        reward: str | RewardFn = "task",
+        device: torch.device | str = "cpu",
+        render_mode: str | None = None,
+        autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        **task_kwargs: Any,
+    ) -> None:
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        autoreset_mode = AutoresetMode(autoreset_mode)
+        if autoreset_mode == AutoresetMode.SAME_STEP:
+            raise ValueError("autoreset_mode SAME_STEP is not supported; use NEXT_STEP or DISABLED")
+        if render_mode not in (None, "ansi"):
+            raise ValueError("render_mode must be None or 'ansi'")
+        self.metadata = {"render_modes": ["ansi"], "autoreset_mode": autoreset_mode}
+        self.render_mode = render_mode
+        self.num_envs = num_envs
+        self.device = torch.device(device)
+        self.task = resolve_task(task, task_kwargs)
+        self.vocab = self.task.vocab
+        self.reward_fn = resolve_reward(reward)
+        self.max_length = self.task.default_max_length if max_length is None else int(max_length)
+        self.mdp = SequenceMDP(
+            self.vocab.special, self.max_length, max_steps, batch_size=num_envs, device=self.device
+        )
+        self.max_steps = self.mdp.max_steps
+        num_actions = self.vocab.num_actions
+        self.single_action_space = spaces.Discrete(num_actions)
+        self.single_observation_space = spaces.Box(0, num_actions, (self.max_length,), np.int64)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self._rngs: list[np.random.Generator | None] = [None] * num_envs
+        self._autoreset = torch.zeros(num_envs, dtype=torch.bool, device=self.device)
+        self._started = False
+
+    # -- resets ------------------------------------------------------------------------------
+    def _seed_rows(self, seed: int | Sequence[int | None] | None) -> None:
+        seeds: Sequence[int | None]
+        if seed is None or isinstance(seed, int):
+            seeds = [None if seed is None else seed + i for i in range(self.num_envs)]
+        else:
+            seeds = list(seed)
+            if len(seeds) != self.num_envs:
+                raise ValueError(f"expected {self.num_envs} seeds, got {len(seeds)}")
+        for i, s in enumerate(seeds):
+            # As gymnasium.Env.reset: a seed reseeds; no seed keeps the row's stream going.
+            if s is not None or self._rngs[i] is None:
+                self._rngs[i], _ = seeding.np_random(s)
+
+    def _reset_rows(self, rows: list[int]) -> None:
+        prompts = []
+        for i in rows:
+            rng = self._rngs[i]
+            assert rng is not None
+            prompts.append(list(self.task.sample(rng).prompt))
+        self.mdp.reset_rows(rows, prompts)
+
+    def reset(
+        self,
+        *,
+        seed: int | Sequence[int | None] | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        options = options or {}
+        self._seed_rows(seed)
+        if "reset_mask" in options:
+            mask = torch.as_tensor(options["reset_mask"], dtype=torch.bool).reshape(-1)
+            rows = torch.nonzero(mask).reshape(-1).tolist()
+        else:
+            rows = list(range(self.num_envs))
+        self._reset_rows(rows)
+        self._autoreset[rows] = False
+        self._started = True
+        return self.mdp.tokens.clone(), {"action_mask": self.mdp.action_mask()}
+
+    # -- steps -------------------------------------------------------------------------------
+    def step(
+        self, actions: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        if not self._started:
+            raise RuntimeError("call reset() before step()")
+        actions = torch.as_tensor(np.asarray(actions) if not torch.is_tensor(actions) else actions)
+        actions = actions.to(self.device, torch.int64).reshape(-1)
+        if self.metadata["autoreset_mode"] == AutoresetMode.DISABLED and bool(self.mdp.done.any()):
+            raise RuntimeError(
+                "some rows have ended: reset them with reset(options={'reset_mask': ...})"
+            )
+        resetting = self._autoreset.clone()
+        # Rows being reset are done, so the MDP ignores their actions; a placeholder keeps the
+        # range check from tripping over whatever the caller sent for them.
+        actions = torch.where(resetting, torch.zeros_like(actions), actions)
+        result = self.mdp.step(actions)
+        ended = result.terminated | result.truncated
+        rewards = torch.zeros(self.num_envs, dtype=torch.float32, device=self.device)
+        if self.reward_fn != "none" and bool(ended.any()):
+            for i in torch.nonzero(ended).reshape(-1).tolist():
+                prompt = self.mdp.state(i)[: int(self.mdp.prompt_length[i])]
+                rewards[i] = episode_reward(
+                    self.reward_fn, self.task, self.vocab, prompt, self.mdp.generated(i),
+                    bool(result.terminated[i]),
+                )
+        if bool(resetting.any()):
+            self._reset_rows(torch.nonzero(resetting).reshape(-1).tolist())
+        if self.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP:
+            self._autoreset = ended
+        info = {"action_mask": self.mdp.action_mask()}
+        return self.mdp.tokens.clone(), rewards, result.terminated, result.truncated, info
+
+    def texts(self) -> list[str]:
+        """The current text of every row."""
+        return [self.vocab.decode(self.mdp.state(i)) for i in range(self.num_envs)]
+
+    def render(self) -> list[str] | None:  # type: ignore[override]
+        return self.texts() if self.render_mode == "ansi" else None
+
+
+class SB3VecEnv(VecEnv):
+    """Stable-Baselines3's ``VecEnv`` API over :class:`SequenceGenVectorEnv`.
+
+    SB3 resets a row in the step that ends it and keeps the last observation in
+    ``info["terminal_observation"]``; ``info["TimeLimit.truncated"]`` marks truncation.
+    ``action_masks()`` gives the (N, num_actions) bool masks for maskable algorithms.
+    """
+
+    def __init__(self, num_envs: int = 1, **env_kwargs: Any) -> None:
+        env_kwargs["autoreset_mode"] = AutoresetMode.DISABLED
+        self.env = SequenceGenVectorEnv(num_envs=num_envs, **env_kwargs)
+        super().__init__(num_envs, self.env.single_observation_space, self.env.single_action_space)
+        self._actions: np.ndarray | None = None
+
+    def reset(self) -> VecEnvObs:
+        seeds = self._seeds if any(s is not None for s in self._seeds) else None
+        obs, _ = self.env.reset(seed=seeds)
+        self._reset_seeds()
+        return obs.cpu().numpy()
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = np.asarray(actions)
+
+    def step_wait(self) -> VecEnvStepReturn:
+        obs, rewards, terminated, truncated, _ = self.env.step(self._actions)
+        dones = terminated | truncated
+        obs_np = obs.cpu().numpy()
+        infos: list[dict[str, Any]] = [
+            {"TimeLimit.truncated": bool(truncated[i] and not terminated[i])}
+            for i in range(self.num_envs)
+        ]
+        if bool(dones.any()):
+            for i in torch.nonzero(dones).reshape(-1).tolist():
+                infos[i]["terminal_observation"] = obs_np[i].copy()
+            obs, _ = self.env.reset(options={"reset_mask": dones})
+            obs_np = obs.cpu().numpy()
+        return obs_np, rewards.cpu().numpy(), dones.cpu().numpy(), infos
+
+    def action_masks(self) -> np.ndarray:
+        return self.env.mdp.action_mask().cpu().numpy()
+
+    def close(self) -> None:
+        self.env.close()
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        return [getattr(self.env, attr_name) for _ in self._get_indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        setattr(self.env, attr_name, value)
+
+    def env_method(
+        self, method_name: str, *method_args: Any, indices: VecEnvIndices = None,
+        **method_kwargs: Any,
+    ) -> list[Any]:
+        if method_name == "action_masks":
+            masks = self.action_masks()
+            return [masks[i] for i in self._get_indices(indices)]
+        method = getattr(self.env, method_name)
+        return [method(*method_args, **method_kwargs) for _ in self._get_indices(indices)]
+
+    def env_is_wrapped(self, wrapper_class: type, indices: VecEnvIndices = None) -> list[bool]:
+        return [False for _ in self._get_indices(indices)]
