@@ -20,6 +20,9 @@ from typing import Any
 
 import torch
 
+if __package__ in (None, ""):  # run as `python benchmarks/throughput.py`: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 # Each group: a module of this folder with `measure(quick: bool, ...) -> dict[str, float]`.
 GROUPS = {"env": "benchmarks.bench_env", "policy": "benchmarks.bench_policy",
           "agents": "benchmarks.bench_agents"}

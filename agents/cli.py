@@ -1,0 +1,108 @@
+"""The `seqmatch` command: one typed config per subcommand, parsed by tyro.
+
+Errors from bad input print one line on stderr and exit non-zero; ``--debug`` (anywhere on the
+command line) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tyro
+
+# Exceptions that mean "the input was bad", as opposed to a bug: reported in one line.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    KeyError,
+    TypeError,
+)
+
+
+@dataclass
+class ShowConfig:
+    """Play one expert demonstration of a task, with noise and backspaces, through SequenceGen-v0."""
+
+    task: str = "arithmetic"
+    """Task name: arithmetic, dyck or text."""
+    seed: int = 0
+    """Seed of the prompt and of the noise."""
+    noise: float = 0.3
+    """Noise level p: probability of a mistake (then a backspace) before each expert action."""
+    corpus: str | None = None
+    """Text file or folder, for the text task."""
+
+
+def show(config: ShowConfig) -> None:
+    """Print each state of an augmented demonstration as the environment steps through it."""
+    import gymnasium as gym
+
+    import seqenv
+    from seqenv.trajectory import augment, random_noise
+
+    kwargs: dict[str, Any] = {"corpus": config.corpus} if config.corpus else {}
+    env = gym.make(seqenv.ENV_ID, task=config.task, **kwargs)
+    base = env.unwrapped
+    rng = np.random.default_rng(config.seed)
+    example = base.task.sample(rng)
+    demo = augment(
+        base.task.demonstration(example, base.max_length), random_noise(base.vocab.special),
+        p=config.noise, rng=rng, max_length=base.max_length, max_steps=base.max_steps,
+    )
+    _, info = env.reset(seed=config.seed, options={"prompt": list(demo.prompt)})
+    print(f"prompt: {info['text']!r}")
+    reward = 0.0
+    for action in demo.actions.tolist():
+        _, reward, terminated, truncated, info = env.step(action)
+        name = {base.vocab.eos_id: "<eos>", base.vocab.backspace_id: "<bkspc>"}.get(
+            action, repr(base.vocab.decode([action]))
+        )
+        print(f"  {name:>9} -> {info['generated']!r}")
+    end = "terminated" if terminated else "truncated" if truncated else "running"
+    print(f"{end} after {demo.num_steps} steps ({demo.num_backspaces} backspaces), reward {reward}")
+
+
+COMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
+    "show": (ShowConfig, show),
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `seqmatch` command."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    if not args or args[0] not in COMMANDS:
+        names = ", ".join(COMMANDS)
+        if args and args[0] in ("-h", "--help"):
+            print(f"usage: seqmatch {{{names}}} [--help] [--debug] ...")
+            print(__doc__)
+            for name, (config_type, _) in COMMANDS.items():
+                print(f"  {name:<10} {(config_type.__doc__ or '').strip().splitlines()[0]}")
+            return 0
+        given = f"unknown command {args[0]!r}" if args else "no command given"
+        print(f"seqmatch: error: {given}; commands: {names}", file=sys.stderr)
+        return 2
+    name, rest = args[0], args[1:]
+    config_type, run = COMMANDS[name]
+    config = tyro.cli(config_type, args=rest, prog=f"seqmatch {name}")
+    try:
+        run(config)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"seqmatch {name}: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
