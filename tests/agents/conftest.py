@@ -1,0 +1,72 @@
+"""Fixtures for the agents tests: a tiny vocabulary, tiny policies and random trajectories."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from agents.policy import TransformerConfig, TransformerPolicy
+from seqenv.trajectory import Trajectory
+from seqenv.vocab import CharVocab
+
+
+@pytest.fixture
+def vocab() -> CharVocab:
+    """Six characters, then <eos>=6, <bkspc>=7, pad=8."""
+    return CharVocab("abcdef")
+
+
+def make_tiny_policy(
+    vocab: CharVocab, positions: str = "learned", seed: int = 0
+) -> TransformerPolicy:
+    torch.manual_seed(seed)
+    config = TransformerConfig(
+        num_layers=2,
+        width=32,
+        num_heads=2,
+        context_length=64,
+        positions=positions,  # type: ignore[arg-type]
+    )
+    return TransformerPolicy(vocab.special, config).eval()
+
+
+@pytest.fixture(params=["learned", "rotary"])
+def policy(request: pytest.FixtureRequest, vocab: CharVocab) -> TransformerPolicy:
+    return make_tiny_policy(vocab, request.param)
+
+
+@pytest.fixture
+def tiny_policy() -> Callable[..., TransformerPolicy]:
+    """Factory: ``tiny_policy(vocab, positions="learned", seed=0)``, in eval mode."""
+    return make_tiny_policy
+
+
+def make_random_trajectory(
+    rng: np.random.Generator, vocab: CharVocab, max_steps: int = 20, p_backspace: float = 0.3
+) -> Trajectory:
+    """A random valid episode: tokens and backspaces (never into the prompt), then <eos> or not."""
+    special = vocab.special
+    num_tokens = len(vocab.chars)
+    prompt = rng.integers(0, num_tokens, size=int(rng.integers(1, 5))).tolist()
+    actions: list[int] = []
+    generated = 0
+    for _ in range(int(rng.integers(1, max_steps))):
+        if generated and rng.random() < p_backspace:
+            actions.append(special.backspace_id)
+            generated -= 1
+        else:
+            actions.append(int(rng.integers(0, num_tokens)))
+            generated += 1
+    terminated = bool(rng.random() < 0.5)
+    if terminated:
+        actions.append(special.eos_id)
+    return Trajectory(prompt, actions, terminated, not terminated, special)
+
+
+@pytest.fixture
+def random_trajectory() -> Callable[..., Trajectory]:
+    """Factory: ``random_trajectory(rng, vocab, max_steps=20, p_backspace=0.3)``."""
+    return make_random_trajectory
