@@ -136,8 +136,8 @@ def from_completion(
             f"in max_length={max_length} (the buffer must keep one free slot for <eos>)"
         )
     return Trajectory(
-        prompt=list(prompt),
-        actions=[*completion, special.eos_id],
+        prompt=np.asarray(prompt, dtype=np.int64),
+        actions=np.asarray([*completion, special.eos_id], dtype=np.int64),
         terminated=True,
         truncated=False,
         special=special,
@@ -152,16 +152,22 @@ def from_text(
     A passage that fits ends with ``<eos>``; a longer one is the episode truncated at
     ``max_length``, exactly as the MDP would truncate it.
     """
+    if not 1 <= prompt_tokens < max_length:
+        raise DemonstrationError(
+            f"prompt_tokens={prompt_tokens} must be at least 1 and leave room to generate within "
+            f"max_length={max_length}"
+        )
     if len(ids) <= prompt_tokens:
         raise DemonstrationError(
-            f"a passage of {len(ids)} tokens has no continuation after {prompt_tokens} prompt tokens"
+            f"a passage of {len(ids)} tokens has no continuation after "
+            f"{prompt_tokens} prompt tokens"
         )
     prompt, rest = list(ids[:prompt_tokens]), list(ids[prompt_tokens:])
     if len(ids) < max_length:
         return from_completion(prompt, rest, special, max_length)
     return Trajectory(
-        prompt=prompt,
-        actions=rest[: max_length - prompt_tokens],
+        prompt=np.asarray(prompt, dtype=np.int64),
+        actions=np.asarray(rest[: max_length - prompt_tokens], dtype=np.int64),
         terminated=False,
         truncated=True,
         special=special,
@@ -186,8 +192,9 @@ def replay(
     longest = max(len(t.prompt) + t.num_steps for t in trajectories) + 1
     capacity = longest if max_length is None else max_length
     budget = max(t.num_steps for t in trajectories) if max_steps is None else max_steps
-    mdp = SequenceMDP(special, max_length=max(capacity, 2), max_steps=budget,
-                      batch_size=len(trajectories))
+    mdp = SequenceMDP(
+        special, max_length=max(capacity, 2), max_steps=budget, batch_size=len(trajectories)
+    )
     mdp.reset([t.prompt.tolist() for t in trajectories])
     num_steps = max(t.num_steps for t in trajectories)
     padded = np.full((len(trajectories), num_steps), special.eos_id, dtype=np.int64)
@@ -226,8 +233,9 @@ def random_noise(special: SpecialIds) -> NoiseFn:
     """Noise tokens drawn uniformly from the ordinary tokens."""
     tokens = np.array([i for i in range(special.num_actions) if special.is_token(i)])
 
-    def draw(rng: np.random.Generator, prompt: Sequence[int], generated: Sequence[int],
-             true_next: int) -> int:
+    def draw(
+        rng: np.random.Generator, prompt: Sequence[int], generated: Sequence[int], true_next: int
+    ) -> int:
         return int(rng.choice(tokens))
 
     return draw
@@ -261,7 +269,7 @@ def augment(
         fits_length = max_length is None or len(prompt) + len(generated) + k < max_length
         fits_budget = max_steps is None or len(actions) + 2 * k + remaining <= max_steps
         if fits_length and fits_budget and rng.random() < p:
-            noise_tokens = []
+            noise_tokens: list[int] = []
             for _ in range(k):
                 token = noise(rng, prompt, generated + noise_tokens, action)
                 if not special.is_token(token):
@@ -274,7 +282,13 @@ def augment(
             generated.pop()
         elif action != special.eos_id:
             generated.append(action)
-    return Trajectory(prompt, actions, trajectory.terminated, trajectory.truncated, special)
+    return Trajectory(
+        trajectory.prompt,
+        np.asarray(actions, dtype=np.int64),
+        trajectory.terminated,
+        trajectory.truncated,
+        special,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,10 +325,14 @@ def _records(path: Path, fmt: Format) -> Iterator[tuple[str, dict]]:
         for i, row in enumerate(dataset):
             yield f"{path}[{i}]", dict(row)
         return
+    data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DemonstrationError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        line_number = data.count(b"\n", 0, err.start) + 1
+        raise DemonstrationError(
+            f"{path}:{line_number}: not UTF-8 text ({err.reason} at byte {err.start})"
+        ) from None
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -327,7 +345,9 @@ def _records(path: Path, fmt: Format) -> Iterator[tuple[str, dict]]:
         except json.JSONDecodeError as err:
             raise DemonstrationError(f"{where}: not valid JSON ({err.msg})") from None
         if not isinstance(record, dict):
-            raise DemonstrationError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            raise DemonstrationError(
+                f"{where}: expected a JSON object, got {type(record).__name__}"
+            )
         yield where, record
 
 
