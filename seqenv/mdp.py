@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from seqenv.vocab import SpecialIds
@@ -95,18 +96,23 @@ class SequenceMDP:
         """(B,) bool: terminated or truncated."""
         return self.terminated | self.truncated
 
-    def check_prompt(self, prompt: Sequence[int]) -> None:
-        """Raise a clear error for a prompt the MDP cannot hold."""
+    def _check_state(self, prompt: Sequence[int], prefix: Sequence[int]) -> None:
+        """Raise a clear error for a starting state the MDP cannot hold."""
         if len(prompt) == 0:
             raise PromptTooLongError("a prompt must hold at least one token")
-        if len(prompt) >= self.max_length:
+        if len(prompt) + len(prefix) >= self.max_length:
+            what = "prompt" if not prefix else "prompt and starting tokens"
             raise PromptTooLongError(
-                f"prompt of {len(prompt)} tokens leaves no room to generate: "
+                f"{what} of {len(prompt) + len(prefix)} tokens leave no room to generate: "
                 f"max_length is {self.max_length}"
             )
-        bad = [t for t in prompt if not self.special.is_token(int(t))]
-        if bad:
-            raise InvalidActionError(f"prompt holds id {bad[0]}, which is not an ordinary token")
+        ids = np.asarray([*prompt, *prefix], dtype=np.int64)
+        s = self.special
+        bad = (ids < 0) | (ids >= s.num_actions) | (ids == s.eos_id) | (ids == s.backspace_id)
+        if bad.any():
+            raise InvalidActionError(
+                f"starting state holds id {int(ids[bad][0])}, which is not an ordinary token"
+            )
 
     def reset_rows(
         self,
@@ -122,32 +128,24 @@ class SequenceMDP:
         rows_list = [int(r) for r in rows]
         if len(rows_list) != len(prompts):
             raise ValueError(f"{len(rows_list)} rows but {len(prompts)} prompts")
-        generated = [()] * len(prompts) if generated is None else generated
-        if len(generated) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(generated)} generated prefixes")
+        prefixes = [()] * len(prompts) if generated is None else generated
+        if len(prefixes) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(prefixes)} generated prefixes")
         if not rows_list:
             return
-        states = []
-        for prompt, prefix in zip(prompts, generated, strict=True):
-            self.check_prompt(prompt)
-            state = [*prompt, *prefix]
-            if len(state) >= self.max_length:
-                raise PromptTooLongError(
-                    f"prompt and starting tokens ({len(state)}) leave no room to generate: "
-                    f"max_length is {self.max_length}"
-                )
-            if not all(self.special.is_token(int(t)) for t in prefix):
-                raise InvalidActionError("starting tokens must be ordinary tokens")
-            states.append(state)
+        # Built on the host in one block and moved with one copy: resets happen every step of
+        # a vector env, a few rows at a time.
+        block = np.full((len(rows_list), self.max_length + 2), self.special.pad_id, np.int64)
+        for i, (prompt, prefix) in enumerate(zip(prompts, prefixes, strict=True)):
+            self._check_state(prompt, prefix)
+            block[i, : len(prompt)] = prompt
+            block[i, len(prompt) : len(prompt) + len(prefix)] = prefix
+            block[i, -2:] = len(prompt) + len(prefix), len(prompt)
         index = torch.tensor(rows_list, dtype=torch.int64, device=self.device)
-        block = torch.full(
-            (len(rows_list), self.max_length), self.special.pad_id, dtype=torch.int64
-        )
-        for i, state in enumerate(states):
-            block[i, : len(state)] = torch.as_tensor(state, dtype=torch.int64)
-        self.tokens[index] = block.to(self.device)
-        self.length[index] = torch.tensor([len(s) for s in states], device=self.device)
-        self.prompt_length[index] = torch.tensor([len(p) for p in prompts], device=self.device)
+        values = torch.from_numpy(block).to(self.device)
+        self.tokens[index] = values[:, : self.max_length]
+        self.length[index] = values[:, -2]
+        self.prompt_length[index] = values[:, -1]
         self.num_steps[index] = 0
         self.terminated[index] = False
         self.truncated[index] = False

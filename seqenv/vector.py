@@ -40,7 +40,9 @@ class SequenceGenVectorEnv(VectorEnv):
 
     Autoreset: ``NEXT_STEP`` (gymnasium's default; the step after an episode ends resets that row
     and ignores its action) or ``DISABLED`` (reset rows with ``reset(options={"reset_mask": m})``).
-    Arguments are those of SequenceGenEnv plus ``num_envs``, ``device`` and ``autoreset_mode``.
+    Arguments are those of SequenceGenEnv plus ``num_envs``, ``device``, ``autoreset_mode`` and
+    ``copy`` (as gymnasium's: False returns the env's own observation tensor, which the next step
+    overwrites, and saves a copy per step).
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class SequenceGenVectorEnv(VectorEnv):
         device: torch.device | str = "cpu",
         render_mode: str | None = None,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
+        copy: bool = True,
         **task_kwargs: Any,
     ) -> None:
         if num_envs < 1:
@@ -64,6 +67,7 @@ class SequenceGenVectorEnv(VectorEnv):
             raise ValueError("render_mode must be None or 'ansi'")
         self.metadata = {"render_modes": ["ansi"], "autoreset_mode": autoreset_mode}
         self.render_mode = render_mode
+        self.copy = copy
         self.num_envs = num_envs
         self.device = torch.device(device)
         self.task = resolve_task(task, task_kwargs)
@@ -121,7 +125,10 @@ class SequenceGenVectorEnv(VectorEnv):
         self._reset_rows(rows)
         self._autoreset[rows] = False
         self._started = True
-        return self.mdp.tokens.clone(), {"action_mask": self.mdp.action_mask()}
+        return self._observation(), {"action_mask": self.mdp.action_mask()}
+
+    def _observation(self) -> torch.Tensor:
+        return self.mdp.tokens.clone() if self.copy else self.mdp.tokens
 
     # -- steps -------------------------------------------------------------------------------
     def step(
@@ -135,7 +142,7 @@ class SequenceGenVectorEnv(VectorEnv):
             raise RuntimeError(
                 "some rows have ended: reset them with reset(options={'reset_mask': ...})"
             )
-        resetting = self._autoreset.clone()
+        resetting = self._autoreset
         # Rows being reset are done, so the MDP ignores their actions; a placeholder keeps the
         # range check from tripping over whatever the caller sent for them.
         actions = torch.where(resetting, torch.zeros_like(actions), actions)
@@ -154,7 +161,7 @@ class SequenceGenVectorEnv(VectorEnv):
         if self.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP:
             self._autoreset = ended
         info = {"action_mask": self.mdp.action_mask()}
-        return self.mdp.tokens.clone(), rewards, result.terminated, result.truncated, info
+        return self._observation(), rewards, result.terminated, result.truncated, info
 
     def texts(self) -> list[str]:
         """The current text of every row."""
