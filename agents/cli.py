@@ -6,13 +6,19 @@ command line) shows the traceback instead.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tyro
+
+from agents.trainer import TrainConfig
 
 # Exceptions that mean "the input was bad", as opposed to a bug: reported in one line.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -69,8 +75,93 @@ def show(config: ShowConfig) -> None:
     print(f"{end} after {demo.num_steps} steps ({demo.num_backspaces} backspaces), reward {reward}")
 
 
+def _write_json(path: str | None, document: dict[str, Any]) -> None:
+    """Write ``document`` atomically (a temporary file, then a rename): never a partial file."""
+    if path is None:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(tmp, target)
+
+
+def train(config: TrainConfig) -> None:
+    """Train an agent; print and optionally write the final evaluation."""
+    from agents.trainer import Trainer
+
+    trainer = Trainer(config)
+    metrics = trainer.train()
+    if trainer.is_main:
+        for key, value in metrics.items():
+            print(f"{key}: {value:.4f}")
+        _write_json(config.json, {"step": trainer.step, "metrics": metrics,
+                                  "config": dataclasses.asdict(config)})
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate a checkpoint: the task's score on held-out prompts, or exact match on your data."""
+
+    checkpoint: str
+    """Checkpoint folder written by `seqmatch train --save`."""
+    data: str | None = None
+    """JSONL file of {"prompt", "completion"} lines: exact-match accuracy on them."""
+    task: str | None = None
+    """Evaluate on this task instead of the checkpoint's (its vocabulary must match)."""
+    task_args: str = "{}"
+    """The task's keyword arguments as JSON (with --task)."""
+    episodes: int = 256
+    """Held-out prompts of the task to evaluate on."""
+    seed: int = 0
+    json: str | None = None
+    """Write the metrics to this JSON file."""
+    device: str = "auto"
+
+
+def evaluate(config: EvalConfig) -> None:
+    from agents.evaluation import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(config)
+    for key, value in metrics.items():
+        print(f"{key}: {value:.4f}")
+    _write_json(config.json, {"checkpoint": config.checkpoint, "metrics": metrics})
+
+
+@dataclass
+class GenerateConfig:
+    """Continue a prompt with a trained policy (backspaces applied; --trace shows them)."""
+
+    checkpoint: str
+    """Checkpoint folder written by `seqmatch train --save`."""
+    prompt: str
+    """The text to continue."""
+    num: int = 1
+    """Number of samples."""
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    trace: bool = False
+    """Also print each action, backspaces included."""
+    device: str = "auto"
+
+
+def generate_text(config: GenerateConfig) -> None:
+    from agents.evaluation import generate_from_checkpoint
+
+    for text, trace in generate_from_checkpoint(config):
+        print(text)
+        if config.trace:
+            print(f"  actions: {trace}")
+
+
 COMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
     "show": (ShowConfig, show),
+    "train": (TrainConfig, train),
+    "eval": (EvalConfig, evaluate),
+    "generate": (GenerateConfig, generate_text),
 }
 
 
@@ -94,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_type, run = COMMANDS[name]
     config = tyro.cli(config_type, args=rest, prog=f"seqmatch {name}")
     try:
+        if isinstance(config, TrainConfig):
+            config.validate()
         run(config)
     except USER_ERRORS as err:
         if debug:

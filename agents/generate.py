@@ -111,6 +111,8 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     return_logits: bool = False,
+    allow_backspace: bool = True,
+    prefixes: Sequence[Sequence[int]] | None = None,
 ) -> GenerationOutput:
     """Sample one episode of the backspace MDP per prompt, all rows in one batch.
 
@@ -123,6 +125,10 @@ def generate(
         use_cache: decode with the KV cache; False recomputes every live state from scratch at
             each step (the reference the cache is tested against, and the slow baseline).
         return_logits: keep the raw logits of every visited state in the output.
+        allow_backspace: False masks ``<bkspc>`` everywhere (the no-backspace ablation).
+        prefixes: tokens already generated in each row's starting state (deletable, unlike the
+            prompt), e.g. a wrong partial answer. A trajectory records them as its first actions
+            (appends the policy did not choose), so that it replays to the same final state.
     """
     special = model.special
     if model.max_positions is not None and max_length > model.max_positions:
@@ -134,7 +140,7 @@ def generate(
     mdp = SequenceMDP(
         special, max_length=max_length, max_steps=max_steps, batch_size=B, device=device
     )
-    mdp.reset(prompts)
+    mdp.reset_rows(range(B), prompts, prefixes)
     S = mdp.max_steps
     rows = torch.arange(B, device=device)
     actions_taken = torch.full((B, S), special.eos_id, dtype=torch.int64, device=device)
@@ -154,19 +160,19 @@ def generate(
         logits = _recompute(model, mdp)
 
     for step in range(S):
-        live = ~mdp.done  # (B,)
         if step_logits is not None:
+            live = ~mdp.done  # (B,)
             step_logits[live, step] = logits[live].float()
         actions = select_actions(
             logits,
-            mdp.action_mask(),
+            _allowed(mdp, allow_backspace),
             greedy=greedy,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
             generator=generator,
         )
-        actions_taken[live, step] = actions[live]
+        actions_taken[:, step] = actions  # kept up to each row's own step count
         mdp.step(actions)
         if bool(mdp.done.all()):
             break
@@ -184,7 +190,10 @@ def generate(
     trajectories = [
         Trajectory(
             prompt=np.asarray(prompts[b], dtype=np.int64),
-            actions=taken[b, : num_steps[b]],
+            actions=np.concatenate(
+                [np.asarray(prefixes[b] if prefixes else [], dtype=np.int64),
+                 taken[b, : num_steps[b]]]
+            ),
             terminated=bool(mdp.terminated[b]),
             truncated=bool(mdp.truncated[b]),
             special=special,
@@ -195,6 +204,14 @@ def generate(
     if step_logits is not None:
         step_logits = step_logits[:, : max(num_steps)]
     return GenerationOutput(trajectories, generated, step_logits)
+
+
+def _allowed(mdp: SequenceMDP, allow_backspace: bool) -> torch.Tensor:
+    """The MDP's action mask, less the backspace in the no-backspace ablation."""
+    mask = mdp.action_mask()
+    if not allow_backspace:
+        mask[:, mdp.special.backspace_id] = False
+    return mask
 
 
 def _recompute(model: PolicyModel, mdp: SequenceMDP) -> torch.Tensor:

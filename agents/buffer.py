@@ -1,0 +1,52 @@
+"""Replay buffer of model rollouts (METHOD.md §4): FIFO, filled by KV-cache generation.
+
+Every ``refresh_interval`` updates the trainer samples fresh trajectories from the current policy
+(prompts drawn from the data) and adds them; the oldest drop out once ``capacity`` is reached.
+Stale samples stay valid for the value term of SequenceMatch (METHOD.md §3), which is why a
+buffer can be reused across several updates.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from seqenv.trajectory import Trajectory
+from seqenv.vocab import SpecialIds
+
+
+class ReplayBuffer:
+    """A FIFO of trajectories with uniform sampling.
+
+    Args:
+        capacity: the most trajectories held; adding more drops the oldest.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"buffer capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._items: deque[Trajectory] = deque(maxlen=capacity)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, trajectories: Iterable[Trajectory]) -> None:
+        self._items.extend(trajectories)
+
+    def sample(self, num: int, rng: np.random.Generator) -> list[Trajectory]:
+        """``num`` trajectories drawn uniformly with replacement."""
+        if not self._items:
+            raise RuntimeError("the replay buffer is empty: add rollouts before sampling")
+        index = rng.integers(0, len(self._items), size=num)
+        return [self._items[i] for i in index]
+
+    def to_json(self) -> list[dict]:
+        """The contents, oldest first (checkpoints keep them so a resumed run is exact)."""
+        return [t.to_json() for t in self._items]
+
+    def load_json(self, items: Sequence[dict], special: SpecialIds) -> None:
+        self._items.clear()
+        self._items.extend(Trajectory.from_json(item, special) for item in items)

@@ -1,0 +1,567 @@
+"""The training loop of every agent: MLE, BC and SequenceMatch differ only in their objective.
+
+One update, top to bottom (METHOD.md §4):
+
+1. **data**: draw demonstrations; for BC and SequenceMatch, noise-augment them (METHOD.md §5).
+2. **rollouts** (SequenceMatch after the warm start): every ``k_sample`` updates, sample fresh
+   trajectories from the current policy with KV-cache generation, into a FIFO replay buffer;
+   draw this update's model batch from it.
+3. **loss**: MLE or BC during the warm start (``sm_warmup`` updates); then
+   ``(1 - eta) * BC + eta * SequenceMatch``.
+4. **step**: gradient accumulation, clipping, AdamW with warm-up and a cosine schedule.
+5. **log / eval / save** at their intervals: TensorBoard scalars, task score of greedy
+   generations on held-out prompts, atomic checkpoints.
+
+One process on the CPU or a GPU; several under ``torchrun`` (DDP). Every rank draws the same
+global batch from the same seeded stream and keeps its own slice, so N ranks with batch B take
+the same steps as one process with batch N * B (the gradients are averaged, and each rank's loss
+is normalised by its own B).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from agents.buffer import ReplayBuffer
+from agents.checkpoint import (
+    CheckpointError,
+    load_training_state,
+    load_weights,
+    read_metadata,
+    save_checkpoint,
+)
+from agents.collate import TrajectoryBatch, collate
+from agents.generate import generate
+from agents.logger import Logger
+from agents.objectives import LossOutput, Mixture, ObjectiveBatch, make_objective
+from agents.policy import TransformerConfig, TransformerPolicy
+from seqenv.tasks import Task, make_task
+from seqenv.trajectory import Trajectory, augment, random_noise
+from seqenv.vocab import vocab_from_json
+
+Agent = Literal["mle", "bc", "sequencematch"]
+AGENTS = ("mle", "bc", "sequencematch")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; stored in full in its checkpoints and logs."""
+
+    agent: str = "sequencematch"
+    """mle (clean data, teacher forcing), bc (noise-augmented data) or sequencematch."""
+    task: str = "arithmetic"
+    """Task name: arithmetic, dyck or text."""
+    task_args: str = "{}"
+    """The task's keyword arguments as JSON, e.g. '{"base": 10, "max_digits": 2}'."""
+    steps: int = 1000
+    """Number of updates."""
+    seed: int = 0
+    """Seed of the weights, the data order, the noise and the rollouts."""
+    logdir: str = "runs"
+    """TensorBoard runs go to LOGDIR/NAME."""
+    name: str | None = None
+    """Run name; default AGENT-TASK-sSEED."""
+    save: str | None = None
+    """Checkpoint folder (written at save_interval and at the end); none if unset."""
+    resume: bool = False
+    """Continue from the checkpoint in --save, exactly where it stopped."""
+    json: str | None = None
+    """Write the final metrics to this JSON file."""
+
+    # Data
+    num_demonstrations: int = 20000
+    """Training examples drawn from the task (a fixed dataset, sampled with replacement)."""
+    max_length: int | None = None
+    """Buffer size of the MDP (prompt included); the task's default if unset."""
+    max_steps: int | None = None
+    """Step budget of an episode (backspaces count); 2 * max_length if unset."""
+    batch_size: int = 32
+    """Sequences per update (per process under torchrun)."""
+    grad_accum: int = 1
+    """Micro-batches per update; batch_size must be a multiple of it."""
+
+    # Noise augmentation (METHOD.md §5); bc and sequencematch only
+    noise: float = 0.1
+    """Noise level p: chance of k wrong tokens then k backspaces before each expert action."""
+    noise_k: int = 1
+    """Wrong tokens inserted per noise event (k)."""
+    noise_type: str = "random"
+    """random (uniform tokens) or ground_truth (the task's plausible mistakes)."""
+    noise_targets: bool = True
+    """BC also learns to emit the noise tokens (as the paper does); False: only their undoing."""
+    backspace: bool = True
+    """Allow the backspace action; False gives the no-backspace ablation (and no noise)."""
+
+    # Model
+    layers: int = 2
+    width: int = 128
+    heads: int = 4
+    dropout: float = 0.0
+    positions: str = "learned"
+    """learned or rotary position embeddings."""
+
+    # Optimisation
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    """The cosine schedule decays to lr * min_lr_ratio."""
+    lr_warmup: int = 50
+    """Linear learning-rate warm-up, in updates."""
+    lr_schedule_steps: int | None = None
+    """Length of the cosine schedule; --steps if unset. Set it to the final length of a run
+    that you will extend with --resume, so the schedule does not depend on where it stops."""
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+
+    # SequenceMatch (METHOD.md §3-4)
+    divergence: str = "chi2_mixture"
+    c: float = 0.25
+    """Coefficient of the chi^2 terms."""
+    gamma: float = 0.998
+    eta: float = 0.5
+    """Weight of SequenceMatch in (1 - eta) * BC + eta * SM after the warm start."""
+    value_source: str = "mix"
+    """Trajectories of the value term: mix, data or model."""
+    sm_warmup: int = 200
+    """Updates of plain BC before SequenceMatch starts (the MLE warm start)."""
+    k_sample: int = 10
+    """Updates between two refreshes of the replay buffer."""
+    rollouts: int = 64
+    """Trajectories sampled from the policy at each refresh."""
+    buffer_size: int = 512
+    """Capacity of the FIFO replay buffer (trajectories)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+
+    # Evaluation, logging, hardware
+    eval_interval: int = 200
+    eval_episodes: int = 128
+    eval_greedy: bool | None = None
+    """Greedy evaluation episodes; default: greedy for arithmetic (accuracy), sampled otherwise
+    (validity and likelihood of the distribution the policy generates)."""
+    log_interval: int = 20
+    save_interval: int = 0
+    """Updates between checkpoints (0: only at the end)."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda."""
+    compile: bool = False
+    """torch.compile the policy."""
+    bf16: bool = True
+    """bf16 autocast on a GPU (ignored on the CPU)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if self.agent not in AGENTS:
+            raise ValueError(f"unknown agent {self.agent!r}; known agents: {', '.join(AGENTS)}")
+        for name in ("steps", "batch_size", "grad_accum", "num_demonstrations", "noise_k",
+                     "k_sample", "rollouts", "buffer_size", "eval_episodes", "log_interval",
+                     "layers", "width", "heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_interval", "save_interval", "sm_warmup", "lr_warmup"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum "
+                             f"{self.grad_accum}")
+        if not 0.0 <= self.noise <= 1.0:
+            raise ValueError(f"--noise must be in [0, 1], got {self.noise}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"--eta must be in [0, 1], got {self.eta}")
+        if not 0.0 < self.gamma <= 1.0:
+            raise ValueError(f"--gamma must be in (0, 1], got {self.gamma}")
+        if self.noise_type not in ("random", "ground_truth"):
+            raise ValueError(f"--noise-type must be random or ground_truth, got {self.noise_type!r}")
+        if self.resume and not self.save:
+            raise ValueError("--resume needs --save (the checkpoint folder to resume from)")
+        self.task_kwargs()  # parses
+
+    def task_kwargs(self) -> dict[str, Any]:
+        try:
+            kwargs = json.loads(self.task_args)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--task-args is not valid JSON ({err.msg})") from None
+        if not isinstance(kwargs, dict):
+            raise ValueError("--task-args must be a JSON object")
+        return kwargs
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.agent}-{self.task}-s{self.seed}"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+class _BatchForward(nn.Module):
+    """``forward(batch)`` of a policy, so that DDP and torch.compile see the whole masked pass."""
+
+    def __init__(self, policy: TransformerPolicy) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: TrajectoryBatch) -> torch.Tensor:
+        return self.policy.forward_batch(batch)
+
+
+class _PolicyView:
+    """What the objectives see: the policy's ids, with ``forward_batch`` routed through the
+    (possibly DDP-wrapped, possibly compiled) batch module so gradients are synchronised."""
+
+    def __init__(self, policy: TransformerPolicy, batch_forward: nn.Module) -> None:
+        self.policy = policy
+        self.special = policy.special
+        self._batch_forward = batch_forward
+
+    def forward_batch(self, batch: TrajectoryBatch) -> torch.Tensor:
+        return self._batch_forward(batch)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.policy, name)
+
+
+class Trainer:
+    """Trains one agent on one task. Library code: takes a config, never reads the command line."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        config.validate()
+        self.config = config
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.distributed = self.world_size > 1
+        self.device = resolve_device(config.device)
+        if self.distributed and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend)
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                torch.cuda.set_device(self.device)
+        self.is_main = self.rank == 0
+
+        # Task, data and noise.
+        self.task: Task = make_task(config.task, **config.task_kwargs())
+        self.vocab = self.task.vocab
+        self.special = self.vocab.special
+        self.max_length = config.max_length or self.task.default_max_length
+        self.max_steps = config.max_steps or 2 * self.max_length
+        self.demonstrations = self.task.demonstrations(
+            "train", config.num_demonstrations, self.max_length, seed=config.seed
+        )
+        self.eval_prompts = [
+            list(e.prompt) for e in self.task.examples("test", config.eval_episodes, seed=config.seed)
+        ]
+        self.noise_fn = (
+            random_noise(self.special) if config.noise_type == "random"
+            else self.task.ground_truth_noise
+        )
+        self.use_noise = config.agent != "mle" and config.backspace and config.noise > 0
+
+        # Policy, optimizer, schedule.
+        torch.manual_seed(config.seed)
+        self.policy = TransformerPolicy(
+            self.special,
+            TransformerConfig(
+                num_layers=config.layers, width=config.width, num_heads=config.heads,
+                context_length=self.max_length, dropout=config.dropout,
+                positions=config.positions,  # type: ignore[arg-type]
+            ),
+        ).to(self.device)
+        batch_forward: nn.Module = _BatchForward(self.policy)
+        if config.compile:
+            batch_forward = torch.compile(batch_forward)  # type: ignore[assignment]
+        if self.distributed:
+            batch_forward = nn.parallel.DistributedDataParallel(batch_forward)
+        self.batch_forward = batch_forward
+        self.policy_view = _PolicyView(self.policy, batch_forward)
+        self.optimizer = torch.optim.AdamW(
+            self.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+            betas=(0.9, 0.95),
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+        # Objectives: the warm-start one, and the SequenceMatch mixture after it.
+        # One normaliser for every term (METHOD.md §3), so that eta weighs like with like.
+        common = {"normaliser_length": self.max_steps, "allow_backspace": config.backspace}
+        if config.agent == "mle":
+            self.warm_objective = make_objective("mle", **common)
+        else:
+            self.warm_objective = make_objective("bc", noise_targets=config.noise_targets, **common)
+        self.sm_objective = None
+        if config.agent == "sequencematch":
+            sm = make_objective(
+                "sequencematch", divergence=config.divergence, c=config.c, gamma=config.gamma,
+                value_source=config.value_source, **common,
+            )
+            self.sm_objective = Mixture(self.warm_objective, sm, config.eta)
+
+        # Random streams: data order and noise (numpy, shared by every rank), rollouts (torch).
+        self.data_rng = np.random.default_rng([config.seed, 1])
+        self.rollout_generator = torch.Generator(self.device).manual_seed(config.seed + 2)
+        self.buffer = ReplayBuffer(config.buffer_size)
+        self.step = 0
+        self.last_eval: dict[str, float] = {}
+        self.autocast_dtype = (
+            torch.bfloat16 if config.bf16 and self.device.type == "cuda" else None
+        )
+
+    # -- schedule ----------------------------------------------------------------------------
+    def _lr_factor(self, step: int) -> float:
+        config = self.config
+        if step < config.lr_warmup:
+            return (step + 1) / config.lr_warmup
+        horizon = config.lr_schedule_steps or config.steps
+        progress = (step - config.lr_warmup) / max(1, horizon - config.lr_warmup)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
+
+    @property
+    def in_warm_start(self) -> bool:
+        return self.sm_objective is None or self.step < self.config.sm_warmup
+
+    # -- data --------------------------------------------------------------------------------
+    def _data_batch(self) -> list[Trajectory]:
+        """This rank's slice of the global batch of (noise-augmented) demonstrations."""
+        config = self.config
+        total = config.batch_size * self.world_size
+        index = self.data_rng.integers(0, len(self.demonstrations), size=total)
+        noise_seeds = self.data_rng.integers(0, 2**63, size=total)
+        mine = slice(self.rank * config.batch_size, (self.rank + 1) * config.batch_size)
+        batch = []
+        for i, seed in zip(index[mine], noise_seeds[mine], strict=True):
+            demo = self.demonstrations[int(i)]
+            if self.use_noise:
+                demo = augment(
+                    demo, self.noise_fn, p=config.noise, k=config.noise_k,
+                    rng=np.random.default_rng(int(seed)), max_length=self.max_length,
+                    max_steps=self.max_steps,
+                )
+            batch.append(demo)
+        return batch
+
+    def _rollouts(
+        self, prompts: list[list[int]], greedy: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> list[Trajectory]:
+        self.policy.eval()
+        out = generate(
+            self.policy, prompts, max_length=self.max_length, max_steps=self.max_steps,
+            greedy=greedy, temperature=self.config.temperature,
+            generator=generator or self.rollout_generator,
+            allow_backspace=self.config.backspace,
+        )
+        self.policy.train()
+        return out.trajectories
+
+    def _refresh_buffer(self) -> None:
+        index = self.data_rng.integers(0, len(self.demonstrations), size=self.config.rollouts)
+        prompts = [self.demonstrations[int(i)].prompt.tolist() for i in index]
+        self.buffer.add(self._rollouts(prompts))
+
+    # -- one update --------------------------------------------------------------------------
+    def train_step(self, logger: Logger) -> None:
+        config = self.config
+        data = self._data_batch()
+        model: list[Trajectory] | None = None
+        objective = self.warm_objective
+        if not self.in_warm_start:
+            assert self.sm_objective is not None
+            if (self.step - config.sm_warmup) % config.k_sample == 0:
+                self._refresh_buffer()
+            model = self.buffer.sample(config.batch_size, self.data_rng)
+            objective = self.sm_objective
+
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = config.batch_size // config.grad_accum
+        for k in range(config.grad_accum):
+            part = slice(k * micro, (k + 1) * micro)
+            batch = ObjectiveBatch(
+                data=collate(data[part]).to(self.device),
+                model=collate(model[part]).to(self.device) if model is not None else None,
+            )
+            last = k == config.grad_accum - 1
+            sync = self.batch_forward.no_sync() if self.distributed and not last else _nullcontext()
+            with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                      enabled=self.autocast_dtype is not None):
+                out: LossOutput = objective(self.policy_view, batch)
+            (out.loss / config.grad_accum).backward()
+            for key, value in out.metrics.items():
+                logger.record(f"losses/{key}", value)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+
+        logger.record("train/grad_norm", grad_norm)
+        logger.record("train/lr", self.scheduler.get_last_lr()[0])
+        logger.record("train/sequencematch_active", float(not self.in_warm_start))
+        num_backspaces = sum(t.num_backspaces for t in data)
+        logger.record("train/data_backspace_rate", num_backspaces / sum(t.num_steps for t in data))
+        if model is not None:
+            logger.record("rollout/backspace_rate",
+                          sum(t.num_backspaces for t in model) / sum(t.num_steps for t in model))
+            logger.record("rollout/terminated", sum(t.terminated for t in model) / len(model))
+
+    # -- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, logger: Logger | None = None) -> dict[str, float]:
+        """Episodes on held-out prompts: task score, backspace use, samples.
+
+        Sampled episodes draw from their own seeded stream, so evaluating never changes the
+        course of training (and a resumed run stays exact).
+        """
+        greedy = self.config.eval_greedy
+        if greedy is None:
+            greedy = self.task.name == "arithmetic"
+        generator = torch.Generator(self.device).manual_seed(self.config.seed + 3)
+        trajectories = self._rollouts(self.eval_prompts, greedy=greedy, generator=generator)
+        generated = [t.generated() for t in trajectories]
+        scores = [
+            self.task.score(p, g, t.terminated)
+            for p, g, t in zip(self.eval_prompts, generated, trajectories, strict=True)
+        ]
+        steps = sum(t.num_steps for t in trajectories)
+        metrics = {
+            "eval/score": float(np.mean(scores)),
+            "eval/backspace_rate": sum(t.num_backspaces for t in trajectories) / max(1, steps),
+            "eval/terminated": float(np.mean([t.terminated for t in trajectories])),
+            "eval/length": float(np.mean([len(g) for g in generated])),
+        }
+        if logger is not None:
+            for key, value in metrics.items():
+                logger.record(key, value)
+            samples = "\n\n".join(
+                f"    {self.vocab.decode(p)!r} -> {self.vocab.decode(t.actions)!r} "
+                f"=> {self.vocab.decode(g)!r}"
+                for p, t, g in list(zip(self.eval_prompts, trajectories, generated, strict=True))[:8]
+            )
+            logger.text("eval/samples", samples, self.step)
+        return metrics
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "config": dataclasses.asdict(self.config),
+            "vocab": self.vocab.to_json(),
+            "task": {"name": self.task.name, "kwargs": self.task.config()},
+            "model": dataclasses.asdict(self.policy.config),
+            "max_length": self.max_length,
+            "max_steps": self.max_steps,
+            "data_rng": self.data_rng.bit_generator.state,
+            "buffer": self.buffer.to_json(),
+            "eval": self.last_eval,
+        }
+
+    def save(self, path: str | Path) -> None:
+        if self.is_main:
+            save_checkpoint(path, self.policy, self.optimizer, self.metadata(),
+                            {"rollout": self.rollout_generator.get_state()})
+        if self.distributed:
+            dist.barrier()
+
+    def load(self, path: str | Path) -> None:
+        """Restore everything a checkpoint holds, so training continues exactly."""
+        metadata = read_metadata(path)
+        if metadata["vocab"] != self.vocab.to_json():
+            raise CheckpointError(f"{path}: the checkpoint's vocabulary does not match task "
+                                  f"{self.task.name!r}")
+        saved = {k: v for k, v in metadata["config"].items() if k not in _RESUMABLE}
+        current = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in _RESUMABLE}
+        changed = sorted(k for k in current if saved.get(k) != current[k])
+        if changed:
+            raise CheckpointError(f"{path}: cannot resume with different settings: {changed}")
+        load_weights(path, self.policy)
+        rng = load_training_state(path, self.optimizer, metadata)
+        self.step = int(metadata["step"])
+        self.scheduler.last_epoch = self.step
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # type: ignore[attr-defined]
+        self.data_rng.bit_generator.state = metadata["data_rng"]
+        self.rollout_generator.set_state(rng["rollout"])
+        self.buffer.load_json(metadata["buffer"], self.special)
+        self.last_eval = metadata.get("eval", {})
+
+    # -- the loop ----------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        """Run until ``config.steps`` updates; return the final evaluation."""
+        config = self.config
+        if config.resume:
+            self.load(config.save)  # type: ignore[arg-type]
+        logger = Logger(Path(config.logdir) / config.run_name if self.is_main else None)
+        if self.is_main and self.step == 0:
+            logger.text("config", "    " + json.dumps(dataclasses.asdict(config), indent=1)
+                        .replace("\n", "\n    "), 0)
+        bar = tqdm(total=config.steps, initial=self.step, disable=not (config.progress and
+                   self.is_main), desc=config.run_name, dynamic_ncols=True)
+        self.policy.train()
+        start, start_step = time.perf_counter(), self.step
+        try:
+            while self.step < config.steps:
+                self.train_step(logger)
+                bar.update(1)
+                if self.step % config.log_interval == 0 or self.step == config.steps:
+                    elapsed = time.perf_counter() - start
+                    logger.record("train/updates_per_s", (self.step - start_step) / elapsed)
+                if config.eval_interval and self.step % config.eval_interval == 0:
+                    self.last_eval = self.evaluate(logger)
+                if self.step % config.log_interval == 0 or self.step == config.steps:
+                    means = logger.dump(self.step)  # syncs the recorded tensors: once per interval
+                    bar.set_postfix(loss=f"{means.get('losses/loss', float('nan')):.3f}",
+                                    score=f"{self.last_eval.get('eval/score', float('nan')):.2f}")
+                if config.save and config.save_interval and self.step % config.save_interval == 0:
+                    self.save(config.save)
+            if not self.last_eval or not config.eval_interval or (
+                config.steps % config.eval_interval
+            ):
+                self.last_eval = self.evaluate(logger)
+                logger.dump(self.step)
+            if config.save:
+                self.save(config.save)
+        finally:
+            bar.close()
+            logger.close()
+        return self.last_eval
+
+
+# Settings that may change between a run and its resume (where things go, how they are shown).
+_RESUMABLE = {"resume", "json", "progress", "logdir", "name", "save", "steps", "device"}
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: object) -> None:
+        return None
+
+
+def load_policy(path: str | Path, device: str = "cpu") -> tuple[TransformerPolicy, dict[str, Any]]:
+    """The policy of a checkpoint (for evaluation and generation) and its metadata."""
+    metadata = read_metadata(path)
+    try:
+        vocab = vocab_from_json(metadata["vocab"])
+        model_config = TransformerConfig(**metadata["model"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: checkpoint.json is incomplete or corrupt ({err})") from None
+    policy = TransformerPolicy(vocab.special, model_config)
+    load_weights(path, policy)
+    policy.to(resolve_device(device)).eval()
+    return policy, metadata
