@@ -70,8 +70,8 @@ class TrainConfig:
     """Number of updates."""
     seed: int = 0
     """Seed of the weights, the data order, the noise and the rollouts."""
-    logdir: str = "runs"
-    """TensorBoard runs go to LOGDIR/NAME."""
+    logdir: str | None = "runs"
+    """TensorBoard runs go to LOGDIR/NAME; none if empty."""
     name: str | None = None
     """Run name; default AGENT-TASK-sSEED."""
     save: str | None = None
@@ -242,7 +242,8 @@ class _PolicyView:
 class Trainer:
     """Trains one agent on one task. Library code: takes a config, never reads the command line."""
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, task: Task | None = None) -> None:
+        """``task``, if given, is used instead of building ``config.task`` (same name)."""
         config.validate()
         self.config = config
         self.rank = int(os.environ.get("RANK", "0"))
@@ -258,7 +259,10 @@ class Trainer:
         self.is_main = self.rank == 0
 
         # Task, data and noise.
-        self.task: Task = make_task(config.task, **config.task_kwargs())
+        if task is not None and task.name != config.task:
+            raise ValueError(f"task object {task.name!r} given for config.task {config.task!r}")
+        self.task: Task = task if task is not None else make_task(config.task,
+                                                                  **config.task_kwargs())
         self.vocab = self.task.vocab
         self.special = self.vocab.special
         self.max_length = config.max_length or self.task.default_max_length
@@ -318,6 +322,7 @@ class Trainer:
         self.rollout_generator = torch.Generator(self.device).manual_seed(config.seed + 2)
         self.buffer = ReplayBuffer(config.buffer_size)
         self.step = 0
+        self.num_timesteps = 0  # demonstration actions trained on, all processes together
         self.last_eval: dict[str, float] = {}
         self.autocast_dtype = (
             torch.bfloat16 if config.bf16 and self.device.type == "cuda" else None
@@ -409,6 +414,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
+        self.num_timesteps += sum(t.num_steps for t in data) * self.world_size
 
         logger.record("train/grad_norm", grad_norm)
         logger.record("train/lr", self.scheduler.get_last_lr()[0])
@@ -460,6 +466,7 @@ class Trainer:
     def metadata(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            "num_timesteps": self.num_timesteps,
             "config": dataclasses.asdict(self.config),
             "vocab": self.vocab.to_json(),
             "task": {"name": self.task.name, "kwargs": self.task.config()},
@@ -492,6 +499,7 @@ class Trainer:
         load_weights(path, self.policy)
         rng = load_training_state(path, self.optimizer, metadata)
         self.step = int(metadata["step"])
+        self.num_timesteps = int(metadata.get("num_timesteps", 0))
         self.scheduler.last_epoch = self.step
         self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # type: ignore[attr-defined]
         self.data_rng.bit_generator.state = metadata["data_rng"]
@@ -505,7 +513,8 @@ class Trainer:
         config = self.config
         if config.resume:
             self.load(config.save)  # type: ignore[arg-type]
-        logger = Logger(Path(config.logdir) / config.run_name if self.is_main else None)
+        logdir = Path(config.logdir) / config.run_name if config.logdir else None
+        logger = Logger(logdir if self.is_main else None)
         if self.is_main and self.step == 0:
             logger.text("config", "    " + json.dumps(dataclasses.asdict(config), indent=1)
                         .replace("\n", "\n    "), 0)

@@ -1,14 +1,14 @@
 """Balanced brackets of up to four types, drawn from a known probabilistic grammar.
 
 A sequence is a Dyck word over ``num_types`` bracket pairs from ``()[]{}<>``, at most
-``max_depth`` deep, with ``min_length`` to ``max_length`` brackets. The grammar is a process
+``max_depth`` deep, with ``min_brackets`` to ``max_brackets`` brackets. The grammar is a process
 whose next action depends only on the prefix, through its stack of open brackets and its length:
 
 - at depth 0, end (``<eos>``) with probability ``p_end`` and open with ``1 - p_end``;
 - deeper, open with probability ``p_open`` and close the innermost bracket with ``1 - p_open``;
 - an opening bracket's type is uniform over the ``num_types`` types;
-- the limits force a move: no ending before ``min_length``, no opening at ``max_depth``, and no
-  opening unless the brackets then open can still be closed within ``max_length``. Where only
+- the limits force a move: no ending before ``min_brackets``, no opening at ``max_depth``, and no
+  opening unless the brackets then open can still be closed within ``max_brackets``. Where only
   one kind of move is allowed it has probability 1.
 
 Every reachable prefix has a continuation within the limits (see :meth:`DyckTask.next_token_probs`),
@@ -51,8 +51,8 @@ class DyckTask(Task):
     Args:
         num_types: bracket types, 1 to 4, taken in the order ``()``, ``[]``, ``{}``, ``<>``.
         max_depth: the most brackets open at once, at least 1.
-        min_length: the fewest brackets of a sequence; even, at least 0.
-        max_length: the most brackets of a sequence; even, at least 2 and ``min_length``.
+        min_brackets: the fewest brackets of a sequence; even, at least 0.
+        max_brackets: the most brackets of a sequence; even, at least 2 and ``min_brackets``.
         p_open: probability of opening a bracket when both opening and closing are allowed.
         p_end: probability of ending at depth 0 when both ending and opening are allowed.
 
@@ -66,16 +66,16 @@ class DyckTask(Task):
         *,
         num_types: int = 2,
         max_depth: int = 4,
-        min_length: int = 2,
-        max_length: int = 20,
+        min_brackets: int = 2,
+        max_brackets: int = 20,
         p_open: float = 0.4,
         p_end: float = 0.5,
     ) -> None:
         for arg, value in (
             ("num_types", num_types),
             ("max_depth", max_depth),
-            ("min_length", min_length),
-            ("max_length", max_length),
+            ("min_brackets", min_brackets),
+            ("max_brackets", max_brackets),
         ):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{arg} must be an int, got {value!r}")
@@ -84,11 +84,11 @@ class DyckTask(Task):
         if max_depth < 1:
             raise ValueError(f"max_depth must be >= 1, got {max_depth}")
         # A balanced sequence has an even length: odd limits would only hide a rounding.
-        if min_length < 0 or min_length % 2:
-            raise ValueError(f"min_length must be even and >= 0, got {min_length}")
-        if max_length < max(2, min_length) or max_length % 2:
+        if min_brackets < 0 or min_brackets % 2:
+            raise ValueError(f"min_brackets must be even and >= 0, got {min_brackets}")
+        if max_brackets < max(2, min_brackets) or max_brackets % 2:
             raise ValueError(
-                f"max_length must be even, >= 2 and >= min_length={min_length}, got {max_length}"
+                f"max_brackets must be even, >= 2 and >= min_brackets={min_brackets}, got {max_brackets}"
             )
         for arg, p in (("p_open", p_open), ("p_end", p_end)):
             # Open bounds: then a move has probability zero exactly when the rules forbid it.
@@ -96,8 +96,8 @@ class DyckTask(Task):
                 raise ValueError(f"{arg} must be in (0, 1), got {p}")
         self.num_types = num_types
         self.max_depth = max_depth
-        self.min_length = min_length
-        self.max_length = max_length
+        self.min_brackets = min_brackets
+        self.max_brackets = max_brackets
         self.p_open = float(p_open)
         self.p_end = float(p_end)
 
@@ -107,7 +107,7 @@ class DyckTask(Task):
         self.open_ids: tuple[int, ...] = tuple(1 + 2 * t for t in range(num_types))
         self.close_ids: tuple[int, ...] = tuple(2 + 2 * t for t in range(num_types))
         self.eos_id = self.vocab.eos_id
-        self.default_max_length = 1 + max_length + 1 + SLACK  # ^, brackets, the slot of <eos>
+        self.default_max_length = 1 + max_brackets + 1 + SLACK  # ^, brackets, the slot of <eos>
 
     # ----------------------------------------------------------------------------------------
     # The grammar
@@ -117,12 +117,12 @@ class DyckTask(Task):
         probs = np.zeros(self.vocab.num_actions)
         depth = len(stack)
         # Opening needs room to close everything afterwards: length + 1 + (depth + 1) brackets.
-        can_open = depth < self.max_depth and length + depth + 2 <= self.max_length
+        can_open = depth < self.max_depth and length + depth + 2 <= self.max_brackets
         if depth == 0:
-            # Reachable states at depth 0 have an even length <= max_length, so when ending is
-            # forbidden (length < min_length <= max_length - 2) opening is allowed, and when
-            # opening is forbidden (length == max_length >= min_length) ending is allowed.
-            can_end = length >= self.min_length
+            # Reachable states at depth 0 have an even length <= max_brackets, so when ending is
+            # forbidden (length < min_brackets <= max_brackets - 2) opening is allowed, and when
+            # opening is forbidden (length == max_brackets >= min_brackets) ending is allowed.
+            can_end = length >= self.min_brackets
             p_open = (1.0 - self.p_end if can_end else 1.0) if can_open else 0.0
             probs[self.eos_id] = 1.0 - p_open
         else:
@@ -202,7 +202,7 @@ class DyckTask(Task):
         Depth first, the empty prefix first. The number of prefixes grows exponentially with the
         length: meant for small settings (exact occupancy measures, tests).
         """
-        limit = self.max_length if max_len is None else max_len
+        limit = self.max_brackets if max_len is None else max_len
         todo: list[tuple[tuple[int, ...], list[int], float]] = [((), [], 1.0)]
         while todo:
             ids, stack, prob = todo.pop()
@@ -303,8 +303,8 @@ class DyckTask(Task):
         return {
             "num_types": self.num_types,
             "max_depth": self.max_depth,
-            "min_length": self.min_length,
-            "max_length": self.max_length,
+            "min_brackets": self.min_brackets,
+            "max_brackets": self.max_brackets,
             "p_open": self.p_open,
             "p_end": self.p_end,
         }

@@ -32,7 +32,7 @@ def balanced(text: str, pairs: str) -> tuple[bool, int]:
 
 def within_limits(task: DyckTask, text: str) -> bool:
     ok, deepest = balanced(text, "".join(task.vocab.chars[1:]))
-    return ok and deepest <= task.max_depth and task.min_length <= len(text) <= task.max_length
+    return ok and deepest <= task.max_depth and task.min_brackets <= len(text) <= task.max_brackets
 
 
 # ---------------------------------------------------------------------------------------------
@@ -55,7 +55,7 @@ def test_vocabulary() -> None:
 def test_probabilities_by_hand_depth_one() -> None:
     # "(" is forced (too short to end), ")" is forced (depth 1 is the limit); then end with
     # p_end, or open again and be forced through ")" and <eos> by the length limit 4.
-    task = DyckTask(num_types=1, max_depth=1, min_length=2, max_length=4, p_end=0.3)
+    task = DyckTask(num_types=1, max_depth=1, min_brackets=2, max_brackets=4, p_end=0.3)
     assert math.exp(task.log_prob(ids(task, "()"))) == pytest.approx(0.3)
     assert math.exp(task.log_prob(ids(task, "()()"))) == pytest.approx(0.7)
     assert dict(task.enumerate_sequences()) == pytest.approx(
@@ -69,7 +69,7 @@ def test_probabilities_by_hand_depth_one() -> None:
 
 
 def test_probabilities_by_hand_depth_two() -> None:
-    task = DyckTask(num_types=1, max_depth=2, min_length=2, max_length=6, p_open=0.4, p_end=0.25)
+    task = DyckTask(num_types=1, max_depth=2, min_brackets=2, max_brackets=6, p_open=0.4, p_end=0.25)
     expected = {
         "()": 0.6 * 0.25,
         # "(" forced, "(" 0.4, ")" forced at depth 2, ")" 0.6, then end 0.25 (could open again).
@@ -91,7 +91,7 @@ def test_probabilities_by_hand_depth_two() -> None:
 
 
 def test_types_are_uniform() -> None:
-    task = DyckTask(num_types=2, max_depth=1, min_length=2, max_length=2)
+    task = DyckTask(num_types=2, max_depth=1, min_brackets=2, max_brackets=2)
     # One pair, its type uniform; nothing else fits.
     assert math.exp(task.log_prob(ids(task, "()"))) == pytest.approx(0.5)
     assert math.exp(task.log_prob(ids(task, "[]"))) == pytest.approx(0.5)
@@ -99,7 +99,7 @@ def test_types_are_uniform() -> None:
 
 
 def test_prefix_probability() -> None:
-    task = DyckTask(num_types=1, max_depth=2, min_length=2, max_length=6, p_open=0.4, p_end=0.25)
+    task = DyckTask(num_types=1, max_depth=2, min_brackets=2, max_brackets=6, p_open=0.4, p_end=0.25)
     assert task.log_prob([], terminated=False) == 0.0
     assert math.exp(task.log_prob(ids(task, "(("), terminated=False)) == pytest.approx(0.4)
     assert task.log_prob(ids(task, "(("), terminated=True) == -math.inf
@@ -110,11 +110,11 @@ def test_prefix_probability() -> None:
 
 
 SMALL = [
-    {"num_types": 1, "max_depth": 1, "min_length": 2, "max_length": 4},
-    {"num_types": 1, "max_depth": 3, "min_length": 0, "max_length": 8, "p_open": 0.7},
-    {"num_types": 2, "max_depth": 2, "min_length": 4, "max_length": 8, "p_end": 0.1},
-    {"num_types": 2, "max_depth": 4, "min_length": 6, "max_length": 6},
-    {"num_types": 3, "max_depth": 2, "min_length": 2, "max_length": 6, "p_open": 0.2},
+    {"num_types": 1, "max_depth": 1, "min_brackets": 2, "max_brackets": 4},
+    {"num_types": 1, "max_depth": 3, "min_brackets": 0, "max_brackets": 8, "p_open": 0.7},
+    {"num_types": 2, "max_depth": 2, "min_brackets": 4, "max_brackets": 8, "p_end": 0.1},
+    {"num_types": 2, "max_depth": 4, "min_brackets": 6, "max_brackets": 6},
+    {"num_types": 3, "max_depth": 2, "min_brackets": 2, "max_brackets": 6, "p_open": 0.2},
 ]
 
 
@@ -133,7 +133,7 @@ def test_support_is_every_balanced_sequence_within_the_limits(kwargs: dict) -> N
     brackets = "".join(task.vocab.chars[1:])
     expected = {
         text
-        for n in range(task.max_length + 1)
+        for n in range(task.max_brackets + 1)
         for text in map("".join, itertools.product(brackets, repeat=n))
         if within_limits(task, text)
     }
@@ -160,7 +160,7 @@ def test_prefix_probabilities_are_consistent(kwargs: dict) -> None:
         assert probs[task.start_id] == 0.0 and probs[task.vocab.backspace_id] == 0.0
     # The prefixes of one length, with the sequences that ended before it, make up everything.
     ended = dict(task.enumerate_sequences())
-    for n in range(task.max_length + 1):
+    for n in range(task.max_brackets + 1):
         alive = sum(p for s, p in prefixes.items() if len(s) == n)
         gone = sum(p for s, p in ended.items() if len(s) < n)
         assert alive + gone == pytest.approx(1.0)
@@ -175,9 +175,9 @@ def test_prefix_probabilities_are_consistent(kwargs: dict) -> None:
     [
         {},
         {"num_types": 4, "max_depth": 1},
-        {"max_depth": 10, "min_length": 12, "max_length": 12, "p_open": 0.9},
-        {"min_length": 20, "max_length": 20, "p_open": 0.05},
-        {"min_length": 0, "max_length": 2},
+        {"max_depth": 10, "min_brackets": 12, "max_brackets": 12, "p_open": 0.9},
+        {"min_brackets": 20, "max_brackets": 20, "p_open": 0.05},
+        {"min_brackets": 0, "max_brackets": 2},
         {"p_open": 0.99, "p_end": 0.01},
     ],
 )
@@ -192,7 +192,7 @@ def test_samples_are_valid_and_within_limits(kwargs: dict) -> None:
 
 
 def test_sample_frequencies_match_the_probabilities() -> None:
-    task = DyckTask(num_types=1, max_depth=1, min_length=2, max_length=4, p_end=0.3)
+    task = DyckTask(num_types=1, max_depth=1, min_brackets=2, max_brackets=4, p_end=0.3)
     examples = task.examples("train", 4000)
     share = sum(len(e.completion) == 2 for e in examples) / len(examples)
     assert share == pytest.approx(0.3, abs=0.03)  # about 4 standard deviations
@@ -220,12 +220,12 @@ def test_seeded_determinism() -> None:
 @pytest.mark.parametrize(
     "text",
     [
-        "",  # shorter than min_length
+        "",  # shorter than min_brackets
         "(]",  # wrong closing bracket
         ")(",  # closing at depth 0
         "((",  # unfinished
         "^()",  # the start token
-        "()" * 11,  # longer than max_length
+        "()" * 11,  # longer than max_brackets
         "((((()))))",  # deeper than max_depth
     ],
 )
@@ -282,7 +282,7 @@ def test_noise_prefers_a_wrong_closing_bracket() -> None:
 
 def test_noise_falls_back_to_the_start_token() -> None:
     # One type, depth 2: no closing bracket is ever of the wrong type.
-    task = DyckTask(num_types=1, max_depth=2, max_length=8)
+    task = DyckTask(num_types=1, max_depth=2, max_brackets=8)
     rng = np.random.default_rng(0)
     # After "(" both "(" and ")" are allowed: the only forbidden token is "^".
     assert task.ground_truth_noise(rng, [0], ids(task, "("), ids(task, ")")[0]) == task.start_id
@@ -345,11 +345,11 @@ def test_wrong_partial_answer() -> None:
         ({"num_types": 5}, "num_types"),
         ({"num_types": 2.0}, "num_types"),
         ({"max_depth": 0}, "max_depth"),
-        ({"min_length": -2}, "min_length"),
-        ({"min_length": 3}, "min_length"),
-        ({"max_length": 21}, "max_length"),
-        ({"max_length": 0, "min_length": 0}, "max_length"),
-        ({"min_length": 8, "max_length": 6}, "max_length"),
+        ({"min_brackets": -2}, "min_brackets"),
+        ({"min_brackets": 3}, "min_brackets"),
+        ({"max_brackets": 21}, "max_brackets"),
+        ({"max_brackets": 0, "min_brackets": 0}, "max_brackets"),
+        ({"min_brackets": 8, "max_brackets": 6}, "max_brackets"),
         ({"p_open": 0.0}, "p_open"),
         ({"p_open": 1.0}, "p_open"),
         ({"p_end": 0.0}, "p_end"),
@@ -367,7 +367,7 @@ def test_arguments_are_keyword_only() -> None:
 
 
 def test_config_rebuilds_the_task() -> None:
-    for task in (DyckTask(), DyckTask(num_types=3, max_depth=2, min_length=4, p_open=0.3)):
+    for task in (DyckTask(), DyckTask(num_types=3, max_depth=2, min_brackets=4, p_open=0.3)):
         rebuilt = DyckTask(**task.config())
         assert rebuilt.config() == task.config()
         assert rebuilt.examples("train", 5) == task.examples("train", 5)

@@ -1,0 +1,164 @@
+"""Stable-Baselines3-style agents: ``SequenceMatch(env).learn(total_timesteps)``, MLE and BC alike.
+
+    import gymnasium as gym
+    import seqenv
+    from agents import SequenceMatch
+
+    env = gym.make("SequenceGen-v0", task="dyck")
+    model = SequenceMatch(env, eta=0.5, c=0.25, verbose=1).learn(total_timesteps=100_000)
+    action, _ = model.predict(obs, deterministic=True)
+    model.save("checkpoints/sm-dyck")
+    model = SequenceMatch.load("checkpoints/sm-dyck")
+
+Imitation agents learn from the task's demonstrations, not from reward: the environment gives
+them the task, the buffer size and the step budget. A timestep is one action of a demonstration
+trained on (the unit SB3 counts in is an environment step; an imitation update consumes
+``batch_size`` demonstrations at once). Hyperparameters are the fields of
+:class:`agents.trainer.TrainConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, ClassVar
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from agents.checkpoint import read_metadata
+from agents.interface import mask_logits
+from agents.trainer import TrainConfig, Trainer
+from seqenv.env import SequenceGenEnv
+
+
+class ImitationAgent:
+    """The common body of :class:`MLE`, :class:`BC` and :class:`SequenceMatch`.
+
+    Args:
+        env: a SequenceGen-v0 environment (or its id); its task, ``max_length`` and
+            ``max_steps`` define what is learnt.
+        seed: seed of the weights, data order, noise and rollouts.
+        device: ``auto`` (cuda when available), ``cpu`` or ``cuda``.
+        tensorboard_log: folder for TensorBoard runs; none if unset.
+        verbose: 1 shows a progress bar.
+        **hyperparameters: any field of :class:`agents.trainer.TrainConfig`.
+    """
+
+    agent_name: ClassVar[str]
+
+    def __init__(self, env: gym.Env | str = "SequenceGen-v0", *, seed: int = 0,
+                 device: str = "auto", tensorboard_log: str | None = None, verbose: int = 0,
+                 **hyperparameters: Any) -> None:
+        env = gym.make(env) if isinstance(env, str) else env
+        base = env.unwrapped
+        if not isinstance(base, SequenceGenEnv):
+            raise TypeError(f"expected a SequenceGen-v0 environment, got {type(base).__name__}")
+        self.env = env
+        config = TrainConfig(
+            agent=self.agent_name, task=base.task.name, task_args=json.dumps(base.task.config()),
+            max_length=base.max_length, max_steps=base.max_steps, seed=seed, device=device,
+            logdir=tensorboard_log, progress=verbose > 0, **hyperparameters,
+        )
+        self.trainer = Trainer(config, task=base.task)
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self.trainer.policy
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.trainer.num_timesteps
+
+    def learn(self, total_timesteps: int) -> ImitationAgent:
+        """Train until ``total_timesteps`` demonstration actions have been trained on."""
+        if total_timesteps < 1:
+            raise ValueError(f"total_timesteps must be >= 1, got {total_timesteps}")
+        trainer = self.trainer
+        per_update = trainer.config.batch_size * trainer.world_size * float(
+            np.mean([d.num_steps for d in trainer.demonstrations])
+        )
+        remaining = max(0, total_timesteps - trainer.num_timesteps)
+        trainer.config.steps = trainer.step + max(1, math.ceil(remaining / per_update))
+        trainer.train()
+        return self
+
+    @torch.no_grad()
+    def predict(
+        self,
+        observation: np.ndarray,
+        state: Any = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+        action_masks: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, None]:
+        """Actions for observations of SequenceGen-v0 (one (L,) or a batch (N, L)).
+
+        ``action_masks`` (``info["action_mask"]``) keeps the policy from choosing a backspace with
+        nothing generated; without it that no-op stays possible (the observation alone does not
+        say where the prompt ends).
+        """
+        policy = self.trainer.policy
+        special = policy.special
+        obs = np.asarray(observation, dtype=np.int64)
+        single = obs.ndim == 1
+        ids = torch.as_tensor(obs.reshape(-1, obs.shape[-1]), device=self.trainer.device)
+        B, L = ids.shape
+        positions = torch.arange(L, device=ids.device).expand(B, L)  # (B, L)
+        policy.eval()
+        logits = policy(ids, positions)  # (B, L, A)
+        policy.train()
+        last = ((ids != special.pad_id).sum(dim=1) - 1).clamp(min=0)
+        logits = logits[torch.arange(B, device=ids.device), last].float()  # (B, A)
+        if action_masks is not None:
+            allowed = torch.as_tensor(np.asarray(action_masks).reshape(B, -1), device=ids.device)
+            logits = mask_logits(logits, allowed.bool())
+        if deterministic:
+            actions = logits.argmax(dim=-1)
+        else:
+            actions = torch.multinomial(logits.softmax(dim=-1), 1).squeeze(-1)
+        out = actions.cpu().numpy()
+        return (out[0] if single else out), None
+
+    def save(self, path: str | Path) -> None:
+        """A checkpoint folder (weights, optimizer, RNG, config); ``load`` resumes from it."""
+        self.trainer.save(path)
+
+    @classmethod
+    def load(cls, path: str | Path, env: gym.Env | None = None,
+             device: str = "auto") -> ImitationAgent:
+        """An agent restored from ``save``: same weights, optimizer and random streams."""
+        metadata = read_metadata(path)
+        saved = dict(metadata["config"])
+        if saved.get("agent") != cls.agent_name:
+            raise ValueError(f"{path} holds a {saved.get('agent')!r} agent, not {cls.agent_name!r}")
+        if env is None:
+            env = SequenceGenEnv(task=saved["task"], max_length=saved["max_length"],
+                                 max_steps=saved["max_steps"], **json.loads(saved["task_args"]))
+        own = {"agent", "task", "task_args", "max_length", "max_steps", "seed", "device",
+               "logdir", "progress", "resume", "save", "json"}
+        agent = cls(env, seed=saved["seed"], device=device, tensorboard_log=saved["logdir"],
+                    verbose=int(saved["progress"]),
+                    **{k: v for k, v in saved.items() if k not in own})
+        agent.trainer.load(path)
+        return agent
+
+
+class MLE(ImitationAgent):
+    """Teacher forcing on clean demonstrations: the usual language-model training."""
+
+    agent_name = "mle"
+
+
+class BC(ImitationAgent):
+    """Behaviour cloning on noise-augmented demonstrations (learns to backspace noise away)."""
+
+    agent_name = "bc"
+
+
+class SequenceMatch(ImitationAgent):
+    """SequenceMatch (METHOD.md): BC warm start, then (1 - eta) BC + eta occupancy matching."""
+
+    agent_name = "sequencematch"

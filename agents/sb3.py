@@ -1,0 +1,64 @@
+"""A transformer features extractor, so Stable-Baselines3 algorithms run on SequenceGen-v0.
+
+    from stable_baselines3 import PPO
+    from agents.sb3 import SequenceFeaturesExtractor
+
+    env = gym.make("SequenceGen-v0", task="dyck")
+    model = PPO("MlpPolicy", env, policy_kwargs={
+        "features_extractor_class": SequenceFeaturesExtractor,
+        "features_extractor_kwargs": {"width": 64, "layers": 2},
+        "share_features_extractor": True,
+    })
+
+SB3 hands the extractor the observation as floats (a Box of token ids padded with ``pad_id``);
+the extractor reads them back as ids, runs a causal transformer over the live tokens and returns
+the hidden state of the last one: the representation of the state, as the policy's own logits
+would see it.
+"""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import torch
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+
+from agents.policy import TransformerConfig, TransformerPolicy
+from seqenv.vocab import SpecialIds
+
+
+def special_ids_of(observation_space: gym.spaces.Box) -> SpecialIds:
+    """The special ids of a SequenceGen observation space (``Box(0, num_actions, ...)``).
+
+    Our vocabularies put ``<eos>`` and ``<bkspc>`` last among the actions and pad right after.
+    """
+    num_actions = int(observation_space.high.flat[0])
+    return SpecialIds(num_actions=num_actions, eos_id=num_actions - 2,
+                      backspace_id=num_actions - 1, pad_id=num_actions)
+
+
+class SequenceFeaturesExtractor(BaseFeaturesExtractor):
+    """Features of a token-id observation: a transformer's hidden state at the last live token.
+
+    Args:
+        observation_space: SequenceGen's ``Box(0, num_actions, (max_length,), int64)``.
+        width, layers, heads, positions: the transformer's shape (see ``TransformerConfig``).
+    """
+
+    def __init__(self, observation_space: gym.spaces.Box, width: int = 64, layers: int = 2,
+                 heads: int = 2, positions: str = "learned") -> None:
+        super().__init__(observation_space, features_dim=width)
+        self.special = special_ids_of(observation_space)
+        max_length = int(observation_space.shape[0])
+        self.transformer = TransformerPolicy(
+            self.special,
+            TransformerConfig(num_layers=layers, width=width, num_heads=heads,
+                              context_length=max_length, positions=positions),  # type: ignore[arg-type]
+        )
+
+    def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        ids = observations.round().long()  # (B, L): SB3 passes the Box as floats
+        B, L = ids.shape
+        positions = torch.arange(L, device=ids.device).expand(B, L)  # (B, L)
+        hidden = self.transformer.hidden_states(ids, positions)  # (B, L, C)
+        last = ((ids != self.special.pad_id).sum(dim=1) - 1).clamp(min=0)  # (B,)
+        return hidden[torch.arange(B, device=ids.device), last]  # (B, C)

@@ -1,0 +1,74 @@
+"""The SB3-style facade and the SB3 features extractor, on tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import seqenv
+from agents import BC, MLE, SequenceMatch
+from agents.sb3 import SequenceFeaturesExtractor
+
+TINY = {"layers": 1, "width": 32, "heads": 2, "batch_size": 8, "eval_episodes": 8,
+        "eval_interval": 0, "num_demonstrations": 64, "lr_warmup": 2}
+
+
+def test_learn_predict_save_load(tmp_path: Path) -> None:
+    env = gym.make(seqenv.ENV_ID, task="dyck")
+    model = SequenceMatch(env, seed=1, sm_warmup=2, k_sample=2, rollouts=8, buffer_size=16,
+                          **TINY)
+    assert model.learn(total_timesteps=300) is model
+    assert model.num_timesteps >= 300
+    assert model.trainer.step > model.trainer.config.sm_warmup  # SequenceMatch really ran
+    obs, info = env.reset(seed=0)
+    action, state = model.predict(obs, deterministic=True, action_masks=info["action_mask"])
+    assert state is None and env.action_space.contains(np.int64(action))
+    assert action != env.unwrapped.vocab.backspace_id  # masked: nothing generated yet
+    actions, _ = model.predict(np.stack([obs, obs]), deterministic=True)
+    assert actions.shape == (2,) and actions[0] == actions[1]
+    model.save(tmp_path / "sm")
+    loaded = SequenceMatch.load(tmp_path / "sm", device="cpu")
+    for a, b in zip(model.policy.state_dict().values(), loaded.policy.state_dict().values(),
+                    strict=True):
+        assert torch.equal(a, b)
+    assert loaded.trainer.step == model.trainer.step
+    assert loaded.predict(obs, deterministic=True)[0] == model.predict(obs, deterministic=True)[0]
+
+
+def test_mle_and_bc_facades() -> None:
+    env = gym.make(seqenv.ENV_ID, task="arithmetic", base=10, max_digits=1)
+    for cls in (MLE, BC):
+        model = cls(env, **TINY).learn(total_timesteps=200)
+        assert model.trainer.config.agent == cls.agent_name
+        assert model.num_timesteps >= 200
+
+
+def test_ppo_with_the_transformer_features_extractor() -> None:
+    from stable_baselines3 import PPO
+
+    env = gym.make(seqenv.ENV_ID, task="dyck")
+    model = PPO(
+        "MlpPolicy", env, n_steps=64, batch_size=32, n_epochs=1, seed=0, device="cpu",
+        policy_kwargs={"features_extractor_class": SequenceFeaturesExtractor,
+                       "features_extractor_kwargs": {"width": 32, "layers": 1, "heads": 2}},
+    )
+    model.learn(128)
+    assert isinstance(model.policy.features_extractor, SequenceFeaturesExtractor)
+
+
+def test_features_read_the_last_live_token() -> None:
+    env = gym.make(seqenv.ENV_ID, task="dyck")
+    extractor = SequenceFeaturesExtractor(env.observation_space, width=32, layers=1, heads=2)
+    pad = env.unwrapped.vocab.pad_id
+    obs = np.full((2, env.observation_space.shape[0]), pad)
+    obs[:, :3] = [0, 1, 2]
+    obs[1, 3] = 1  # a longer state: different features
+    features = extractor(torch.as_tensor(obs, dtype=torch.float32))
+    assert features.shape == (2, 32)
+    assert not torch.allclose(features[0], features[1])
+    padded_more = obs.copy()
+    assert torch.allclose(extractor(torch.as_tensor(padded_more[:1], dtype=torch.float32)),
+                          features[:1], atol=1e-6)
