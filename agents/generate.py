@@ -191,8 +191,10 @@ def generate(
         Trajectory(
             prompt=np.asarray(prompts[b], dtype=np.int64),
             actions=np.concatenate(
-                [np.asarray(prefixes[b] if prefixes else [], dtype=np.int64),
-                 taken[b, : num_steps[b]]]
+                [
+                    np.asarray(prefixes[b] if prefixes else [], dtype=np.int64),
+                    taken[b, : num_steps[b]],
+                ]
             ),
             terminated=bool(mdp.terminated[b]),
             truncated=bool(mdp.truncated[b]),

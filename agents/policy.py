@@ -86,7 +86,9 @@ _compiled_flex: object | None = None
 def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
     """FlexAttention, compiled on a GPU (its eager form is a slow reference implementation)."""
     global _compiled_flex
-    if q.device.type != "cuda":
+    if q.device.type != "cuda" or torch.compiler.is_compiling():
+        # On the CPU (tests) the eager form is enough; inside a compiled model, the model's
+        # compilation compiles FlexAttention with it.
         return flex_attention(q, k, v, block_mask=block_mask)
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention)
@@ -291,12 +293,24 @@ class TransformerPolicy(nn.Module):
         ``attention``: None for plain causal attention (right padding only), else the re-feed
         mask, or its prepared form (:meth:`prepare_attention`).
         """
+        return self._head(self.hidden_states(input_ids, position_ids, attention))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention: RefeedMask | torch.Tensor | BlockMask | None = None,
+    ) -> torch.Tensor:
+        """The last block's output (B, T, C), before the final norm and the head.
+
+        The representation of each state, for a features extractor (agents/sb3.py).
+        """
         prepared = self.prepare_attention(attention)
         rotary = self._rotary(position_ids)
         x = self._embed(input_ids, position_ids)  # (B, T, C)
         for block in self.h:
             x = block(x, prepared, rotary)
-        return self._head(x)
+        return x
 
     def forward_batch(self, batch: TrajectoryBatch) -> torch.Tensor:
         """Logits (B, T, A) of every row of a re-feed batch, in one pass.
