@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import tyro
 
+from agents.compare import CompareConfig
 from agents.trainer import TrainConfig
 
 # Exceptions that mean "the input was bad", as opposed to a bug: reported in one line.
@@ -157,7 +158,20 @@ def generate_text(config: GenerateConfig) -> None:
             print(f"  actions: {trace}")
 
 
+def compare(config: CompareConfig) -> None:
+    """Run the comparison, print the table and say where the outputs are."""
+    from agents.compare import run_compare
+    from agents.report import table, verdicts
+
+    results = run_compare(config)
+    print(table(results))
+    print("\n".join(verdicts(results)))
+    print(f"\nwrote {Path(config.out) / 'results.json'}, report.md and plots "
+          f"({results['wall_seconds'] / 60:.1f} min)")
+
+
 COMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
+    "compare": (CompareConfig, compare),
     "show": (ShowConfig, show),
     "train": (TrainConfig, train),
     "eval": (EvalConfig, evaluate),

@@ -323,6 +323,7 @@ class Trainer:
         self.buffer = ReplayBuffer(config.buffer_size)
         self.step = 0
         self.num_timesteps = 0  # demonstration actions trained on, all processes together
+        self.history: list[dict[str, float]] = []  # the logged means, for learning curves
         self.last_eval: dict[str, float] = {}
         self.autocast_dtype = (
             torch.bfloat16 if config.bf16 and self.device.type == "cuda" else None
@@ -533,6 +534,7 @@ class Trainer:
                     self.last_eval = self.evaluate(logger)
                 if self.step % config.log_interval == 0 or self.step == config.steps:
                     means = logger.dump(self.step)  # syncs the recorded tensors: once per interval
+                    self.history.append({"step": self.step, **means})
                     bar.set_postfix(loss=f"{means.get('losses/loss', float('nan')):.3f}",
                                     score=f"{self.last_eval.get('eval/score', float('nan')):.2f}")
                 if config.save and config.save_interval and self.step % config.save_interval == 0:
@@ -541,7 +543,7 @@ class Trainer:
                 config.steps % config.eval_interval
             ):
                 self.last_eval = self.evaluate(logger)
-                logger.dump(self.step)
+                self.history.append({"step": self.step, **logger.dump(self.step)})
             if config.save:
                 self.save(config.save)
         finally:
