@@ -10,7 +10,7 @@ import torch
 
 from agents.policy import TransformerConfig, TransformerPolicy
 from seqenv.trajectory import Trajectory
-from seqenv.vocab import CharVocab
+from seqenv.vocab import CharVocab, SpecialIds
 
 
 @pytest.fixture
@@ -45,12 +45,15 @@ def tiny_policy() -> Callable[..., TransformerPolicy]:
 
 
 def make_random_trajectory(
-    rng: np.random.Generator, vocab: CharVocab, max_steps: int = 20, p_backspace: float = 0.3
+    rng: np.random.Generator,
+    vocab: CharVocab | SpecialIds,
+    max_steps: int = 20,
+    p_backspace: float = 0.3,
 ) -> Trajectory:
     """A random valid episode: tokens and backspaces (never into the prompt), then <eos> or not."""
-    special = vocab.special
-    num_tokens = len(vocab.chars)
-    prompt = rng.integers(0, num_tokens, size=int(rng.integers(1, 5))).tolist()
+    special = vocab if isinstance(vocab, SpecialIds) else vocab.special
+    tokens = np.array([i for i in range(special.num_actions) if special.is_token(i)])
+    prompt = tokens[rng.integers(0, len(tokens), size=int(rng.integers(1, 5)))].tolist()
     actions: list[int] = []
     generated = 0
     for _ in range(int(rng.integers(1, max_steps))):
@@ -58,7 +61,7 @@ def make_random_trajectory(
             actions.append(special.backspace_id)
             generated -= 1
         else:
-            actions.append(int(rng.integers(0, num_tokens)))
+            actions.append(int(tokens[rng.integers(0, len(tokens))]))
             generated += 1
     terminated = bool(rng.random() < 0.5)
     if terminated:
@@ -68,5 +71,5 @@ def make_random_trajectory(
 
 @pytest.fixture
 def random_trajectory() -> Callable[..., Trajectory]:
-    """Factory: ``random_trajectory(rng, vocab, max_steps=20, p_backspace=0.3)``."""
+    """Factory: ``random_trajectory(rng, vocab_or_special, max_steps=20, p_backspace=0.3)``."""
     return make_random_trajectory

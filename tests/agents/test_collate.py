@@ -63,7 +63,7 @@ def test_each_state_row_attends_exactly_to_its_state(
     vocab: CharVocab, random_trajectory: Callable[..., Trajectory]
 ) -> None:
     rng = np.random.default_rng(0)
-    trajectories = [random_trajectory(rng, vocab) for _ in range(40)]
+    trajectories = [random_trajectory(rng, vocab.special) for _ in range(40)]
     batch = collate(trajectories)
     mask = batch.attention.dense()
     assert batch.has_backspace
@@ -93,7 +93,7 @@ def test_mask_mod_gives_the_dense_mask(
     vocab: CharVocab, random_trajectory: Callable[..., Trajectory]
 ) -> None:
     rng = np.random.default_rng(1)
-    batch = collate([random_trajectory(rng, vocab) for _ in range(5)])
+    batch = collate([random_trajectory(rng, vocab.special) for _ in range(5)])
     refeed = batch.attention
     B, T = batch.input_ids.shape
     flex_mask = create_mask(refeed.mask_mod(), B, 1, T, T, device="cpu")  # (B, 1, T, T)

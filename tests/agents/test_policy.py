@@ -51,7 +51,7 @@ def test_masked_pass_equals_a_forward_pass_per_state(
     policy: TransformerPolicy, vocab: CharVocab, random_trajectory: Callable[..., Trajectory]
 ) -> None:
     rng = np.random.default_rng(0)
-    trajectories = [random_trajectory(rng, vocab, max_steps=16) for _ in range(8)]
+    trajectories = [random_trajectory(rng, vocab.special, max_steps=16) for _ in range(8)]
     batch = collate(trajectories)
     assert batch.has_backspace
     logits = policy.forward_batch(batch)  # (B, T, A)
@@ -114,7 +114,7 @@ def test_flex_attention_backend_equals_dense_mask(
     flex_policy = tiny_policy(vocab, "rotary")
     flex_policy.config.attention_backend = "flex"
     rng = np.random.default_rng(2)
-    batch = collate([random_trajectory(rng, vocab) for _ in range(3)])
+    batch = collate([random_trajectory(rng, vocab.special) for _ in range(3)])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # eager FlexAttention on the CPU warns it is a reference
         flex_logits = flex_policy.forward_batch(batch)
@@ -127,7 +127,7 @@ def test_flex_attention_backend_equals_dense_mask(
 def test_prepared_attention_gives_the_same_logits(
     policy: TransformerPolicy, vocab: CharVocab, random_trajectory: Callable[..., Trajectory]
 ) -> None:
-    batch = collate([random_trajectory(np.random.default_rng(3), vocab) for _ in range(2)])
+    batch = collate([random_trajectory(np.random.default_rng(3), vocab.special) for _ in range(2)])
     prepared = policy.prepare_attention(batch.attention)
     assert isinstance(prepared, torch.Tensor) and prepared.shape[1] == 1
     expected = policy.forward_batch(batch)
@@ -154,7 +154,7 @@ def test_gradients_reach_every_parameter(
     tiny_policy: Callable[..., TransformerPolicy],
 ) -> None:
     policy = tiny_policy(vocab).train()
-    batch = collate([random_trajectory(np.random.default_rng(4), vocab) for _ in range(3)])
+    batch = collate([random_trajectory(np.random.default_rng(4), vocab.special) for _ in range(3)])
     logits = policy.forward_batch(batch)
     q = logits.gather(1, batch.state_rows[..., None].expand(-1, -1, logits.shape[-1]))
     q[batch.step_mask].logsumexp(-1).sum().backward()
