@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -12,12 +13,20 @@ from seqenv.env import SequenceGenEnv
 from seqenv.vector import SequenceGenVectorEnv
 
 
-def _steps_per_second(step, seconds: float) -> float:
-    """Call ``step`` (which returns the number of env steps it took) for about ``seconds``."""
-    steps, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        steps += step()
-    return steps / elapsed
+def interleaved_rates(
+    steppers: dict[str, Callable[[], int]], seconds: float, rounds: int = 20
+) -> dict[str, float]:
+    """Steps per second of each stepper (which returns the env steps it took), measured in
+    alternating slices so that a change of load on the machine hits all of them alike."""
+    steps = dict.fromkeys(steppers, 0)
+    elapsed = dict.fromkeys(steppers, 0.0)
+    for _ in range(rounds):
+        for name, step in steppers.items():
+            start = time.perf_counter()
+            while time.perf_counter() - start < seconds / rounds:
+                steps[name] += step()
+            elapsed[name] += time.perf_counter() - start
+    return {name: steps[name] / elapsed[name] for name in steppers}
 
 
 def measure(quick: bool = False, num_envs: int = 256, task: str = "arithmetic") -> dict[str, float]:
@@ -36,7 +45,9 @@ def measure(quick: bool = False, num_envs: int = 256, task: str = "arithmetic") 
     state = {"mask": info["action_mask"]}
 
     def vector_step() -> int:
-        actions = torch.multinomial(state["mask"].float(), 1, generator=generator).squeeze(1)
+        # Uniform among allowed actions, as for the sync env below: argmax of masked noise.
+        noise = torch.rand(state["mask"].shape, generator=generator)
+        actions = noise.masked_fill(~state["mask"], -1.0).argmax(dim=1)
         _, _, _, _, step_info = vector.step(actions)
         state["mask"] = step_info["action_mask"]
         return num_envs
@@ -52,8 +63,8 @@ def measure(quick: bool = False, num_envs: int = 256, task: str = "arithmetic") 
         sync_state["mask"] = step_info["action_mask"].astype(bool)
         return num_envs
 
-    vector_rate = _steps_per_second(vector_step, seconds)
-    sync_rate = _steps_per_second(sync_step, seconds)
+    rates = interleaved_rates({"vector": vector_step, "sync": sync_step}, seconds)
+    vector_rate, sync_rate = rates["vector"], rates["sync"]
     return {
         "vector_vs_sync_env": vector_rate / sync_rate,
         "vector_env_steps_per_s": vector_rate,

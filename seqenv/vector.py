@@ -128,7 +128,13 @@ class SequenceGenVectorEnv(VectorEnv):
         return self._observation(), {"action_mask": self.mdp.action_mask()}
 
     def _observation(self) -> torch.Tensor:
-        return self.mdp.tokens.clone() if self.copy else self.mdp.tokens
+        if not self.copy:
+            return self.mdp.tokens
+        if self.device.type == "cpu":
+            # torch splits a copy of more than 32k elements across threads; for the small,
+            # frequent copies of an environment the hand-off costs more than the copy itself.
+            return torch.from_numpy(self.mdp.tokens.numpy().copy())
+        return self.mdp.tokens.clone()
 
     # -- steps -------------------------------------------------------------------------------
     def step(
@@ -150,12 +156,18 @@ class SequenceGenVectorEnv(VectorEnv):
         ended = result.terminated | result.truncated
         rewards = torch.zeros(self.num_envs, dtype=torch.float32, device=self.device)
         if self.reward_fn != "none" and bool(ended.any()):
-            for i in torch.nonzero(ended).reshape(-1).tolist():
-                prompt = self.mdp.state(i)[: int(self.mdp.prompt_length[i])]
-                rewards[i] = episode_reward(
-                    self.reward_fn, self.task, self.vocab, prompt, self.mdp.generated(i),
-                    bool(result.terminated[i]),
-                )
+            rows = torch.nonzero(ended).reshape(-1)
+            # One transfer for every ended row, then plain lists.
+            tokens = self.mdp.tokens[rows].tolist()
+            starts = self.mdp.prompt_length[rows].tolist()
+            ends = self.mdp.length[rows].tolist()
+            terminated = result.terminated[rows].tolist()
+            scores = [
+                episode_reward(self.reward_fn, self.task, self.vocab, row[:start],
+                               row[start:end], done)
+                for row, start, end, done in zip(tokens, starts, ends, terminated, strict=True)
+            ]
+            rewards[rows] = torch.tensor(scores, dtype=torch.float32, device=self.device)
         if bool(resetting.any()):
             self._reset_rows(torch.nonzero(resetting).reshape(-1).tolist())
         if self.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import ClassVar
 
@@ -54,6 +55,7 @@ SLACK = 8
 """Room left in the buffer beyond the longest question and answer, for wrong tokens written
 before their backspaces (noise augmentation, a policy's own mistakes)."""
 
+_ANSWERS_KEPT = 65_536  # answers of recently sampled questions, kept for scoring
 _MAX_DRAWS = 10_000  # draws before a split is declared empty (a setting with very few questions)
 _MAX_ENTROPY = 18.0  # 10**18 / 2 still fits the int64 that numpy draws
 _QUESTION = re.compile(r"In base (\d+), what is (-?[0-9a-f]+) ([+-]) (-?[0-9a-f]+)\?")
@@ -180,6 +182,7 @@ class ArithmeticTask(Task):
             tuple(range(MIN_BASE, MAX_BASE + 1)) if base is None else (base,)
         )
         self.vocab: CharVocab = CharVocab(CHARS)
+        self._answers: OrderedDict[tuple[int, ...], tuple[int, ...]] = OrderedDict()
         self._digit_ids = tuple(self.vocab.encode(DIGITS))
         self.default_max_length = self._longest_episode() + 1 + SLACK  # + 1: the slot of <eos>
 
@@ -206,6 +209,10 @@ class ArithmeticTask(Task):
 
     def draw_question(self, rng: np.random.Generator) -> str:
         """One question from the whole distribution, ignoring the train/test split."""
+        return format_question(*self._draw(rng))
+
+    def _draw(self, rng: np.random.Generator) -> tuple[int, int, str, int]:
+        """(base, p, op, q) of one question from the whole distribution."""
         e_p = e_q = 0.0  # the digit counts set the sizes when max_digits is given
         if self.max_digits is None:
             # The dataset's split of the difficulty between the two operands.
@@ -216,7 +223,7 @@ class ArithmeticTask(Task):
         p = self._operand(rng, base, e_p)
         q = self._operand(rng, base, e_q)
         op = "+" if rng.random() < 0.5 else "-"
-        return format_question(base, p, op, q)
+        return base, p, op, q
 
     def in_test_split(self, question: str) -> bool:
         """Whether a question belongs to the test split (a fixed hash of its text)."""
@@ -228,13 +235,17 @@ class ArithmeticTask(Task):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         want_test = split == "test"
         for _ in range(_MAX_DRAWS):
-            question = self.draw_question(rng)
+            base, p, op, q = self._draw(rng)
+            question = format_question(base, p, op, q)
             if self.test_fraction == 0.0 or self.in_test_split(question) == want_test:
-                return Example(
+                result = to_base(p + q if op == "+" else p - q, base)
+                example = Example(
                     prompt=tuple(self.vocab.encode(question)),
-                    completion=tuple(self.vocab.encode(answer(question))),
+                    completion=tuple(self.vocab.encode(result)),
                     terminal=True,
                 )
+                self._remember(example.prompt, example.completion)
+                return example
         raise ValueError(
             f"no {split} question in {_MAX_DRAWS} draws: this setting has too few distinct "
             f"questions to split them; use test_fraction=0 or more digits"
@@ -264,11 +275,27 @@ class ArithmeticTask(Task):
         """1.0 iff the episode terminated with exactly the answer to the prompt's question."""
         if not terminated:
             return 0.0
+        expected = self._expected(tuple(prompt))
+        return float(expected is not None and tuple(generated) == expected)
+
+    def _expected(self, prompt: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The answer's ids for a prompt, None if the prompt is not a question.
+
+        Environments score every episode they start from :meth:`sample`, which remembers the
+        answers it drew, so scoring seldom parses a question again.
+        """
+        known = self._answers.get(prompt)
+        if known is not None:
+            return known
         try:
-            expected = self.vocab.encode(answer(self.vocab.decode(prompt)))
-        except ValueError:  # VocabularyError included: a prompt that is not a question
-            return 0.0
-        return float([int(t) for t in generated] == expected)
+            return tuple(self.vocab.encode(answer(self.vocab.decode(prompt))))
+        except ValueError:  # VocabularyError included
+            return None
+
+    def _remember(self, prompt: tuple[int, ...], completion: tuple[int, ...]) -> None:
+        self._answers[prompt] = completion
+        if len(self._answers) > _ANSWERS_KEPT:
+            self._answers.popitem(last=False)
 
     def base_of(self, prompt: Sequence[int]) -> int:
         """The base named at the start of a prompt.
