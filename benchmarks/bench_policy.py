@@ -74,8 +74,8 @@ def _shape(quick: bool, device: str) -> Shape:
             bf16=True,
             flex=True,
         )
-    # CPU: the default policy (big enough that matrix work, not Python, dominates a step); the
-    # recomputing generator is the slow part (~40 s of the minute at 256 new tokens).
+    # CPU: the default policy; 8 rows in generation so that matrix work, not Python, is most of
+    # a decoding step. Recomputation is the slow part (~25 s of the minute at 256 new tokens).
     cpu = TransformerConfig(num_layers=4, width=256, num_heads=4, context_length=512)
     return Shape(
         cpu,
@@ -83,8 +83,8 @@ def _shape(quick: bool, device: str) -> Shape:
         batch_size=4,
         rows=256,
         noise=0.1,
-        train_iters=2 if quick else 6,
-        gen_batch=4,
+        train_iters=3 if quick else 12,
+        gen_batch=8,
         prompt_length=16,
         new_tokens=32 if quick else 256,
         backspace_bias=3.8,
@@ -302,15 +302,31 @@ def _measure_generate(
 
 
 def measure(
-    quick: bool = False, device: str = "cpu", shape: Shape | None = None
+    quick: bool = False,
+    device: str = "cpu",
+    shape: Shape | None = None,
+    cpu_threads: int | None = 1,
 ) -> dict[str, float]:
     """Throughput ratios of the policy (see the module docstring), with the rates behind them.
 
     Args:
         quick: short runs (a smoke test; the generation ratio then covers fewer new tokens).
         device: "cpu", or "cuda" for the GPT-2-small setting.
-        shape: override the setting (tests run the CUDA code path at a tiny shape on the CPU).
+        shape: override the setting (to run the CUDA code path at a tiny shape on the CPU).
+        cpu_threads: torch's intra-op threads during a CPU measurement (restored afterwards);
+            ``None`` keeps the current setting. One by default: on a shared machine, a thread
+            team whose other cores are busy waits at every barrier, and timings swing tenfold.
     """
+    threads = torch.get_num_threads()
+    if device == "cpu" and cpu_threads is not None:
+        torch.set_num_threads(cpu_threads)
+    try:
+        return _measure(quick, device, shape)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(quick: bool, device: str, shape: Shape | None) -> dict[str, float]:
     shape = _shape(quick, device) if shape is None else shape
     torch.manual_seed(0)
     special = _special(shape.num_tokens)
