@@ -140,6 +140,12 @@ class TrajectoryBatch:
         return RefeedMask(self.alive_until)
 
     @property
+    def forward_attention(self) -> RefeedMask | None:
+        """What a policy's forward pass takes: the re-feed mask, or None (plain causal attention,
+        the fast path) for a batch in which no backspace deletes anything."""
+        return self.attention if self.has_backspace else None
+
+    @property
     def num_tokens(self) -> int:
         """Input rows that are not padding (the tokens a forward pass really processes)."""
         return int(self.row_mask.sum())

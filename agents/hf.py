@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from agents.collate import RefeedMask, TrajectoryBatch
+from agents.interface import cache_visibility
 from seqenv.vocab import BACKSPACE_TOKEN, SpecialIds, VocabularyError
 
 try:
@@ -228,8 +229,7 @@ class HFPolicy(nn.Module):
 
     def forward_batch(self, batch: TrajectoryBatch) -> torch.Tensor:
         """Logits (B, T, A) of a re-feed batch in one pass; plain causal without backspaces."""
-        attention = batch.attention if batch.has_backspace else None
-        return self(batch.input_ids, batch.position_ids, attention)
+        return self(batch.input_ids, batch.position_ids, batch.forward_attention)
 
     def init_cache(self, batch_size: int, capacity: int) -> SlotCache:
         if self.max_positions is not None and capacity > self.max_positions:
@@ -242,9 +242,7 @@ class HFPolicy(nn.Module):
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: SlotCache
     ) -> torch.Tensor:
         """Feed (B, N) tokens at their positions through ``cache``; logits (B, N, A)."""
-        num_slots = int(position_ids.max()) + 1  # one sync per call: read no more than needed
-        slot = torch.arange(num_slots, device=position_ids.device)
-        visible = slot[None, None, :] <= position_ids[:, :, None]  # (B, N, S)
+        num_slots, visible = cache_visibility(position_ids)  # visible: (B, N, S)
         cache.slots, cache.num_slots = position_ids, num_slots
         out = self.model(
             input_ids=self._model_ids(input_ids),

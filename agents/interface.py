@@ -69,6 +69,21 @@ class PolicyModel(Protocol):
         ...
 
 
+def cache_visibility(position_ids: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """The cache slots a decoding call reads, and which of them each query sees.
+
+    Args:
+        position_ids: (B, N) positions of the tokens fed.
+
+    Returns:
+        num_slots: S, the slots to read (the largest position + 1; one sync per call).
+        visible: (B, N, S) bool, slot s is visible to query i of row b iff s <= position_ids[b, i].
+    """
+    num_slots = int(position_ids.max()) + 1
+    slot = torch.arange(num_slots, device=position_ids.device)
+    return num_slots, slot[None, None, :] <= position_ids[:, :, None]
+
+
 def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Logits with ``-inf`` where ``allowed`` is false: the only place a mask becomes ``-inf``.
 

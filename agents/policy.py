@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from agents.collate import RefeedMask, TrajectoryBatch
+from agents.interface import cache_visibility
 from seqenv.vocab import SpecialIds
 
 Positions = Literal["learned", "rotary"]
@@ -317,8 +318,7 @@ class TransformerPolicy(nn.Module):
 
         A batch without backspaces is plain causal attention and takes the fast path.
         """
-        attention = batch.attention if batch.has_backspace else None
-        return self(batch.input_ids, batch.position_ids, attention)
+        return self(batch.input_ids, batch.position_ids, batch.forward_attention)
 
     def init_cache(self, batch_size: int, capacity: int) -> KVCache:
         """An empty cache of ``capacity`` positions, in the dtype and device of the weights."""
@@ -341,9 +341,8 @@ class TransformerPolicy(nn.Module):
 
         Position p of row b writes cache slot p and attends to slots 0..p of its row.
         """
-        num_slots = int(position_ids.max()) + 1  # one sync per call: read no more than needed
-        slot = torch.arange(num_slots, device=position_ids.device)
-        visible = slot[None, None, None, :] <= position_ids[:, None, :, None]  # (B, 1, N, S)
+        num_slots, visible = cache_visibility(position_ids)  # visible: (B, N, S)
+        visible = visible[:, None]  # (B, 1, N, S)
         rotary = self._rotary(position_ids)
         x = self._embed(input_ids, position_ids)  # (B, N, C)
         for layer, block in enumerate(self.h):

@@ -73,3 +73,41 @@ def make_random_trajectory(
 def random_trajectory() -> Callable[..., Trajectory]:
     """Factory: ``random_trajectory(rng, vocab_or_special, max_steps=20, p_backspace=0.3)``."""
     return make_random_trajectory
+
+
+def visited_states(trajectory: Trajectory) -> list[list[int]]:
+    """s_0 .. s_N of a trajectory by the MDP's rules, written out directly (N + 1 states)."""
+    s = trajectory.special
+    state = trajectory.prompt.tolist()
+    states = [list(state)]
+    for a in trajectory.actions.tolist():
+        if a == s.backspace_id:
+            if len(state) > len(trajectory.prompt):
+                state.pop()
+        elif a != s.eos_id:
+            state.append(a)
+        states.append(list(state))
+    return states
+
+
+def per_state_logits(
+    model: Callable[..., torch.Tensor], states: list[list[int]], pad_id: int
+) -> torch.Tensor:
+    """Logits (N, A) of each state from its own plain causal pass (one padded row per state)."""
+    longest = max(len(state) for state in states)
+    ids = torch.tensor([state + [pad_id] * (longest - len(state)) for state in states])
+    positions = torch.arange(longest).expand(len(states), longest)
+    last = torch.tensor([len(state) - 1 for state in states])
+    return model(ids, positions)[torch.arange(len(states)), last]
+
+
+@pytest.fixture
+def states_of() -> Callable[[Trajectory], list[list[int]]]:
+    """:func:`visited_states`: s_0 .. s_N of a trajectory."""
+    return visited_states
+
+
+@pytest.fixture
+def state_logits() -> Callable[..., torch.Tensor]:
+    """:func:`per_state_logits`: ``state_logits(model, states, pad_id)`` -> (N, A)."""
+    return per_state_logits

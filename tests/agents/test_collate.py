@@ -44,23 +44,10 @@ def test_worked_example_of_method_section_6() -> None:
     assert batch.has_backspace
 
 
-def states_of(trajectory: Trajectory) -> list[list[int]]:
-    """s_0 .. s_N by the MDP's rules, written out directly."""
-    s = trajectory.special
-    state = trajectory.prompt.tolist()
-    states = [list(state)]
-    for a in trajectory.actions.tolist():
-        if a == s.backspace_id:
-            if len(state) > len(trajectory.prompt):
-                state.pop()
-        elif a != s.eos_id:
-            state.append(a)
-        states.append(list(state))
-    return states
-
-
 def test_each_state_row_attends_exactly_to_its_state(
-    vocab: CharVocab, random_trajectory: Callable[..., Trajectory]
+    vocab: CharVocab,
+    random_trajectory: Callable[..., Trajectory],
+    states_of: Callable[[Trajectory], list[list[int]]],
 ) -> None:
     rng = np.random.default_rng(0)
     trajectories = [random_trajectory(rng, vocab.special) for _ in range(40)]

@@ -52,8 +52,7 @@ class BackspaceBias(nn.Module):
         return self._bias(input_ids, self.inner(input_ids, position_ids, attention))
 
     def forward_batch(self, batch: TrajectoryBatch) -> torch.Tensor:
-        attention = batch.attention if batch.has_backspace else None
-        return self(batch.input_ids, batch.position_ids, attention)
+        return self(batch.input_ids, batch.position_ids, batch.forward_attention)
 
     def init_cache(self, batch_size: int, capacity: int) -> Any:
         return self.inner.init_cache(batch_size, capacity)

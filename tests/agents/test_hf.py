@@ -79,7 +79,10 @@ def test_special_ids_and_interface(hf_policy: HFPolicy) -> None:
 
 @torch.no_grad()
 def test_masked_pass_equals_a_forward_pass_per_state(
-    hf_policy: HFPolicy, random_trajectory: Callable[..., Trajectory]
+    hf_policy: HFPolicy,
+    random_trajectory: Callable[..., Trajectory],
+    states_of: Callable[[Trajectory], list[list[int]]],
+    state_logits: Callable[..., torch.Tensor],
 ) -> None:
     s = hf_policy.special
     rng = np.random.default_rng(0)
@@ -87,23 +90,10 @@ def test_masked_pass_equals_a_forward_pass_per_state(
     batch = collate(trajectories)
     assert batch.has_backspace
     logits = hf_policy.forward_batch(batch)  # (B, T, A)
-    states, rows = [], []  # every visited state, and the row of the masked pass that holds it
     for b, trajectory in enumerate(trajectories):
-        state = trajectory.prompt.tolist()
-        for t, action in enumerate(trajectory.actions.tolist()):
-            states.append(list(state))
-            rows.append(logits[b, batch.state_rows[b, t]])
-            if action == s.backspace_id:
-                state.pop()
-            elif action != s.eos_id:
-                state.append(action)
-    # Each state in its own row of a plain causal pass, padded on the right.
-    longest = max(len(state) for state in states)
-    ids = torch.tensor([state + [s.pad_id] * (longest - len(state)) for state in states])
-    alone = hf_policy(ids, torch.arange(longest).expand(len(states), longest))
-    last = torch.tensor([len(state) - 1 for state in states])
-    expected = alone[torch.arange(len(states)), last]
-    torch.testing.assert_close(torch.stack(rows), expected, atol=ATOL, rtol=0)
+        N = trajectory.num_steps
+        expected = state_logits(hf_policy, states_of(trajectory)[:N], s.pad_id)  # s_0 .. s_N-1
+        torch.testing.assert_close(logits[b, batch.state_rows[b, :N]], expected, atol=ATOL, rtol=0)
 
 
 @torch.no_grad()

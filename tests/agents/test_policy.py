@@ -20,35 +20,17 @@ from seqenv.vocab import CharVocab
 ATOL = 1e-5
 
 
-def state_logits(policy: TransformerPolicy, states: list[list[int]], pad_id: int) -> torch.Tensor:
-    """Logits (N, A) of each state from its own plain causal pass (one padded row per state)."""
-    longest = max(len(state) for state in states)
-    ids = torch.tensor([state + [pad_id] * (longest - len(state)) for state in states])
-    positions = torch.arange(longest).expand(len(states), longest)
-    last = torch.tensor([len(state) - 1 for state in states])
-    return policy(ids, positions)[torch.arange(len(states)), last]
-
-
-def states_of(trajectory: Trajectory) -> list[list[int]]:
-    s = trajectory.special
-    state = trajectory.prompt.tolist()
-    states = [list(state)]
-    for a in trajectory.actions.tolist():
-        if a == s.backspace_id:
-            state.pop()
-        elif a != s.eos_id:
-            state.append(a)
-        states.append(list(state))
-    return states
-
-
 def test_policy_implements_the_model_interface(policy: TransformerPolicy) -> None:
     assert isinstance(policy, PolicyModel)
 
 
 @torch.no_grad()
 def test_masked_pass_equals_a_forward_pass_per_state(
-    policy: TransformerPolicy, vocab: CharVocab, random_trajectory: Callable[..., Trajectory]
+    policy: TransformerPolicy,
+    vocab: CharVocab,
+    random_trajectory: Callable[..., Trajectory],
+    states_of: Callable[[Trajectory], list[list[int]]],
+    state_logits: Callable[..., torch.Tensor],
 ) -> None:
     rng = np.random.default_rng(0)
     trajectories = [random_trajectory(rng, vocab.special, max_steps=16) for _ in range(8)]
