@@ -92,13 +92,13 @@ HIGHER_IS_BETTER = {"accuracy", "recovery", "true_logprob", "mauve", "distinct_2
 DEFAULT_CONFIG: dict[str, Any] = {
     "name": "default",
     "task": "arithmetic",
-    "task_args": {"base": 10, "min_digits": 1, "max_digits": 2},
+    "task_args": {"base": 10, "min_digits": 1, "max_digits": 1},
     "seeds": 2,
     "train": {
-        "steps": 300, "batch_size": 32, "layers": 2, "width": 64, "heads": 2, "lr": 3e-3,
-        "lr_warmup": 20, "num_demonstrations": 5000, "eval_interval": 100,
-        "eval_episodes": 64, "log_interval": 20, "noise": 0.1, "sm_warmup": 150,
-        "k_sample": 10, "rollouts": 32, "buffer_size": 256, "eta": 0.5,
+        "steps": 800, "batch_size": 64, "layers": 2, "width": 64, "heads": 2, "lr": 3e-3,
+        "lr_warmup": 20, "num_demonstrations": 5000, "eval_interval": 200,
+        "eval_episodes": 100, "log_interval": 20, "noise": 0.1, "sm_warmup": 400,
+        "k_sample": 10, "rollouts": 64, "buffer_size": 256, "eta": 0.5,
     },
     "agents": {"ppo": {"timesteps": 8000, "n_steps": 256, "width": 64, "layers": 1}},
     "eval": {"episodes": 200},
@@ -127,6 +127,9 @@ class CompareConfig:
     agents: str | None = None
     """Comma-separated subset of the agents (default: all that apply to the task)."""
     device: str = "auto"
+    threads: int | None = None
+    """torch CPU threads (1 runs best beside other jobs on a small machine); torch's default
+    if unset."""
     progress: bool = True
     """Show progress bars."""
 
@@ -410,7 +413,8 @@ def run_compare(options: CompareConfig) -> dict[str, Any]:
     out = Path(options.out)
     task = make_task(config["task"], **config.get("task_args", {}))
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if options.threads:
+        torch.set_num_threads(options.threads)
     started = time.perf_counter()
     runs = []
     for agent in config["agent_list"]:
