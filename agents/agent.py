@@ -49,18 +49,32 @@ class ImitationAgent:
 
     agent_name: ClassVar[str]
 
-    def __init__(self, env: gym.Env | str = "SequenceGen-v0", *, seed: int = 0,
-                 device: str = "auto", tensorboard_log: str | None = None, verbose: int = 0,
-                 **hyperparameters: Any) -> None:
+    def __init__(
+        self,
+        env: gym.Env | str = "SequenceGen-v0",
+        *,
+        seed: int = 0,
+        device: str = "auto",
+        tensorboard_log: str | None = None,
+        verbose: int = 0,
+        **hyperparameters: Any,
+    ) -> None:
         env = gym.make(env) if isinstance(env, str) else env
         base = env.unwrapped
         if not isinstance(base, SequenceGenEnv):
             raise TypeError(f"expected a SequenceGen-v0 environment, got {type(base).__name__}")
         self.env = env
         config = TrainConfig(
-            agent=self.agent_name, task=base.task.name, task_args=json.dumps(base.task.config()),
-            max_length=base.max_length, max_steps=base.max_steps, seed=seed, device=device,
-            logdir=tensorboard_log, progress=verbose > 0, **hyperparameters,
+            agent=self.agent_name,
+            task=base.task.name,
+            task_args=json.dumps(base.task.config()),
+            max_length=base.max_length,
+            max_steps=base.max_steps,
+            seed=seed,
+            device=device,
+            logdir=tensorboard_log,
+            progress=verbose > 0,
+            **hyperparameters,
         )
         self.trainer = Trainer(config, task=base.task)
 
@@ -77,8 +91,10 @@ class ImitationAgent:
         if total_timesteps < 1:
             raise ValueError(f"total_timesteps must be >= 1, got {total_timesteps}")
         trainer = self.trainer
-        per_update = trainer.config.batch_size * trainer.world_size * float(
-            np.mean([d.num_steps for d in trainer.demonstrations])
+        per_update = (
+            trainer.config.batch_size
+            * trainer.world_size
+            * float(np.mean([d.num_steps for d in trainer.demonstrations]))
         )
         remaining = max(0, total_timesteps - trainer.num_timesteps)
         trainer.config.steps = trainer.step + max(1, math.ceil(remaining / per_update))
@@ -127,21 +143,43 @@ class ImitationAgent:
         self.trainer.save(path)
 
     @classmethod
-    def load(cls, path: str | Path, env: gym.Env | None = None,
-             device: str = "auto") -> ImitationAgent:
+    def load(
+        cls, path: str | Path, env: gym.Env | None = None, device: str = "auto"
+    ) -> ImitationAgent:
         """An agent restored from ``save``: same weights, optimizer and random streams."""
         metadata = read_metadata(path)
         saved = dict(metadata["config"])
         if saved.get("agent") != cls.agent_name:
             raise ValueError(f"{path} holds a {saved.get('agent')!r} agent, not {cls.agent_name!r}")
         if env is None:
-            env = SequenceGenEnv(task=saved["task"], max_length=saved["max_length"],
-                                 max_steps=saved["max_steps"], **json.loads(saved["task_args"]))
-        own = {"agent", "task", "task_args", "max_length", "max_steps", "seed", "device",
-               "logdir", "progress", "resume", "save", "json"}
-        agent = cls(env, seed=saved["seed"], device=device, tensorboard_log=saved["logdir"],
-                    verbose=int(saved["progress"]),
-                    **{k: v for k, v in saved.items() if k not in own})
+            env = SequenceGenEnv(
+                task=saved["task"],
+                max_length=saved["max_length"],
+                max_steps=saved["max_steps"],
+                **json.loads(saved["task_args"]),
+            )
+        own = {
+            "agent",
+            "task",
+            "task_args",
+            "max_length",
+            "max_steps",
+            "seed",
+            "device",
+            "logdir",
+            "progress",
+            "resume",
+            "save",
+            "json",
+        }
+        agent = cls(
+            env,
+            seed=saved["seed"],
+            device=device,
+            tensorboard_log=saved["logdir"],
+            verbose=int(saved["progress"]),
+            **{k: v for k, v in saved.items() if k not in own},
+        )
         agent.trainer.load(path)
         return agent
 

@@ -3,7 +3,7 @@
 The 2x2 ablation {MLE, SequenceMatch} x {with, without backspace}, and the RL peer:
 
     mle                       teacher forcing on clean data; backspace never used
-    bc                        MLE with backspace: BC on noise-augmented data (the paper's MLE+<bkspc>)
+    bc                        MLE with backspace: BC on noise-augmented data (MLE+<bkspc>)
     sequencematch             SequenceMatch (chi^2-mixture) with backspace and noise augmentation
     sequencematch_no_bkspc    SequenceMatch without backspace (no noise, backspace masked)
     ppo                       stable-baselines3 PPO on the task reward (arithmetic, dyck only)
@@ -24,7 +24,6 @@ exact-divergence settings for a small dyck, ``mauve``), ``sweep`` (optional: ``p
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import platform
@@ -34,7 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -58,7 +57,7 @@ from agents.metrics import (
     recovery_starts,
     repetition,
 )
-from agents.occupancy import exact_divergences, policy_probs_from_model
+from agents.occupancy import GrammarTask, exact_divergences, policy_probs_from_model
 from agents.trainer import TrainConfig, Trainer, resolve_device
 from seqenv.tasks import Task, make_task
 from seqenv.trajectory import Trajectory
@@ -72,7 +71,7 @@ AGENT_LABELS = {
     "ppo": "PPO (task reward)",
 }
 # How each agent maps onto the trainer; `backspace=False` masks it in training and generation.
-AGENT_TRAIN = {
+AGENT_TRAIN: dict[str, dict[str, Any]] = {
     "mle": {"agent": "mle", "backspace": False},
     "bc": {"agent": "bc"},
     "sequencematch": {"agent": "sequencematch"},
@@ -81,13 +80,18 @@ AGENT_TRAIN = {
 # Metrics of each task, the first being the headline of the report.
 TASK_METRICS = {
     "arithmetic": ("accuracy", "recovery", "backspace_rate", "mean_backtrack_length"),
-    "dyck": ("invalid_rate", "true_logprob", "length_tv", "backspace_rate",
-             "exact_chi2_mixture", "exact_kl", "exact_tv"),
-    "text": ("mauve", "perplexity", "distinct_2", "ngram_entropy", "repetition",
-             "backspace_rate"),
+    "dyck": (
+        "invalid_rate",
+        "true_logprob",
+        "length_tv",
+        "backspace_rate",
+        "exact_chi2_mixture",
+        "exact_kl",
+        "exact_tv",
+    ),
+    "text": ("mauve", "perplexity", "distinct_2", "ngram_entropy", "repetition", "backspace_rate"),
 }
-HIGHER_IS_BETTER = {"accuracy", "recovery", "true_logprob", "mauve", "distinct_2",
-                    "ngram_entropy"}
+HIGHER_IS_BETTER = {"accuracy", "recovery", "true_logprob", "mauve", "distinct_2", "ngram_entropy"}
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "name": "default",
@@ -95,17 +99,38 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "task_args": {"base": 10, "min_digits": 1, "max_digits": 1},
     "seeds": 2,
     "train": {
-        "steps": 800, "batch_size": 64, "layers": 2, "width": 64, "heads": 2, "lr": 3e-3,
-        "lr_warmup": 20, "num_demonstrations": 5000, "eval_interval": 200,
-        "eval_episodes": 100, "log_interval": 20, "noise": 0.1, "sm_warmup": 400,
-        "k_sample": 10, "rollouts": 64, "buffer_size": 256, "eta": 0.5,
+        "steps": 800,
+        "batch_size": 64,
+        "layers": 2,
+        "width": 64,
+        "heads": 2,
+        "lr": 3e-3,
+        "lr_warmup": 20,
+        "num_demonstrations": 5000,
+        "eval_interval": 200,
+        "eval_episodes": 100,
+        "log_interval": 20,
+        "noise": 0.1,
+        "sm_warmup": 400,
+        "k_sample": 10,
+        "rollouts": 64,
+        "buffer_size": 256,
+        "eta": 0.5,
     },
     "agents": {"ppo": {"timesteps": 8000, "n_steps": 256, "width": 64, "layers": 1}},
     "eval": {"episodes": 200},
-    "quick": {"seeds": 2, "train": {"steps": 20, "sm_warmup": 10, "eval_interval": 10,
-                                    "num_demonstrations": 200, "eval_episodes": 8},
-              "agents": {"ppo": {"timesteps": 256, "n_steps": 64}},
-              "eval": {"episodes": 16}},
+    "quick": {
+        "seeds": 2,
+        "train": {
+            "steps": 20,
+            "sm_warmup": 10,
+            "eval_interval": 10,
+            "num_demonstrations": 200,
+            "eval_episodes": 8,
+        },
+        "agents": {"ppo": {"timesteps": 256, "n_steps": 64}},
+        "eval": {"episodes": 16},
+    },
 }
 
 
@@ -171,8 +196,9 @@ def load_config(options: CompareConfig) -> dict[str, Any]:
             raise ValueError(f"{path}: not valid JSON ({err.msg})") from None
         config.setdefault("name", path.stem)
     if options.task is not None and options.task != config["task"]:
-        raise ValueError(f"config {config.get('name')!r} is for task {config['task']!r}, "
-                         f"not {options.task!r}")
+        raise ValueError(
+            f"config {config.get('name')!r} is for task {config['task']!r}, not {options.task!r}"
+        )
     if options.quick:
         config = _merge(config, config.get("quick", DEFAULT_CONFIG["quick"]))
     if options.seeds is not None:
@@ -194,15 +220,29 @@ def load_config(options: CompareConfig) -> dict[str, Any]:
 # Training
 
 
-def train_config(config: dict[str, Any], agent: str, seed: int, out: Path,
-                 device: str, progress: bool, **overrides: Any) -> TrainConfig:
-    fields = {
-        **config.get("train", {}), **config.get("agents", {}).get(agent, {}),
-        **AGENT_TRAIN[agent], **overrides,
+def train_config(
+    config: dict[str, Any],
+    agent: str,
+    seed: int,
+    out: Path,
+    device: str,
+    progress: bool,
+    **overrides: Any,
+) -> TrainConfig:
+    fields: dict[str, Any] = {
+        **config.get("train", {}),
+        **config.get("agents", {}).get(agent, {}),
+        **AGENT_TRAIN[agent],
+        **overrides,
     }
     return TrainConfig(
-        task=config["task"], task_args=json.dumps(config.get("task_args", {})), seed=seed,
-        logdir=str(out / "runs"), name=f"{agent}-s{seed}", device=device, progress=progress,
+        task=config["task"],
+        task_args=json.dumps(config.get("task_args", {})),
+        seed=seed,
+        logdir=str(out / "runs"),
+        name=f"{agent}-s{seed}",
+        device=device,
+        progress=progress,
         **fields,
     )
 
@@ -221,8 +261,9 @@ class PPOPolicyModel(nn.Module):
     def max_positions(self) -> int | None:
         return None
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                attention: Any = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention: Any = None
+    ) -> torch.Tensor:
         B, T = input_ids.shape
         obs = torch.full((B, self.max_length), self.special.pad_id, device=input_ids.device)
         obs[:, :T] = input_ids
@@ -231,8 +272,9 @@ class PPOPolicyModel(nn.Module):
         return logits[:, None, :].expand(B, T, logits.shape[-1])
 
 
-def train_ppo(config: dict[str, Any], task: Task, seed: int, out: Path,
-              device: torch.device) -> tuple[PPOPolicyModel, list[dict[str, float]]]:
+def train_ppo(
+    config: dict[str, Any], task: Task, seed: int, out: Path, device: torch.device
+) -> tuple[PPOPolicyModel, list[dict[str, float]]]:
     """PPO with the transformer features extractor on the task reward."""
     import gymnasium as gym
     from stable_baselines3 import PPO
@@ -240,19 +282,38 @@ def train_ppo(config: dict[str, Any], task: Task, seed: int, out: Path,
     import seqenv
     from agents.sb3 import SequenceFeaturesExtractor
 
-    settings = {"timesteps": 8000, "n_steps": 256, "batch_size": 64, "width": 64, "layers": 1,
-                "heads": 2, "lr": 3e-4, "ent_coef": 0.01,
-                **config.get("agents", {}).get("ppo", {})}
+    settings = {
+        "timesteps": 8000,
+        "n_steps": 256,
+        "batch_size": 64,
+        "width": 64,
+        "layers": 1,
+        "heads": 2,
+        "lr": 3e-4,
+        "ent_coef": 0.01,
+        **config.get("agents", {}).get("ppo", {}),
+    }
     max_length = config["train"].get("max_length") or task.default_max_length
     env = gym.make(seqenv.ENV_ID, task=task, max_length=max_length)
     model = PPO(
-        "MlpPolicy", env, n_steps=settings["n_steps"], batch_size=settings["batch_size"],
-        learning_rate=settings["lr"], ent_coef=settings["ent_coef"], seed=seed,
-        device=str(device), tensorboard_log=str(out / "runs"), verbose=0,
-        policy_kwargs={"features_extractor_class": SequenceFeaturesExtractor,
-                       "features_extractor_kwargs": {"width": settings["width"],
-                                                     "layers": settings["layers"],
-                                                     "heads": settings["heads"]}},
+        "MlpPolicy",
+        env,
+        n_steps=settings["n_steps"],
+        batch_size=settings["batch_size"],
+        learning_rate=settings["lr"],
+        ent_coef=settings["ent_coef"],
+        seed=seed,
+        device=str(device),
+        tensorboard_log=str(out / "runs"),
+        verbose=0,
+        policy_kwargs={
+            "features_extractor_class": SequenceFeaturesExtractor,
+            "features_extractor_kwargs": {
+                "width": settings["width"],
+                "layers": settings["layers"],
+                "heads": settings["heads"],
+            },
+        },
     )
     model.learn(settings["timesteps"], tb_log_name=f"ppo-s{seed}")
     model.policy.set_training_mode(False)
@@ -264,8 +325,12 @@ def train_ppo(config: dict[str, Any], task: Task, seed: int, out: Path,
 
 
 @torch.no_grad()
-def heldout_nll(policy: PolicyModel, demos: Sequence[Trajectory], batch_size: int = 32,
-                allow_backspace: bool = True) -> tuple[float, int]:
+def heldout_nll(
+    policy: PolicyModel,
+    demos: Sequence[Trajectory],
+    batch_size: int = 32,
+    allow_backspace: bool = True,
+) -> tuple[float, int]:
     """Summed negative log-likelihood of held-out demonstrations, and their number of actions."""
     total, count = 0.0, 0
     device = next(iter(policy.parameters())).device
@@ -286,8 +351,15 @@ def heldout_nll(policy: PolicyModel, demos: Sequence[Trajectory], batch_size: in
 
 
 def evaluate_task(
-    task: Task, policy: PolicyModel, config: dict[str, Any], *, allow_backspace: bool,
-    max_length: int, max_steps: int, seed: int, use_cache: bool = True,
+    task: Task,
+    policy: PolicyModel,
+    config: dict[str, Any],
+    *,
+    allow_backspace: bool,
+    max_length: int,
+    max_steps: int,
+    seed: int,
+    use_cache: bool = True,
 ) -> dict[str, float]:
     """The task's metrics of one trained policy on held-out prompts (TASK_METRICS)."""
     evaluation = config.get("eval", {})
@@ -298,9 +370,17 @@ def evaluate_task(
     prompts = [list(e.prompt) for e in examples]
 
     def rollouts(greedy: bool, prefixes: list[list[int]] | None = None) -> list[Trajectory]:
-        out = generate(policy, prompts, max_length=max_length, max_steps=max_steps,
-                       greedy=greedy, generator=generator, use_cache=use_cache,
-                       allow_backspace=allow_backspace, prefixes=prefixes)
+        out = generate(
+            policy,
+            prompts,
+            max_length=max_length,
+            max_steps=max_steps,
+            greedy=greedy,
+            generator=generator,
+            use_cache=use_cache,
+            allow_backspace=allow_backspace,
+            prefixes=prefixes,
+        )
         return out.trajectories
 
     metrics: dict[str, float] = {}
@@ -322,8 +402,12 @@ def evaluate_task(
             probs = policy_probs_from_model(policy, task.vocab.special, device)
             if not allow_backspace:
                 probs = _without_backspace(probs, task.vocab.special.backspace_id)
-            divergences = exact_divergences(task, probs, float(exact.get("gamma", 0.9)),
-                                            max_length=int(exact.get("max_length", max_length)))
+            divergences = exact_divergences(
+                cast(GrammarTask, task),
+                probs,
+                float(exact.get("gamma", 0.9)),
+                max_length=int(exact.get("max_length", max_length)),
+            )
             for key in ("chi2_mixture", "kl", "tv"):
                 metrics[f"exact_{key}"] = divergences[key]
     else:
@@ -337,20 +421,24 @@ def evaluate_task(
         metrics["perplexity"] = perplexity(nll, count)
         if evaluation.get("mauve", True):
             true = [task.vocab.decode(e.completion) for e in examples]
-            metrics["mauve"] = mauve_score(continuation_texts(task.vocab, episodes), true,
-                                           device=str(device))
+            metrics["mauve"] = mauve_score(
+                continuation_texts(task.vocab, episodes), true, device=str(device)
+            )
     metrics["backspace_rate"] = backspace_stats(episodes)["backspace_rate"]
     metrics["mean_backtrack_length"] = backspace_stats(episodes)["mean_backtrack_length"]
     return metrics
 
 
-def _without_backspace(probs: Callable[[list[list[int]]], np.ndarray],
-                       backspace_id: int) -> Callable[[list[list[int]]], np.ndarray]:
+def _without_backspace(
+    probs: Callable[[list[list[int]]], np.ndarray], backspace_id: int
+) -> Callable[[list[list[int]]], np.ndarray]:
     """The policy as the no-backspace ablation runs it: backspace masked, renormalised."""
+
     def masked(states: list[list[int]]) -> np.ndarray:
         p = probs(states).copy()
         p[:, backspace_id] = 0.0
         return p / p.sum(axis=1, keepdims=True)
+
     return masked
 
 
@@ -358,10 +446,19 @@ def _without_backspace(probs: Callable[[list[list[int]]], np.ndarray],
 # The comparison
 
 
-def run_one(config: dict[str, Any], task: Task, agent: str, seed: int, out: Path,
-            device: str, progress: bool, **overrides: Any) -> dict[str, Any]:
+def run_one(
+    config: dict[str, Any],
+    task: Task,
+    agent: str,
+    seed: int,
+    out: Path,
+    device: str,
+    progress: bool,
+    **overrides: Any,
+) -> dict[str, Any]:
     """Train and evaluate one agent with one seed; a row of results.json."""
     start = time.perf_counter()
+    policy: Any  # a TransformerPolicy, or PPO's policy seen as one
     if agent == "ppo":
         torch_device = resolve_device(device)
         policy, history = train_ppo(config, task, seed, out, torch_device)
@@ -377,17 +474,33 @@ def run_one(config: dict[str, Any], task: Task, agent: str, seed: int, out: Path
         max_length, max_steps = trainer.max_length, trainer.max_steps
         allow_backspace, use_cache = train.backspace, True
     train_seconds = time.perf_counter() - start
-    metrics = evaluate_task(task, policy, config, allow_backspace=allow_backspace,
-                            max_length=max_length, max_steps=max_steps, seed=seed,
-                            use_cache=use_cache)
+    metrics = evaluate_task(
+        task,
+        policy,
+        config,
+        allow_backspace=allow_backspace,
+        max_length=max_length,
+        max_steps=max_steps,
+        seed=seed,
+        use_cache=use_cache,
+    )
     curves = [
-        {k: v for k, v in row.items()
-         if k in ("step", "eval/score", "losses/sm/divergence", "losses/loss")}
+        {
+            k: v
+            for k, v in row.items()
+            if k in ("step", "eval/score", "losses/sm/divergence", "losses/loss")
+        }
         for row in history
     ]
-    return {"agent": agent, "seed": seed, "metrics": metrics, "curves": curves,
-            "train_seconds": train_seconds,
-            "eval_seconds": time.perf_counter() - start - train_seconds, **overrides}
+    return {
+        "agent": agent,
+        "seed": seed,
+        "metrics": metrics,
+        "curves": curves,
+        "train_seconds": train_seconds,
+        "eval_seconds": time.perf_counter() - start - train_seconds,
+        **overrides,
+    }
 
 
 def aggregate(runs: Sequence[dict[str, Any]], key: str = "agent") -> dict[str, Any]:
@@ -420,38 +533,55 @@ def run_compare(options: CompareConfig) -> dict[str, Any]:
     for agent in config["agent_list"]:
         for seed in range(int(config["seeds"])):
             print(f"[compare] {agent} seed {seed}", file=sys.stderr, flush=True)
-            runs.append(run_one(config, task, agent, seed, out, options.device,
-                                options.progress))
+            runs.append(run_one(config, task, agent, seed, out, options.device, options.progress))
     sweep_runs = []
     sweep = config.get("sweep")
     if sweep:
         for agent in sweep.get("agents", ["bc", "sequencematch"]):
             for value in sweep["values"]:
                 for seed in range(int(config["seeds"])):
-                    print(f"[compare] sweep {sweep['param']}={value} {agent} seed {seed}",
-                          file=sys.stderr, flush=True)
-                    row = run_one(config, task, agent, seed, out / "sweep", options.device,
-                                  options.progress, **{sweep["param"]: value})
+                    print(
+                        f"[compare] sweep {sweep['param']}={value} {agent} seed {seed}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    row = run_one(
+                        config,
+                        task,
+                        agent,
+                        seed,
+                        out / "sweep",
+                        options.device,
+                        options.progress,
+                        **{sweep["param"]: value},
+                    )
                     row["value"] = value
                     sweep_runs.append(row)
     results: dict[str, Any] = {
         "task": config["task"],
         "config": {k: v for k, v in config.items() if k != "quick"},
-        "command": "seqmatch compare " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["compare"]
-                                                     else sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "cpus": os.cpu_count(),
-                    "device": str(resolve_device(options.device))},
+        "command": "seqmatch compare "
+        + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["compare"] else sys.argv[1:]),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpus": os.cpu_count(),
+            "device": str(resolve_device(options.device)),
+        },
         "wall_seconds": time.perf_counter() - started,
         "runs": runs,
         "agents": aggregate(runs),
     }
     if sweep_runs:
+        assert sweep is not None
         results["sweep"] = {
-            "param": sweep["param"], "runs": sweep_runs,
-            "by_value": {agent: aggregate([r for r in sweep_runs if r["agent"] == agent],
-                                          key="value")
-                         for agent in {r["agent"] for r in sweep_runs}},
+            "param": sweep["param"],
+            "runs": sweep_runs,
+            "by_value": {
+                agent: aggregate([r for r in sweep_runs if r["agent"] == agent], key="value")
+                for agent in {r["agent"] for r in sweep_runs}
+            },
         }
     from agents.report import write_outputs
 

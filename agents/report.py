@@ -63,14 +63,21 @@ def verdicts(results: dict[str, Any]) -> list[str]:
         sm, mle = agents["sequencematch"].get(metric), agents["mle"].get(metric)
         if not sm or not mle or metric in ("backspace_rate", "mean_backtrack_length"):
             continue
-        better = sm["mean"] > mle["mean"] if metric in HIGHER_IS_BETTER else sm["mean"] < mle["mean"]
+        better = (
+            sm["mean"] > mle["mean"] if metric in HIGHER_IS_BETTER else sm["mean"] < mle["mean"]
+        )
         (sl, sh), (ml, mh) = sm["ci95"], mle["ci95"]
         separated = None not in (sl, sh, ml, mh) and (sl > mh or ml > sh)
         word = "better" if better else "worse" if sm["mean"] != mle["mean"] else "equal"
-        certainty = ("the 95% intervals do not overlap" if separated else
-                     "the 95% intervals overlap: not a clear difference")
-        out.append(f"- **{metric}**: SequenceMatch {sm['mean']:.3f} vs MLE {mle['mean']:.3f}, "
-                   f"{word}; {certainty}.")
+        certainty = (
+            "the 95% intervals do not overlap"
+            if separated
+            else "the 95% intervals overlap: not a clear difference"
+        )
+        out.append(
+            f"- **{metric}**: SequenceMatch {sm['mean']:.3f} vs MLE {mle['mean']:.3f}, "
+            f"{word}; {certainty}."
+        )
     return out
 
 
@@ -102,12 +109,26 @@ def report(results: dict[str, Any]) -> str:
         for agent, by_value in sweep["by_value"].items():
             for value, stats in by_value.items():
                 cells = [_cell(stats.get(m)) for m in headline]
-                lines.append(f"| {AGENT_LABELS.get(agent, agent)} | {value} | "
-                             + " | ".join(cells) + " |")
+                lines.append(
+                    f"| {AGENT_LABELS.get(agent, agent)} | {value} | " + " | ".join(cells) + " |"
+                )
         lines.append("")
-    lines += ["## Plots", "", "![score](curves_score.png)", "",
-              "![divergence](curves_divergence.png)", "", "![metrics](metrics.png)", "",
-              "## Config", "", "```json", json.dumps(config, indent=1), "```", ""]
+    lines += [
+        "## Plots",
+        "",
+        "![score](curves_score.png)",
+        "",
+        "![divergence](curves_divergence.png)",
+        "",
+        "![metrics](metrics.png)",
+        "",
+        "## Config",
+        "",
+        "```json",
+        json.dumps(config, indent=1),
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -118,9 +139,10 @@ def plots(results: dict[str, Any], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for key, name, ylabel in (("eval/score", "curves_score.png", "task score (eval)"),
-                              ("losses/sm/divergence", "curves_divergence.png",
-                               "divergence estimate -J")):
+    for key, name, ylabel in (
+        ("eval/score", "curves_score.png", "task score (eval)"),
+        ("losses/sm/divergence", "curves_divergence.png", "divergence estimate -J"),
+    ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for agent in results["agents"]:
             for run in (r for r in results["runs"] if r["agent"] == agent):
@@ -143,7 +165,8 @@ def plots(results: dict[str, Any], out: Path) -> None:
     axes = axes if len(metrics) > 1 else [axes]
     agents = list(results["agents"])
     for ax, metric in zip(axes, metrics, strict=False):
-        means, errors = [], [[], []]
+        means: list[float] = []
+        errors: list[list[float]] = [[], []]
         for agent in agents:
             stats = results["agents"][agent].get(metric)
             mean = stats["mean"] if stats else float("nan")

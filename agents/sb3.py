@@ -18,6 +18,8 @@ would see it.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import gymnasium as gym
 import torch
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
@@ -32,8 +34,12 @@ def special_ids_of(observation_space: gym.spaces.Box) -> SpecialIds:
     Our vocabularies put ``<eos>`` and ``<bkspc>`` last among the actions and pad right after.
     """
     num_actions = int(observation_space.high.flat[0])
-    return SpecialIds(num_actions=num_actions, eos_id=num_actions - 2,
-                      backspace_id=num_actions - 1, pad_id=num_actions)
+    return SpecialIds(
+        num_actions=num_actions,
+        eos_id=num_actions - 2,
+        backspace_id=num_actions - 1,
+        pad_id=num_actions,
+    )
 
 
 class SequenceFeaturesExtractor(BaseFeaturesExtractor):
@@ -44,15 +50,26 @@ class SequenceFeaturesExtractor(BaseFeaturesExtractor):
         width, layers, heads, positions: the transformer's shape (see ``TransformerConfig``).
     """
 
-    def __init__(self, observation_space: gym.spaces.Box, width: int = 64, layers: int = 2,
-                 heads: int = 2, positions: str = "learned") -> None:
+    def __init__(
+        self,
+        observation_space: gym.spaces.Box,
+        width: int = 64,
+        layers: int = 2,
+        heads: int = 2,
+        positions: Literal["learned", "rotary"] = "learned",
+    ) -> None:
         super().__init__(observation_space, features_dim=width)
         self.special = special_ids_of(observation_space)
         max_length = int(observation_space.shape[0])
         self.transformer = TransformerPolicy(
             self.special,
-            TransformerConfig(num_layers=layers, width=width, num_heads=heads,
-                              context_length=max_length, positions=positions),  # type: ignore[arg-type]
+            TransformerConfig(
+                num_layers=layers,
+                width=width,
+                num_heads=heads,
+                context_length=max_length,
+                positions=positions,
+            ),
         )
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:

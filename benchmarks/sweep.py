@@ -59,25 +59,38 @@ def main(argv: list[str] | None = None) -> int:
         for value in GRID[param]:
             for seed in range(args.seeds):
                 print(f"[sweep] {param}={value} seed {seed}", file=sys.stderr, flush=True)
-                row = run_one(config, task, args.agent, seed, args.out, "auto", False,
-                              **{param: value})
+                row = run_one(
+                    config, task, args.agent, seed, args.out, "auto", False, **{param: value}
+                )
                 row["value"] = value
                 runs.append(row)
         results["params"][param] = {"runs": runs, "by_value": aggregate(runs, key="value")}
         results["wall_seconds"] = time.perf_counter() - started
         (args.out / "results.json").write_text(json.dumps(_clean(results), indent=1) + "\n")
-    lines = [f"# SequenceMatch sensitivity: {config['task']}", "",
-             f"Base config `{config.get('name')}`, agent `{args.agent}`, {args.seeds} seeds, "
-             f"one parameter at a time; wall time {results['wall_seconds'] / 60:.1f} min.", ""]
-    headline = metrics_of({"task": config["task"],
-                           "agents": {"x": next(iter(next(iter(
-                               results["params"].values()))["by_value"].values()))}})
+    lines = [
+        f"# SequenceMatch sensitivity: {config['task']}",
+        "",
+        f"Base config `{config.get('name')}`, agent `{args.agent}`, {args.seeds} seeds, "
+        f"one parameter at a time; wall time {results['wall_seconds'] / 60:.1f} min.",
+        "",
+    ]
+    headline = metrics_of(
+        {
+            "task": config["task"],
+            "agents": {
+                "x": next(iter(next(iter(results["params"].values()))["by_value"].values()))
+            },
+        }
+    )
     for param, data in results["params"].items():
-        lines += [f"## {param}", "", f"| {param} | " + " | ".join(headline) + " |",
-                  "|---" * (len(headline) + 1) + "|"]
+        lines += [
+            f"## {param}",
+            "",
+            f"| {param} | " + " | ".join(headline) + " |",
+            "|---" * (len(headline) + 1) + "|",
+        ]
         for value, stats in data["by_value"].items():
-            lines.append(f"| {value} | " + " | ".join(_cell(stats.get(m)) for m in headline)
-                         + " |")
+            lines.append(f"| {value} | " + " | ".join(_cell(stats.get(m)) for m in headline) + " |")
         lines.append("")
     (args.out / "report.md").write_text("\n".join(lines))
     print("\n".join(lines))

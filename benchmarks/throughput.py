@@ -1,4 +1,4 @@
-"""Throughput ratios, each measured in one run (timings on shared machines are noisy; ratios less so).
+"""Throughput ratios, each measured in one run (timings on shared machines are noisy, ratios less).
 
     python -m benchmarks.throughput --json out/throughput.json [--quick] [--only env,policy]
 
@@ -24,8 +24,11 @@ if __package__ in (None, ""):  # run as `python benchmarks/throughput.py`: make 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Each group: a module of this folder with `measure(quick: bool, ...) -> dict[str, float]`.
-GROUPS = {"env": "benchmarks.bench_env", "policy": "benchmarks.bench_policy",
-          "agents": "benchmarks.bench_agents"}
+GROUPS = {
+    "env": "benchmarks.bench_env",
+    "policy": "benchmarks.bench_policy",
+    "agents": "benchmarks.bench_agents",
+}
 
 
 def _measure(group: str, quick: bool, device: str) -> dict[str, float]:
@@ -48,8 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown groups {unknown}; known: {sorted(GROUPS)}")
     results: dict[str, Any] = {
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "cpus": torch.get_num_threads(), "device": args.device},
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "cpus": torch.get_num_threads(),
+            "device": args.device,
+        },
         "quick": args.quick,
     }
     for group in groups:

@@ -68,8 +68,9 @@ def check_invariants(env: gym.Env, seed: int = 0, num_episodes: int = 20) -> Non
             elif draw < 0.33:
                 action = vocab.eos_id
             else:
-                action = int(rng.choice([a for a in range(vocab.num_actions)
-                                         if vocab.special.is_token(a)]))
+                action = int(
+                    rng.choice([a for a in range(vocab.num_actions) if vocab.special.is_token(a)])
+                )
             before = obs.copy()
             obs, _, terminated, truncated, info = env.step(action)
             done = terminated or truncated

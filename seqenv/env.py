@@ -22,7 +22,9 @@ def resolve_task(task: str | Task, task_kwargs: dict[str, Any]) -> Task:
     """A task object from a name and its keyword arguments, or the object itself."""
     if isinstance(task, Task):
         if task_kwargs:
-            raise TypeError(f"task keyword arguments {sorted(task_kwargs)} given with a Task object")
+            raise TypeError(
+                f"task keyword arguments {sorted(task_kwargs)} given with a Task object"
+            )
         return task
     return make_task(task, **task_kwargs)
 
@@ -34,7 +36,11 @@ def resolve_reward(reward: str | RewardFn) -> str | RewardFn:
 
 
 def episode_reward(
-    reward: str | RewardFn, task: Task, vocab: Vocab, prompt: list[int], generated: list[int],
+    reward: str | RewardFn,
+    task: Task,
+    vocab: Vocab,
+    prompt: list[int],
+    generated: list[int],
     terminated: bool,
 ) -> float:
     """The reward paid at the end of an episode (every other step pays 0)."""
@@ -93,7 +99,7 @@ class SequenceGenEnv(gym.Env[np.ndarray, np.int64]):
     * v0: initial version.
     """
 
-    metadata: dict[str, Any] = {"render_modes": ["ansi"], "render_fps": 4}
+    metadata: dict[str, Any] = {"render_modes": ["ansi"], "render_fps": 4}  # noqa: RUF012
 
     def __init__(
         self,
@@ -164,8 +170,12 @@ class SequenceGenEnv(gym.Env[np.ndarray, np.int64]):
         if terminated or truncated:
             self._needs_reset = True
             reward = episode_reward(
-                self.reward_fn, self.task, self.vocab, self.mdp.state(0)[: int(self.mdp.prompt_length[0])],
-                self.mdp.generated(0), terminated,
+                self.reward_fn,
+                self.task,
+                self.vocab,
+                self.mdp.state(0)[: int(self.mdp.prompt_length[0])],
+                self.mdp.generated(0),
+                terminated,
             )
         return self._obs(), reward, terminated, truncated, self._info()
 
@@ -173,7 +183,7 @@ class SequenceGenEnv(gym.Env[np.ndarray, np.int64]):
         """The current action mask as bools (the name sb3-contrib's maskable algorithms call)."""
         return self.mdp.action_mask()[0].numpy()
 
-    def render(self) -> str | None:  # type: ignore[override]
+    def render(self) -> str | None:
         if self.render_mode == "ansi":
             return self.vocab.decode(self.mdp.state(0))
         return None

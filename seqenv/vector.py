@@ -163,8 +163,9 @@ class SequenceGenVectorEnv(VectorEnv):
             ends = self.mdp.length[rows].tolist()
             terminated = result.terminated[rows].tolist()
             scores = [
-                episode_reward(self.reward_fn, self.task, self.vocab, row[:start],
-                               row[start:end], done)
+                episode_reward(
+                    self.reward_fn, self.task, self.vocab, row[:start], row[start:end], done
+                )
                 for row, start, end, done in zip(tokens, starts, ends, terminated, strict=True)
             ]
             rewards[rows] = torch.tensor(scores, dtype=torch.float32, device=self.device)
@@ -234,7 +235,10 @@ class SB3VecEnv(VecEnv):
         setattr(self.env, attr_name, value)
 
     def env_method(
-        self, method_name: str, *method_args: Any, indices: VecEnvIndices = None,
+        self,
+        method_name: str,
+        *method_args: Any,
+        indices: VecEnvIndices = None,
         **method_kwargs: Any,
     ) -> list[Any]:
         if method_name == "action_masks":

@@ -50,7 +50,9 @@ class SpecialIds:
         for name in ("eos_id", "backspace_id"):
             value = getattr(self, name)
             if not 0 <= value < self.num_actions:
-                raise VocabularyError(f"{name}={value} is not an action id in [0, {self.num_actions})")
+                raise VocabularyError(
+                    f"{name}={value} is not an action id in [0, {self.num_actions})"
+                )
         if self.eos_id == self.backspace_id:
             raise VocabularyError("eos_id and backspace_id must differ")
         if 0 <= self.pad_id < self.num_actions:
@@ -171,7 +173,7 @@ class CharVocab(_SpecialIdsMixin):
 class TokenizerVocab(_SpecialIdsMixin):
     """A vocabulary over a `tokenizers` BPE model, whose ids keep their meaning.
 
-    The tokenizer's own ids are the ordinary tokens; ``<eos>`` and ``<bkspc>`` follow them, then pad.
+    The tokenizer's own ids are the ordinary tokens; ``<eos>``, ``<bkspc>`` and pad follow them.
     """
 
     def __init__(self, tokenizer_json: str) -> None:
@@ -193,7 +195,9 @@ class TokenizerVocab(_SpecialIdsMixin):
         ids = [int(i) for i in ids]
         bad = [i for i in ids if not 0 <= i <= self.pad_id]
         if bad:
-            raise VocabularyError(f"id {bad[0]} is outside the vocabulary (size {self.num_actions})")
+            raise VocabularyError(
+                f"id {bad[0]} is outside the vocabulary (size {self.num_actions})"
+            )
         pieces: list[str] = []
         run: list[int] = []
         for i in ids:

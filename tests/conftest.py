@@ -1,4 +1,4 @@
-"""Shared fixtures: the Austen corpus beside the repository, small task settings, a tokenizer cache."""
+"""Shared fixtures: the Austen corpus beside the repository, small task settings, a cache."""
 
 from __future__ import annotations
 

@@ -54,7 +54,9 @@ class Task(ABC):
     def demonstration(self, example: Example, max_length: int) -> Trajectory:
         """The expert's episode for ``example`` in an MDP of buffer size ``max_length``."""
         if example.terminal:
-            return from_completion(example.prompt, example.completion, self.vocab.special, max_length)
+            return from_completion(
+                example.prompt, example.completion, self.vocab.special, max_length
+            )
         ids = [*example.prompt, *example.completion]
         return from_text(ids, self.vocab.special, len(example.prompt), max_length)
 

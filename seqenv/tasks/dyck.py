@@ -88,7 +88,8 @@ class DyckTask(Task):
             raise ValueError(f"min_brackets must be even and >= 0, got {min_brackets}")
         if max_brackets < max(2, min_brackets) or max_brackets % 2:
             raise ValueError(
-                f"max_brackets must be even, >= 2 and >= min_brackets={min_brackets}, got {max_brackets}"
+                f"max_brackets must be even, >= 2 and >= min_brackets={min_brackets}, "
+                f"got {max_brackets}"
             )
         for arg, p in (("p_open", p_open), ("p_end", p_end)):
             # Open bounds: then a move has probability zero exactly when the rules forbid it.

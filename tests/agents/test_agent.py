@@ -12,14 +12,21 @@ import seqenv
 from agents import BC, MLE, SequenceMatch
 from agents.sb3 import SequenceFeaturesExtractor
 
-TINY = {"layers": 1, "width": 32, "heads": 2, "batch_size": 8, "eval_episodes": 8,
-        "eval_interval": 0, "num_demonstrations": 64, "lr_warmup": 2}
+TINY = {
+    "layers": 1,
+    "width": 32,
+    "heads": 2,
+    "batch_size": 8,
+    "eval_episodes": 8,
+    "eval_interval": 0,
+    "num_demonstrations": 64,
+    "lr_warmup": 2,
+}
 
 
 def test_learn_predict_save_load(tmp_path: Path) -> None:
     env = gym.make(seqenv.ENV_ID, task="dyck")
-    model = SequenceMatch(env, seed=1, sm_warmup=2, k_sample=2, rollouts=8, buffer_size=16,
-                          **TINY)
+    model = SequenceMatch(env, seed=1, sm_warmup=2, k_sample=2, rollouts=8, buffer_size=16, **TINY)
     assert model.learn(total_timesteps=300) is model
     assert model.num_timesteps >= 300
     assert model.trainer.step > model.trainer.config.sm_warmup  # SequenceMatch really ran
@@ -31,8 +38,9 @@ def test_learn_predict_save_load(tmp_path: Path) -> None:
     assert actions.shape == (2,) and actions[0] == actions[1]
     model.save(tmp_path / "sm")
     loaded = SequenceMatch.load(tmp_path / "sm", device="cpu")
-    for a, b in zip(model.policy.state_dict().values(), loaded.policy.state_dict().values(),
-                    strict=True):
+    for a, b in zip(
+        model.policy.state_dict().values(), loaded.policy.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b)
     assert loaded.trainer.step == model.trainer.step
     assert loaded.predict(obs, deterministic=True)[0] == model.predict(obs, deterministic=True)[0]
@@ -51,9 +59,17 @@ def test_ppo_with_the_transformer_features_extractor() -> None:
 
     env = gym.make(seqenv.ENV_ID, task="dyck")
     model = PPO(
-        "MlpPolicy", env, n_steps=64, batch_size=32, n_epochs=1, seed=0, device="cpu",
-        policy_kwargs={"features_extractor_class": SequenceFeaturesExtractor,
-                       "features_extractor_kwargs": {"width": 32, "layers": 1, "heads": 2}},
+        "MlpPolicy",
+        env,
+        n_steps=64,
+        batch_size=32,
+        n_epochs=1,
+        seed=0,
+        device="cpu",
+        policy_kwargs={
+            "features_extractor_class": SequenceFeaturesExtractor,
+            "features_extractor_kwargs": {"width": 32, "layers": 1, "heads": 2},
+        },
     )
     model.learn(128)
     assert isinstance(model.policy.features_extractor, SequenceFeaturesExtractor)
@@ -70,5 +86,6 @@ def test_features_read_the_last_live_token() -> None:
     assert features.shape == (2, 32)
     assert not torch.allclose(features[0], features[1])
     padded_more = obs.copy()
-    assert torch.allclose(extractor(torch.as_tensor(padded_more[:1], dtype=torch.float32)),
-                          features[:1], atol=1e-6)
+    assert torch.allclose(
+        extractor(torch.as_tensor(padded_more[:1], dtype=torch.float32)), features[:1], atol=1e-6
+    )

@@ -69,7 +69,9 @@ def test_probabilities_by_hand_depth_one() -> None:
 
 
 def test_probabilities_by_hand_depth_two() -> None:
-    task = DyckTask(num_types=1, max_depth=2, min_brackets=2, max_brackets=6, p_open=0.4, p_end=0.25)
+    task = DyckTask(
+        num_types=1, max_depth=2, min_brackets=2, max_brackets=6, p_open=0.4, p_end=0.25
+    )
     expected = {
         "()": 0.6 * 0.25,
         # "(" forced, "(" 0.4, ")" forced at depth 2, ")" 0.6, then end 0.25 (could open again).
@@ -99,7 +101,9 @@ def test_types_are_uniform() -> None:
 
 
 def test_prefix_probability() -> None:
-    task = DyckTask(num_types=1, max_depth=2, min_brackets=2, max_brackets=6, p_open=0.4, p_end=0.25)
+    task = DyckTask(
+        num_types=1, max_depth=2, min_brackets=2, max_brackets=6, p_open=0.4, p_end=0.25
+    )
     assert task.log_prob([], terminated=False) == 0.0
     assert math.exp(task.log_prob(ids(task, "(("), terminated=False)) == pytest.approx(0.4)
     assert task.log_prob(ids(task, "(("), terminated=True) == -math.inf

@@ -49,8 +49,9 @@ def test_checker_passes_for_every_task(task_env: gym.Env) -> None:
 
 
 def test_observation_info_and_render(task_kwargs: dict[str, dict[str, Any]]) -> None:
-    env = gym.make(seqenv.ENV_ID, task="arithmetic", render_mode="ansi",
-                   **task_kwargs["arithmetic"])
+    env = gym.make(
+        seqenv.ENV_ID, task="arithmetic", render_mode="ansi", **task_kwargs["arithmetic"]
+    )
     obs, info = env.reset(seed=3)
     vocab = env.unwrapped.vocab
     assert obs.dtype == np.int64 and obs.shape == env.observation_space.shape
@@ -97,7 +98,7 @@ def test_reward_none_and_callable(task_kwargs: dict[str, dict[str, Any]]) -> Non
 
 def test_truncation_by_length_and_by_budget() -> None:
     env = SequenceGenEnv(task="dyck", max_length=4, max_steps=100)
-    _, info = env.reset(seed=0)
+    env.reset(seed=0)
     token = env.vocab.encode("(")[0]
     results = [env.step(token) for _ in range(3)]
     assert [r[3] for r in results] == [False, False, True]
@@ -110,7 +111,7 @@ def test_truncation_by_length_and_by_budget() -> None:
 
 def test_starting_from_generated_tokens(task_kwargs: dict[str, dict[str, Any]]) -> None:
     env = SequenceGenEnv(task="arithmetic", **task_kwargs["arithmetic"])
-    obs, info = env.reset(options={"prompt": "In base 10, what is 1 + 1?", "generated": "3"})
+    _, info = env.reset(options={"prompt": "In base 10, what is 1 + 1?", "generated": "3"})
     assert info["generated"] == "3" and info["action_mask"][env.vocab.backspace_id] == 1
     _, _, _, _, info = env.step(env.vocab.backspace_id)
     assert info["generated"] == "" and info["text"] == "In base 10, what is 1 + 1?"
@@ -175,8 +176,15 @@ def test_vector_env_equals_single_envs(task: str, task_kwargs: dict[str, dict[st
 def test_sb3_ppo_runs_on_dyck() -> None:
     from stable_baselines3 import PPO
 
-    model = PPO("MlpPolicy", gym.make(seqenv.ENV_ID, task="dyck"), n_steps=256, batch_size=64,
-                n_epochs=1, seed=0, device="cpu")
+    model = PPO(
+        "MlpPolicy",
+        gym.make(seqenv.ENV_ID, task="dyck"),
+        n_steps=256,
+        batch_size=64,
+        n_epochs=1,
+        seed=0,
+        device="cpu",
+    )
     model.learn(1000)
     assert model.num_timesteps >= 1000
 
@@ -190,7 +198,7 @@ def test_sb3_vec_env_adapter() -> None:
     obs = venv.reset()
     assert obs.shape == (8, venv.env.max_length)
     eos = venv.env.vocab.eos_id
-    obs, rewards, dones, infos = venv.step(np.full(8, eos))
+    _, _, dones, infos = venv.step(np.full(8, eos))
     assert dones.all() and all("terminal_observation" in i for i in infos)
     assert not infos[0]["TimeLimit.truncated"]
     model = PPO("MlpPolicy", venv, n_steps=64, batch_size=64, n_epochs=1, seed=0, device="cpu")

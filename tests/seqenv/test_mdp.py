@@ -71,8 +71,9 @@ class Reference:
 
 @settings(max_examples=200, deadline=None)
 @given(
-    prompts=st.lists(st.lists(st.sampled_from([A, B]), min_size=1, max_size=3), min_size=1,
-                     max_size=4),
+    prompts=st.lists(
+        st.lists(st.sampled_from([A, B]), min_size=1, max_size=3), min_size=1, max_size=4
+    ),
     actions=st.lists(st.lists(st.integers(-2, 6), min_size=4, max_size=4), max_size=25),
     max_length=st.integers(4, 9),
     max_steps=st.integers(1, 30),
@@ -105,5 +106,5 @@ def test_random_action_sequences_hold_every_invariant(
             mask = mdp.action_mask()[i]
             assert bool(mask[BK]) == bool(ref.generated)
             assert mask[[A, B, EOS]].all()
-            pad_tail = mdp.tokens[i, int(mdp.length[i]):]
+            pad_tail = mdp.tokens[i, int(mdp.length[i]) :]
             assert (pad_tail == PAD).all()
