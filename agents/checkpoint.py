@@ -74,7 +74,9 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         save_model(model, str(tmp / "model.safetensors"))
-        opt_tensors, opt_rest = _flatten_optimizer(optimizer.state_dict()) if optimizer else ({}, {})
+        opt_tensors, opt_rest = (
+            _flatten_optimizer(optimizer.state_dict()) if optimizer else ({}, {})
+        )
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         rng = {"cpu": torch.get_rng_state(), **(rng_states or {})}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -95,6 +97,12 @@ def save_checkpoint(
     return path
 
 
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (torch's load errors list every tensor, a line each)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The JSON part of a checkpoint, after checking that the folder is complete."""
     path = Path(path)
@@ -109,7 +117,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         document = json.loads((path / "checkpoint.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}/checkpoint.json is corrupt ({err})") from None
-    if not isinstance(document, dict) or document.get("format") != FORMAT:
+    if not isinstance(document, dict):
+        raise CheckpointError(f"{path}/checkpoint.json is corrupt (not a JSON object)")
+    if document.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown checkpoint format {document.get('format')!r}")
     return document
 
@@ -120,7 +130,9 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
     try:
         missing, unexpected = load_model(model, str(file), strict=False)
     except (SafetensorError, OSError, RuntimeError) as err:
-        raise CheckpointError(f"{file} is corrupt or does not fit the model ({err})") from None
+        raise CheckpointError(
+            f"{file} is corrupt or does not fit the model ({_one_line(err)})"
+        ) from None
     if missing or unexpected:
         raise CheckpointError(
             f"{file} does not fit the model: missing {sorted(missing)[:3]}, "
@@ -137,7 +149,9 @@ def load_training_state(
         tensors = load_file(str(path / "optimizer.safetensors"))
         rng = load_file(str(path / "rng.safetensors"))
     except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{path}: corrupt optimizer or RNG state ({err})") from None
+        raise CheckpointError(
+            f"{path}: corrupt optimizer or RNG state ({_one_line(err)})"
+        ) from None
     device = next(iter(optimizer.param_groups[0]["params"])).device
     tensors = {k: v if v.ndim == 0 and "step" in k else v.to(device) for k, v in tensors.items()}
     optimizer.load_state_dict(_unflatten_optimizer(tensors, metadata["optimizer"]))

@@ -1,19 +1,23 @@
 """The `seqmatch` command: one typed config per subcommand, parsed by tyro.
 
-Errors from bad input print one line on stderr and exit non-zero; ``--debug`` (anywhere on the
-command line) shows the traceback instead.
+Errors from bad input print one line on stderr and exit non-zero (2 for a command line that does
+not parse, 1 for a value or file that is rejected); ``--debug`` (anywhere on the command line)
+shows the traceback, or tyro's full message, instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, SupportsFloat
 
 import numpy as np
 import tyro
@@ -35,7 +39,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 
 @dataclass
 class ShowConfig:
-    """Play one expert demonstration of a task, with noise and backspaces, through SequenceGen-v0."""
+    """Play one expert demonstration of a task, with noise and backspaces, via SequenceGen-v0."""
 
     task: str = "arithmetic"
     """Task name: arithmetic, dyck or text."""
@@ -52,20 +56,26 @@ def show(config: ShowConfig) -> None:
     import gymnasium as gym
 
     import seqenv
+    from seqenv.env import SequenceGenEnv
     from seqenv.trajectory import augment, random_noise
 
     kwargs: dict[str, Any] = {"corpus": config.corpus} if config.corpus else {}
     env = gym.make(seqenv.ENV_ID, task=config.task, **kwargs)
     base = env.unwrapped
+    assert isinstance(base, SequenceGenEnv)
     rng = np.random.default_rng(config.seed)
     example = base.task.sample(rng)
     demo = augment(
-        base.task.demonstration(example, base.max_length), random_noise(base.vocab.special),
-        p=config.noise, rng=rng, max_length=base.max_length, max_steps=base.max_steps,
+        base.task.demonstration(example, base.max_length),
+        random_noise(base.vocab.special),
+        p=config.noise,
+        rng=rng,
+        max_length=base.max_length,
+        max_steps=base.max_steps,
     )
     _, info = env.reset(seed=config.seed, options={"prompt": list(demo.prompt)})
     print(f"prompt: {info['text']!r}")
-    reward = 0.0
+    reward: SupportsFloat = 0.0
     for action in demo.actions.tolist():
         _, reward, terminated, truncated, info = env.step(action)
         name = {base.vocab.eos_id: "<eos>", base.vocab.backspace_id: "<bkspc>"}.get(
@@ -96,8 +106,10 @@ def train(config: TrainConfig) -> None:
     if trainer.is_main:
         for key, value in metrics.items():
             print(f"{key}: {value:.4f}")
-        _write_json(config.json, {"step": trainer.step, "metrics": metrics,
-                                  "config": dataclasses.asdict(config)})
+        _write_json(
+            config.json,
+            {"step": trainer.step, "metrics": metrics, "config": dataclasses.asdict(config)},
+        )
 
 
 @dataclass
@@ -166,8 +178,46 @@ def compare(config: CompareConfig) -> None:
     results = run_compare(config)
     print(table(results))
     print("\n".join(verdicts(results)))
-    print(f"\nwrote {Path(config.out) / 'results.json'}, report.md and plots "
-          f"({results['wall_seconds'] / 60:.1f} min)")
+    print(
+        f"\nwrote {Path(config.out) / 'results.json'}, report.md and plots "
+        f"({results['wall_seconds'] / 60:.1f} min)"
+    )
+
+
+def _one_line(box: str) -> str:
+    """The first paragraph of one of tyro's error boxes, on one line (borders, colours dropped)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", box)
+    lines = [line.strip().strip("│").strip() for line in text.splitlines()]
+    title = ""
+    paragraph: list[str] = []
+    for line in lines:
+        if line.startswith("╭"):
+            title = line.strip("╭╮─ ")
+        elif not line.strip("─╰╯ "):  # a rule: the end of the first paragraph
+            if paragraph:
+                break
+        else:
+            paragraph.append(line)
+    return " ".join(" ".join(paragraph).split()) or title or "invalid arguments"
+
+
+def _parse(config_type: type, args: list[str], prog: str, debug: bool) -> Any:
+    """``tyro.cli``, with its multi-line error box turned into one line (unless ``debug``).
+
+    Exits 2 on a parse error, as argparse does; ``--help`` is printed as tyro renders it.
+    """
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return tyro.cli(config_type, args=args, prog=prog)
+    except SystemExit as exit_:
+        if exit_.code in (0, None) or debug:
+            sys.stderr.write(captured.getvalue())
+            raise
+        print(
+            f"{prog}: error: {_one_line(captured.getvalue())} (see {prog} --help)", file=sys.stderr
+        )
+        raise SystemExit(2) from None
 
 
 COMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
@@ -197,7 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     name, rest = args[0], args[1:]
     config_type, run = COMMANDS[name]
-    config = tyro.cli(config_type, args=rest, prog=f"seqmatch {name}")
+    try:
+        config = _parse(config_type, rest, f"seqmatch {name}", debug)
+    except SystemExit as exit_:  # --help (0) or a command line that does not parse (2)
+        return exit_.code if isinstance(exit_.code, int) else 2
     try:
         if isinstance(config, TrainConfig):
             config.validate()

@@ -18,8 +18,9 @@ if TYPE_CHECKING:
     from agents.cli import EvalConfig, GenerateConfig
 
 
-def checkpoint_task(metadata: dict[str, Any], name: str | None = None,
-                    task_args: str = "{}") -> Task:
+def checkpoint_task(
+    metadata: dict[str, Any], name: str | None = None, task_args: str = "{}"
+) -> Task:
     """The checkpoint's task, or another task whose vocabulary must be the checkpoint's."""
     if name is None:
         task = make_task(metadata["task"]["name"], **metadata["task"]["kwargs"])
@@ -42,8 +43,14 @@ def episode_metrics(task: Task, trajectories: list[Trajectory]) -> dict[str, flo
     generated = [t.generated() for t in trajectories]
     steps = sum(t.num_steps for t in trajectories)
     return {
-        "score": float(np.mean([task.score(t.prompt.tolist(), g, t.terminated)
-                                for t, g in zip(trajectories, generated, strict=True)])),
+        "score": float(
+            np.mean(
+                [
+                    task.score(t.prompt.tolist(), g, t.terminated)
+                    for t, g in zip(trajectories, generated, strict=True)
+                ]
+            )
+        ),
         "backspace_rate": sum(t.num_backspaces for t in trajectories) / max(1, steps),
         "terminated": float(np.mean([t.terminated for t in trajectories])),
         "length": float(np.mean([len(g) for g in generated])),
@@ -52,18 +59,23 @@ def episode_metrics(task: Task, trajectories: list[Trajectory]) -> dict[str, flo
 
 def evaluate_checkpoint(config: EvalConfig) -> dict[str, float]:
     """Greedy episodes on held-out prompts of the task, and exact match on ``config.data``."""
+    if config.episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {config.episodes}")
     policy, metadata = load_policy(config.checkpoint, config.device)
     task = checkpoint_task(metadata, config.task, config.task_args)
     max_length, max_steps = int(metadata["max_length"]), int(metadata["max_steps"])
-    demos = (
-        load_demonstrations(config.data, task.vocab, max_length) if config.data else None
-    )
+    demos = load_demonstrations(config.data, task.vocab, max_length) if config.data else None
     prompts = [list(e.prompt) for e in task.examples("test", config.episodes, seed=config.seed)]
     out = generate(policy, prompts, max_length=max_length, max_steps=max_steps, greedy=True)
     metrics = {f"task/{k}": v for k, v in episode_metrics(task, out.trajectories).items()}
     if demos is not None:
-        out = generate(policy, [d.prompt.tolist() for d in demos], max_length=max_length,
-                       max_steps=max_steps, greedy=True)
+        out = generate(
+            policy,
+            [d.prompt.tolist() for d in demos],
+            max_length=max_length,
+            max_steps=max_steps,
+            greedy=True,
+        )
         expected = [d.generated() for d in demos]
         exact = [
             t.terminated and got == want
@@ -88,10 +100,17 @@ def generate_from_checkpoint(config: GenerateConfig) -> list[tuple[str, str]]:
     device = next(policy.parameters()).device
     generator = torch.Generator(device).manual_seed(config.seed)
     out = generate(
-        policy, [prompt] * config.num, max_length=int(metadata["max_length"]),
-        max_steps=int(metadata["max_steps"]), greedy=config.greedy,
-        temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
+        policy,
+        [prompt] * config.num,
+        max_length=int(metadata["max_length"]),
+        max_steps=int(metadata["max_steps"]),
+        greedy=config.greedy,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
         generator=generator,
     )
-    return [(vocab.decode(g), vocab.decode(t.actions))
-            for t, g in zip(out.trajectories, out.generated, strict=True)]
+    return [
+        (vocab.decode(g), vocab.decode(t.actions))
+        for t, g in zip(out.trajectories, out.generated, strict=True)
+    ]

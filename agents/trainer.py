@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +47,18 @@ from agents.checkpoint import (
 from agents.collate import TrajectoryBatch, collate
 from agents.generate import generate
 from agents.logger import Logger
-from agents.objectives import LossOutput, Mixture, ObjectiveBatch, make_objective
+from agents.objectives import (
+    BC,
+    DIVERGENCES,
+    MLE,
+    VALUE_SOURCES,
+    LossOutput,
+    Mixture,
+    Objective,
+    ObjectiveBatch,
+    SequenceMatch,
+    make_objective,
+)
 from agents.policy import TransformerConfig, TransformerPolicy
 from seqenv.tasks import Task, make_task
 from seqenv.trajectory import Trajectory, augment, random_noise
@@ -167,25 +179,61 @@ class TrainConfig:
         """Raise ValueError naming the first bad field."""
         if self.agent not in AGENTS:
             raise ValueError(f"unknown agent {self.agent!r}; known agents: {', '.join(AGENTS)}")
-        for name in ("steps", "batch_size", "grad_accum", "num_demonstrations", "noise_k",
-                     "k_sample", "rollouts", "buffer_size", "eval_episodes", "log_interval",
-                     "layers", "width", "heads"):
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "num_demonstrations",
+            "noise_k",
+            "k_sample",
+            "rollouts",
+            "buffer_size",
+            "eval_episodes",
+            "log_interval",
+            "layers",
+            "width",
+            "heads",
+        ):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
         for name in ("eval_interval", "save_interval", "sm_warmup", "lr_warmup"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
+                )
         if self.batch_size % self.grad_accum:
-            raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum "
-                             f"{self.grad_accum}")
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}"
+            )
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"--noise must be in [0, 1], got {self.noise}")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"--eta must be in [0, 1], got {self.eta}")
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"--gamma must be in (0, 1], got {self.gamma}")
+        if not self.lr > 0.0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.lr_schedule_steps is not None and self.lr_schedule_steps < 1:
+            raise ValueError(f"--lr-schedule-steps must be >= 1, got {self.lr_schedule_steps}")
+        if not self.temperature > 0.0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(
+                f"unknown divergence {self.divergence!r}; known: {', '.join(DIVERGENCES)}"
+            )
+        if self.value_source not in VALUE_SOURCES:
+            raise ValueError(
+                f"unknown value source {self.value_source!r}; known: {', '.join(VALUE_SOURCES)}"
+            )
+        resolve_device(self.device)
         if self.noise_type not in ("random", "ground_truth"):
-            raise ValueError(f"--noise-type must be random or ground_truth, got {self.noise_type!r}")
+            raise ValueError(
+                f"--noise-type must be random or ground_truth, got {self.noise_type!r}"
+            )
         if self.resume and not self.save:
             raise ValueError("--resume needs --save (the checkpoint folder to resume from)")
         self.task_kwargs()  # parses
@@ -209,7 +257,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA device is available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:  # torch's message for a bad string spans several lines
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
 
 
 class _BatchForward(nn.Module):
@@ -261,8 +312,9 @@ class Trainer:
         # Task, data and noise.
         if task is not None and task.name != config.task:
             raise ValueError(f"task object {task.name!r} given for config.task {config.task!r}")
-        self.task: Task = task if task is not None else make_task(config.task,
-                                                                  **config.task_kwargs())
+        self.task: Task = (
+            task if task is not None else make_task(config.task, **config.task_kwargs())
+        )
         self.vocab = self.task.vocab
         self.special = self.vocab.special
         self.max_length = config.max_length or self.task.default_max_length
@@ -271,10 +323,12 @@ class Trainer:
             "train", config.num_demonstrations, self.max_length, seed=config.seed
         )
         self.eval_prompts = [
-            list(e.prompt) for e in self.task.examples("test", config.eval_episodes, seed=config.seed)
+            list(e.prompt)
+            for e in self.task.examples("test", config.eval_episodes, seed=config.seed)
         ]
         self.noise_fn = (
-            random_noise(self.special) if config.noise_type == "random"
+            random_noise(self.special)
+            if config.noise_type == "random"
             else self.task.ground_truth_noise
         )
         self.use_noise = config.agent != "mle" and config.backspace and config.noise > 0
@@ -284,8 +338,11 @@ class Trainer:
         self.policy = TransformerPolicy(
             self.special,
             TransformerConfig(
-                num_layers=config.layers, width=config.width, num_heads=config.heads,
-                context_length=self.max_length, dropout=config.dropout,
+                num_layers=config.layers,
+                width=config.width,
+                num_heads=config.heads,
+                context_length=self.max_length,
+                dropout=config.dropout,
                 positions=config.positions,  # type: ignore[arg-type]
             ),
         ).to(self.device)
@@ -297,7 +354,9 @@ class Trainer:
         self.batch_forward = batch_forward
         self.policy_view = _PolicyView(self.policy, batch_forward)
         self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+            self.policy.parameters(),
+            lr=config.lr,
+            weight_decay=config.weight_decay,
             betas=(0.9, 0.95),
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -312,9 +371,14 @@ class Trainer:
         self.sm_objective = None
         if config.agent == "sequencematch":
             sm = make_objective(
-                "sequencematch", divergence=config.divergence, c=config.c, gamma=config.gamma,
-                value_source=config.value_source, **common,
+                "sequencematch",
+                divergence=config.divergence,
+                c=config.c,
+                gamma=config.gamma,
+                value_source=config.value_source,
+                **common,
             )
+            assert isinstance(self.warm_objective, MLE | BC) and isinstance(sm, SequenceMatch)
             self.sm_objective = Mixture(self.warm_objective, sm, config.eta)
 
         # Random streams: data order and noise (numpy, shared by every rank), rollouts (torch).
@@ -325,9 +389,7 @@ class Trainer:
         self.num_timesteps = 0  # demonstration actions trained on, all processes together
         self.history: list[dict[str, float]] = []  # the logged means, for learning curves
         self.last_eval: dict[str, float] = {}
-        self.autocast_dtype = (
-            torch.bfloat16 if config.bf16 and self.device.type == "cuda" else None
-        )
+        self.autocast_dtype = torch.bfloat16 if config.bf16 and self.device.type == "cuda" else None
 
     # -- schedule ----------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
@@ -356,21 +418,31 @@ class Trainer:
             demo = self.demonstrations[int(i)]
             if self.use_noise:
                 demo = augment(
-                    demo, self.noise_fn, p=config.noise, k=config.noise_k,
-                    rng=np.random.default_rng(int(seed)), max_length=self.max_length,
+                    demo,
+                    self.noise_fn,
+                    p=config.noise,
+                    k=config.noise_k,
+                    rng=np.random.default_rng(int(seed)),
+                    max_length=self.max_length,
                     max_steps=self.max_steps,
                 )
             batch.append(demo)
         return batch
 
     def _rollouts(
-        self, prompts: list[list[int]], greedy: bool = False,
+        self,
+        prompts: list[list[int]],
+        greedy: bool = False,
         generator: torch.Generator | None = None,
     ) -> list[Trajectory]:
         self.policy.eval()
         out = generate(
-            self.policy, prompts, max_length=self.max_length, max_steps=self.max_steps,
-            greedy=greedy, temperature=self.config.temperature,
+            self.policy,
+            prompts,
+            max_length=self.max_length,
+            max_steps=self.max_steps,
+            greedy=greedy,
+            temperature=self.config.temperature,
             generator=generator or self.rollout_generator,
             allow_backspace=self.config.backspace,
         )
@@ -387,12 +459,16 @@ class Trainer:
         config = self.config
         data = self._data_batch()
         model: list[Trajectory] | None = None
-        objective = self.warm_objective
+        objective: Objective = self.warm_objective
         if not self.in_warm_start:
             assert self.sm_objective is not None
             if (self.step - config.sm_warmup) % config.k_sample == 0:
                 self._refresh_buffer()
-            model = self.buffer.sample(config.batch_size, self.data_rng)
+            # Every rank holds the same buffer (same weights, same seeded rollouts): draw the
+            # global model batch and keep this rank's slice, as for the data.
+            total = config.batch_size * self.world_size
+            mine = slice(self.rank * config.batch_size, (self.rank + 1) * config.batch_size)
+            model = self.buffer.sample(total, self.data_rng)[mine]
             objective = self.sm_objective
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -404,27 +480,40 @@ class Trainer:
                 model=collate(model[part]).to(self.device) if model is not None else None,
             )
             last = k == config.grad_accum - 1
-            sync = self.batch_forward.no_sync() if self.distributed and not last else _nullcontext()
-            with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                      enabled=self.autocast_dtype is not None):
+            ddp = self.batch_forward
+            sync: AbstractContextManager[Any] = _nullcontext()
+            if isinstance(ddp, nn.parallel.DistributedDataParallel) and not last:
+                sync = ddp.no_sync()
+            with (
+                sync,
+                torch.autocast(
+                    self.device.type,
+                    dtype=self.autocast_dtype or torch.float32,
+                    enabled=self.autocast_dtype is not None,
+                ),
+            ):
                 out: LossOutput = objective(self.policy_view, batch)
             (out.loss / config.grad_accum).backward()
             for key, value in out.metrics.items():
                 logger.record(f"losses/{key}", value)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), config.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]  # this update's (the scheduler moves on below)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
         self.num_timesteps += sum(t.num_steps for t in data) * self.world_size
 
         logger.record("train/grad_norm", grad_norm)
-        logger.record("train/lr", self.scheduler.get_last_lr()[0])
-        logger.record("train/sequencematch_active", float(not self.in_warm_start))
+        logger.record("train/lr", lr)
+        # Whether this update used SequenceMatch (the step counter has moved on already).
+        logger.record("train/sequencematch_active", float(model is not None))
         num_backspaces = sum(t.num_backspaces for t in data)
         logger.record("train/data_backspace_rate", num_backspaces / sum(t.num_steps for t in data))
         if model is not None:
-            logger.record("rollout/backspace_rate",
-                          sum(t.num_backspaces for t in model) / sum(t.num_steps for t in model))
+            logger.record(
+                "rollout/backspace_rate",
+                sum(t.num_backspaces for t in model) / sum(t.num_steps for t in model),
+            )
             logger.record("rollout/terminated", sum(t.terminated for t in model) / len(model))
 
     # -- evaluation --------------------------------------------------------------------------
@@ -458,7 +547,9 @@ class Trainer:
             samples = "\n\n".join(
                 f"    {self.vocab.decode(p)!r} -> {self.vocab.decode(t.actions)!r} "
                 f"=> {self.vocab.decode(g)!r}"
-                for p, t, g in list(zip(self.eval_prompts, trajectories, generated, strict=True))[:8]
+                for p, t, g in list(zip(self.eval_prompts, trajectories, generated, strict=True))[
+                    :8
+                ]
             )
             logger.text("eval/samples", samples, self.step)
         return metrics
@@ -481,17 +572,31 @@ class Trainer:
 
     def save(self, path: str | Path) -> None:
         if self.is_main:
-            save_checkpoint(path, self.policy, self.optimizer, self.metadata(),
-                            {"rollout": self.rollout_generator.get_state()})
+            save_checkpoint(
+                path,
+                self.policy,
+                self.optimizer,
+                self.metadata(),
+                {"rollout": self.rollout_generator.get_state()},
+            )
         if self.distributed:
             dist.barrier()
 
     def load(self, path: str | Path) -> None:
         """Restore everything a checkpoint holds, so training continues exactly."""
         metadata = read_metadata(path)
+        try:
+            self._restore(path, metadata)
+        except (KeyError, TypeError) as err:  # a checkpoint.json with missing or odd entries
+            raise CheckpointError(
+                f"{path}/checkpoint.json is incomplete or corrupt ({type(err).__name__}: {err})"
+            ) from None
+
+    def _restore(self, path: str | Path, metadata: dict[str, Any]) -> None:
         if metadata["vocab"] != self.vocab.to_json():
-            raise CheckpointError(f"{path}: the checkpoint's vocabulary does not match task "
-                                  f"{self.task.name!r}")
+            raise CheckpointError(
+                f"{path}: the checkpoint's vocabulary does not match task {self.task.name!r}"
+            )
         saved = {k: v for k, v in metadata["config"].items() if k not in _RESUMABLE}
         current = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in _RESUMABLE}
         changed = sorted(k for k in current if saved.get(k) != current[k])
@@ -502,7 +607,7 @@ class Trainer:
         self.step = int(metadata["step"])
         self.num_timesteps = int(metadata.get("num_timesteps", 0))
         self.scheduler.last_epoch = self.step
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]  # type: ignore[attr-defined]
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
         self.data_rng.bit_generator.state = metadata["data_rng"]
         self.rollout_generator.set_state(rng["rollout"])
         self.buffer.load_json(metadata["buffer"], self.special)
@@ -517,10 +622,18 @@ class Trainer:
         logdir = Path(config.logdir) / config.run_name if config.logdir else None
         logger = Logger(logdir if self.is_main else None)
         if self.is_main and self.step == 0:
-            logger.text("config", "    " + json.dumps(dataclasses.asdict(config), indent=1)
-                        .replace("\n", "\n    "), 0)
-        bar = tqdm(total=config.steps, initial=self.step, disable=not (config.progress and
-                   self.is_main), desc=config.run_name, dynamic_ncols=True)
+            logger.text(
+                "config",
+                "    " + json.dumps(dataclasses.asdict(config), indent=1).replace("\n", "\n    "),
+                0,
+            )
+        bar = tqdm(
+            total=config.steps,
+            initial=self.step,
+            disable=not (config.progress and self.is_main),
+            desc=config.run_name,
+            dynamic_ncols=True,
+        )
         self.policy.train()
         start, start_step = time.perf_counter(), self.step
         try:
@@ -535,12 +648,16 @@ class Trainer:
                 if self.step % config.log_interval == 0 or self.step == config.steps:
                     means = logger.dump(self.step)  # syncs the recorded tensors: once per interval
                     self.history.append({"step": self.step, **means})
-                    bar.set_postfix(loss=f"{means.get('losses/loss', float('nan')):.3f}",
-                                    score=f"{self.last_eval.get('eval/score', float('nan')):.2f}")
+                    bar.set_postfix(
+                        loss=f"{means.get('losses/loss', float('nan')):.3f}",
+                        score=f"{self.last_eval.get('eval/score', float('nan')):.2f}",
+                    )
                 if config.save and config.save_interval and self.step % config.save_interval == 0:
                     self.save(config.save)
-            if not self.last_eval or not config.eval_interval or (
-                config.steps % config.eval_interval
+            if (
+                not self.last_eval
+                or not config.eval_interval
+                or (config.steps % config.eval_interval)
             ):
                 self.last_eval = self.evaluate(logger)
                 self.history.append({"step": self.step, **logger.dump(self.step)})
