@@ -1,0 +1,69 @@
+"""`seqmatch compare` end to end with a tiny budget: the table, results.json, report, plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agents.cli import main
+from agents.compare import CompareConfig, aggregate, load_config
+
+
+def test_compare_quick_writes_every_output(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "cmp"
+    code = main(
+        [
+            "compare",
+            "--quick",
+            "--agents",
+            "mle,sequencematch,ppo",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| agent | accuracy ↑ | recovery ↑" in printed and "SequenceMatch" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == "arithmetic"
+    assert {(r["agent"], r["seed"]) for r in results["runs"]} == {
+        (a, s) for a in ("mle", "sequencematch", "ppo") for s in (0, 1)
+    }
+    for agent in ("mle", "sequencematch", "ppo"):
+        stats = results["agents"][agent]
+        for metric in ("accuracy", "recovery", "backspace_rate"):
+            assert set(stats[metric]) == {"mean", "ci95", "n"} and stats[metric]["n"] == 2
+    report = (out / "report.md").read_text()
+    assert "seqmatch compare" in report and "## SequenceMatch against MLE" in report
+    for name in ("curves_score.png", "curves_divergence.png", "metrics.png"):
+        assert (out / name).stat().st_size > 1000
+    assert any((out / "runs").iterdir())  # TensorBoard runs
+    curves = [r["curves"] for r in results["runs"] if r["agent"] == "sequencematch"]
+    assert any("losses/sm/divergence" in row for rows in curves for row in rows)
+
+
+def test_aggregate_gives_mean_and_student_interval() -> None:
+    runs = [{"agent": "mle", "metrics": {"accuracy": v}} for v in (0.2, 0.4, 0.6)]
+    stats = aggregate(runs)["mle"]["accuracy"]
+    assert stats["mean"] == pytest.approx(0.4) and stats["n"] == 3
+    lo, hi = stats["ci95"]  # t(0.975, 2) = 4.303, s = 0.2: half width 0.497
+    assert lo == pytest.approx(0.4 - 0.4969, abs=1e-3)
+    assert hi == pytest.approx(0.4 + 0.4969, abs=1e-3)
+
+
+def test_configs_load_and_bad_options_fail_clearly() -> None:
+    for name in ("arithmetic_cpu", "arithmetic_gpu", "dyck_cpu", "dyck_small_cpu", "text_cpu"):
+        config = load_config(CompareConfig(config=name))
+        assert config["seeds"] >= 3 and config["agent_list"]
+    assert "ppo" not in load_config(CompareConfig(config="text_cpu"))["agent_list"]
+    with pytest.raises(ValueError, match="no config 'nope'"):
+        load_config(CompareConfig(config="nope"))
+    with pytest.raises(ValueError, match="unknown agents"):
+        load_config(CompareConfig(agents="mle,gail"))
+    with pytest.raises(ValueError, match="is for task 'dyck'"):
+        load_config(CompareConfig(config="dyck_cpu", task="arithmetic"))
