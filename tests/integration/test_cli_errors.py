@@ -1,0 +1,260 @@
+"""Bad input at the command line: exactly one line on stderr, a non-zero exit, no traceback (unless
+``--debug``), and no partial files: the ``--json`` file, the ``--save`` folder and the TensorBoard
+run are not created when a command fails early, and no temporary folder is left behind.
+
+Each case runs ``agents.cli.main`` in this process (fast); a few run the installed command in a
+subprocess too, where start-up warnings would show; ``-m slow`` runs every case that way.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents.checkpoint import CheckpointError
+from agents.cli import COMMANDS, main
+from tests.integration.conftest import TINY, run_cli, snapshot
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Dyck checkpoint of a tiny MLE policy after 2 updates."""
+    root = tmp_path_factory.mktemp("good")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main([
+            "train", "--agent", "mle", *TINY, "--steps", "2", "--eval-episodes", "2",
+            "--logdir", str(root / "runs"), "--save", str(root / "ckpt"),
+        ])  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    assert code == 0
+    return root / "ckpt"
+
+
+def _truncate(file: str, size: int) -> Callable[[Path], None]:
+    def corrupt(checkpoint: Path) -> None:
+        data = (checkpoint / file).read_bytes()
+        (checkpoint / file).write_bytes(data[:size])
+
+    return corrupt
+
+
+def _write(file: str, text: str) -> Callable[[Path], None]:
+    def corrupt(checkpoint: Path) -> None:
+        (checkpoint / file).write_text(text)
+
+    return corrupt
+
+
+def _drop_key(key: str) -> Callable[[Path], None]:
+    def corrupt(checkpoint: Path) -> None:
+        document = json.loads((checkpoint / "checkpoint.json").read_text())
+        del document[key]
+        (checkpoint / "checkpoint.json").write_text(json.dumps(document))
+
+    return corrupt
+
+
+def _delete(file: str) -> Callable[[Path], None]:
+    def corrupt(checkpoint: Path) -> None:
+        (checkpoint / file).unlink()
+
+    return corrupt
+
+
+def _malformed_data(root: Path) -> None:
+    (root / "bad.jsonl").write_text('{"prompt": "^", "completion": "()"}\nnot json at all\n')
+
+
+@dataclass(frozen=True)
+class Case:
+    args: list[str]
+    """The command line; CKPT is replaced by the checkpoint folder the case prepares."""
+    message: str
+    """A part of the one line on stderr."""
+    corrupt: Callable[[Path], None] | None = None
+    """Applied to a copy of a good checkpoint (CKPT); None: CKPT is the good one, copied."""
+    prepare: Callable[[Path], None] | None = None
+    """Applied to the working folder before the command runs."""
+    code: int = 1
+
+
+EVAL = ["eval", "--checkpoint", "CKPT", "--episodes", "2", "--device", "cpu"]
+GENERATE = ["generate", "--checkpoint", "CKPT", "--prompt", "^", "--device", "cpu"]
+TRAIN = ["train", *TINY, "--steps", "2", "--save", "new-ckpt", "--logdir", "runs"]
+
+CASES = {
+    "missing_checkpoint": Case(
+        ["eval", "--checkpoint", "no-such-folder", "--json", "out/eval.json"],
+        "no-such-folder: no such checkpoint",
+    ),
+    "checkpoint_is_a_file": Case(
+        ["eval", "--checkpoint", "CKPT/model.safetensors", "--json", "out/eval.json"],
+        "a checkpoint is a folder",
+    ),
+    "incomplete_checkpoint": Case(
+        [*EVAL, "--json", "out/eval.json"], "missing optimizer.safetensors",
+        _delete("optimizer.safetensors"),
+    ),
+    "truncated_weights": Case(
+        [*EVAL, "--json", "out/eval.json"], "model.safetensors is corrupt",
+        _truncate("model.safetensors", 100),
+    ),
+    "truncated_weights_generate": Case(
+        GENERATE, "model.safetensors is corrupt", _truncate("model.safetensors", 100),
+    ),
+    "garbage_checkpoint_json": Case(
+        [*EVAL, "--json", "out/eval.json"], "checkpoint.json is corrupt",
+        _write("checkpoint.json", "garbage{"),
+    ),
+    "checkpoint_json_not_an_object": Case(
+        [*EVAL, "--json", "out/eval.json"], "checkpoint.json is corrupt",
+        _write("checkpoint.json", "[1, 2]"),
+    ),
+    "checkpoint_json_without_vocab": Case(
+        GENERATE, "checkpoint.json is incomplete or corrupt", _drop_key("vocab"),
+    ),
+    "resume_from_incomplete_json": Case(
+        ["train", "--agent", "mle", *TINY, "--steps", "4", "--eval-episodes", "2",
+         "--save", "CKPT", "--resume", "--logdir", "runs"],
+        "checkpoint.json is incomplete or corrupt", _drop_key("optimizer"),
+    ),
+    "resume_from_truncated_optimizer": Case(
+        ["train", "--agent", "mle", *TINY, "--steps", "4", "--eval-episodes", "2",
+         "--save", "CKPT", "--resume", "--logdir", "runs"],
+        "corrupt optimizer or RNG state", _truncate("optimizer.safetensors", 50),
+    ),
+    "resume_without_checkpoint": Case(
+        [*TRAIN, "--resume", "--json", "out/train.json"], "new-ckpt: no such checkpoint",
+    ),
+    "vocabulary_does_not_match": Case(
+        [*EVAL, "--task", "arithmetic", "--json", "out/eval.json"],
+        "vocabulary does not match task 'arithmetic'",
+    ),
+    "unknown_agent": Case(
+        [*TRAIN, "--agent", "ppo2", "--json", "out/train.json"], "unknown agent 'ppo2'",
+    ),
+    "unknown_divergence": Case(
+        [*TRAIN, "--divergence", "wasserstein", "--json", "out/train.json"],
+        "unknown divergence 'wasserstein'",
+    ),
+    "unknown_task": Case([*TRAIN, "--task", "chess"], "unknown task 'chess'"),
+    "negative_steps": Case(
+        [*TRAIN, "--steps", "-5", "--json", "out/train.json"], "--steps must be >= 1, got -5",
+    ),
+    "zero_temperature": Case([*TRAIN, "--temperature", "0"], "--temperature must be > 0"),
+    "unknown_device": Case([*TRAIN, "--device", "tpu9"], "unknown device 'tpu9'"),
+    "bad_task_args": Case([*TRAIN, "--task-args", "{not json"], "--task-args is not valid JSON"),
+    "malformed_data_file": Case(
+        [*EVAL, "--data", "bad.jsonl", "--json", "out/eval.json"],
+        "bad.jsonl:2: not valid JSON", prepare=_malformed_data,
+    ),
+    "missing_data_file": Case(
+        [*EVAL, "--data", "nowhere.jsonl", "--json", "out/eval.json"],
+        "nowhere.jsonl: no such file",
+    ),
+    "zero_episodes": Case([*EVAL, "--episodes", "0"], "--episodes must be >= 1"),
+    "zero_samples": Case([*GENERATE, "--num", "0"], "--num must be >= 1"),
+    "prompt_outside_the_vocabulary": Case(
+        [*GENERATE[:-4], "--prompt", "hello"], "not in the vocabulary",
+    ),
+    # The command line does not parse (tyro): exit 2, as argparse does, in one line too.
+    "not_an_integer": Case([*TRAIN, "--steps", "ten"], "Error parsing --steps", code=2),
+    "unknown_option": Case([*TRAIN, "--stepz", "3"], "Unrecognized options: --stepz", code=2),
+    "missing_required_option": Case(["eval", "--episodes", "2"], "--checkpoint", code=2),
+    "unknown_command": Case(["fit", "--steps", "2"], "unknown command 'fit'", code=2),
+}  # fmt: skip
+
+
+def _setup(case: Case, root: Path, good: Path) -> list[str]:
+    """Prepare ``root`` for ``case``; return its command line."""
+    checkpoint = root / "ckpt"
+    shutil.copytree(good, checkpoint)
+    if case.corrupt is not None:
+        case.corrupt(checkpoint)
+    if case.prepare is not None:
+        case.prepare(root)
+    return [arg.replace("CKPT", str(checkpoint)) for arg in case.args]
+
+
+def _check_one_line(stderr: str, case: Case, name: str) -> None:
+    lines = stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
+    prefix = f"seqmatch {name}: error: " if name in COMMANDS else "seqmatch: error: "
+    assert lines[0].startswith(prefix), lines[0]
+    assert case.message in lines[0], lines[0]
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("case_id", list(CASES))
+def test_bad_input_gives_one_line(
+    case_id: str,
+    tmp_path: Path,
+    good_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    one_thread: None,
+) -> None:
+    case = CASES[case_id]
+    args = _setup(case, tmp_path, good_checkpoint)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    checkpoint_bytes = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+
+    assert main(args) == case.code
+    err = capfd.readouterr().err
+    _check_one_line(err, case, args[0])
+    # No partial files: no --json file, no --save folder, no TensorBoard run, no temporary
+    # folders; the checkpoint read is untouched.
+    assert snapshot(tmp_path) == before
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == checkpoint_bytes
+
+
+def test_debug_shows_the_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        main(["eval", "--checkpoint", "no-such-folder", "--debug"])
+    with pytest.raises(ValueError, match="unknown agent"):
+        main(["train", "--debug", "--agent", "ppo2", "--save", "new", "--json", "out.json"])
+    assert snapshot(tmp_path) == set()
+
+
+def test_installed_command_gives_one_line(tmp_path: Path) -> None:
+    """The real process: one stderr line (no start-up warnings, no progress bar), exit 1."""
+    result = run_cli("train", *TRAIN[1:], "--agent", "ppo2", "--json", "out.json", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "seqmatch train: error: unknown agent 'ppo2'; known agents: mle, bc, sequencematch"
+    ]
+    assert result.stdout == ""
+    assert snapshot(tmp_path) == set()
+
+
+def test_installed_command_with_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = run_cli("eval", "--checkpoint", "no-such-folder", "--debug", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "CheckpointError: no-such-folder: no such checkpoint" in result.stderr
+    assert snapshot(tmp_path) == set()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case_id", list(CASES))
+def test_bad_input_in_a_subprocess(case_id: str, tmp_path: Path, good_checkpoint: Path) -> None:
+    case = CASES[case_id]
+    args = _setup(case, tmp_path, good_checkpoint)
+    before = snapshot(tmp_path)
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == case.code
+    _check_one_line(result.stderr, case, args[0])
+    assert snapshot(tmp_path) == before
