@@ -1,0 +1,252 @@
+"""Agent cost: what SequenceMatch costs over MLE, per update and per run.
+
+- ``sm_vs_mle_update``: training tokens/s of one SequenceMatch update over one MLE update, on
+  the same policy (target >= 0.85). An update is forward + backward + gradient clipping + AdamW
+  step of the objective on batches collated beforehand. SequenceMatch is the trainer's mixture
+  ``(1 - eta) BC + eta SM`` (chi^2-mixture, value term on data and model samples) on B
+  noise-augmented demonstrations and B rollouts of the policy, and its tokens are those of both
+  batches; MLE is teacher forcing on clean demonstrations, as many as make about the same number
+  of tokens. The two sides alternate call by call, and each keeps its fastest call, so that a
+  shared machine's drift hits both alike.
+- ``sm_vs_mle_run``: wall time of a whole SequenceMatch run over an MLE run with the same number
+  of updates and batch size, through :class:`agents.trainer.Trainer` (warm start, rollouts every
+  ``k_sample`` updates into the replay buffer, the model batches, the final evaluation; no
+  TensorBoard, no checkpoint). Target <= 1.5. A SequenceMatch update reads a data batch *and* a
+  model batch of the same size, so after the warm start it processes about twice the tokens of
+  an MLE update: the per-token figure above is the one that measures waste.
+
+Run: ``python benchmarks/throughput.py --only agents`` (or call :func:`measure`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+
+from agents.collate import collate
+from agents.generate import generate
+from agents.objectives import Mixture, ObjectiveBatch, make_objective
+from agents.policy import TransformerPolicy
+from agents.trainer import TrainConfig, Trainer
+from seqenv.tasks import make_task
+from seqenv.trajectory import Trajectory, augment, random_noise
+
+TASK = "arithmetic"
+"""The default task of the trainer and of `seqmatch compare`."""
+
+
+def _interleaved(
+    fns: dict[str, Callable[[], Any]], iters: int, sync: Callable[[], None]
+) -> dict[str, float]:
+    """Fastest seconds per call of each function, calling them in turn ``iters`` times.
+
+    The fastest call, not the median: on a shared machine other work only ever slows a call down.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(ts) for name, ts in times.items()}
+
+
+def _update_batches(
+    policy: TransformerPolicy, config: TrainConfig, device: str
+) -> tuple[ObjectiveBatch, ObjectiveBatch, dict[str, float]]:
+    """The batches of one SequenceMatch update and of one MLE update of about as many tokens."""
+    task = make_task(config.task)
+    max_length = task.default_max_length
+    max_steps = 2 * max_length
+    rng = np.random.default_rng(0)
+    B = config.batch_size
+    demos = task.demonstrations("train", 8 * B, max_length, seed=0)
+    noise = random_noise(task.vocab.special)
+    noisy = [
+        augment(d, noise, p=config.noise, k=config.noise_k, rng=rng, max_length=max_length,
+                max_steps=max_steps)
+        for d in demos[:B]
+    ]  # fmt: skip
+    policy.eval()
+    rollouts: list[Trajectory] = generate(
+        policy, [d.prompt.tolist() for d in demos[B : 2 * B]], max_length=max_length,
+        max_steps=max_steps, generator=torch.Generator(device).manual_seed(0),
+    ).trajectories  # fmt: skip
+    policy.train()
+    sm = ObjectiveBatch(data=collate(noisy).to(device), model=collate(rollouts).to(device))
+    sm_tokens = sm.data.num_tokens + sm.model.num_tokens  # type: ignore[union-attr]
+    clean: list[Trajectory] = []
+    for demo in demos[2 * B :]:
+        if collate([*clean, demo]).num_tokens > sm_tokens and clean:
+            break
+        clean.append(demo)
+    mle = ObjectiveBatch(data=collate(clean).to(device))
+    rows = sm.data.input_ids.numel() + sm.model.input_ids.numel()  # type: ignore[union-attr]
+    info = {
+        "sm_update_tokens": float(sm_tokens),
+        "mle_update_tokens": float(mle.data.num_tokens),
+        # Input rows that are not padding: the share of a pass that does useful work.
+        "sm_update_token_share": sm_tokens / rows,
+        "mle_update_token_share": mle.data.num_tokens / mle.data.input_ids.numel(),
+        "sm_update_rollout_backspace_share": float(
+            sum(t.num_backspaces for t in rollouts) / sum(t.num_steps for t in rollouts)
+        ),
+    }
+    return sm, mle, info
+
+
+def _warm_started_policy(quick: bool, device: str) -> tuple[TransformerPolicy, TrainConfig]:
+    """The trainer's default policy after its warm start (BC updates only), in train mode.
+
+    SequenceMatch updates run after the warm start, on rollouts of a policy that has learnt the
+    shape of the data; a freshly initialised policy's rollouts are far more ragged (a few run to
+    the step budget), and their padding would dominate the measurement.
+    """
+    warm = 20 if quick else 60
+    config = TrainConfig(
+        agent="sequencematch", task=TASK, steps=warm, sm_warmup=warm, lr_warmup=10,
+        num_demonstrations=2000, eval_interval=0, eval_episodes=1, logdir=None, save=None,
+        progress=False, device=device,
+    )  # fmt: skip
+    trainer = Trainer(config)
+    trainer.train()
+    return trainer.policy.train(), config
+
+
+def _measure_update(quick: bool, device: str, sync: Callable[[], None]) -> dict[str, float]:
+    policy, config = _warm_started_policy(quick, device)  # the trainer's defaults otherwise
+    task = make_task(config.task)
+    sm_batch, mle_batch, info = _update_batches(policy, config, device)
+    common = {"normaliser_length": 2 * task.default_max_length}
+    bc = make_objective("bc", noise_targets=config.noise_targets, **common)
+    sm_part = make_objective(
+        "sequencematch", divergence=config.divergence, c=config.c, gamma=config.gamma,
+        value_source=config.value_source, **common,
+    )  # fmt: skip
+    objectives = {
+        "sm": (Mixture(bc, sm_part, config.eta), sm_batch),  # type: ignore[arg-type]
+        "mle": (make_objective("mle", **common), mle_batch),
+    }
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    autocast: AbstractContextManager[Any] = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    )
+
+    def update(name: str) -> Callable[[], None]:
+        objective, batch = objectives[name]
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                loss = objective(policy, batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
+            optimizer.step()
+
+        return step
+
+    fns = {name: update(name) for name in objectives}
+    for fn in fns.values():  # warm-up
+        fn()
+    seconds = _interleaved(fns, 5 if quick else 30, sync)
+    tokens = {"sm": info["sm_update_tokens"], "mle": info["mle_update_tokens"]}
+    rates = {name: tokens[name] / s for name, s in seconds.items()}
+    return {
+        "sm_vs_mle_update": rates["sm"] / rates["mle"],
+        "sm_update_tokens_per_s": rates["sm"],
+        "mle_update_tokens_per_s": rates["mle"],
+        **info,
+    }
+
+
+def _run_config(agent: str, quick: bool, device: str) -> TrainConfig:
+    steps = 20 if quick else 100
+    return TrainConfig(
+        agent=agent, task=TASK, steps=steps, sm_warmup=steps // 5, device=device,
+        num_demonstrations=2000, eval_interval=0, eval_episodes=16, log_interval=10,
+        logdir=None, save=None, progress=False,
+    )  # fmt: skip
+
+
+class _TimedTrainer(Trainer):
+    """The trainer, timing its rollouts (the refreshes of the replay buffer)."""
+
+    def __init__(self, config: TrainConfig, sync: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._sync = sync
+        self.rollout_seconds = 0.0
+
+    def _refresh_buffer(self) -> None:
+        self._sync()
+        start = time.perf_counter()
+        super()._refresh_buffer()
+        self._sync()
+        self.rollout_seconds += time.perf_counter() - start
+
+
+def _measure_run(quick: bool, device: str, sync: Callable[[], None]) -> dict[str, float]:
+    """Seconds of ``Trainer.train()`` (building the trainer and its dataset excluded)."""
+    seconds: dict[str, list[float]] = {"mle": [], "sequencematch": []}
+    trainers: dict[str, _TimedTrainer] = {}
+    for _ in range(1 if quick else 2):  # alternate the two; keep each one's fastest run
+        for agent in seconds:
+            trainer = _TimedTrainer(_run_config(agent, quick, device), sync)
+            sync()
+            start = time.perf_counter()
+            trainer.train()
+            sync()
+            seconds[agent].append(time.perf_counter() - start)
+            if seconds[agent][-1] == min(seconds[agent]):
+                trainers[agent] = trainer
+    best = {agent: min(s) for agent, s in seconds.items()}
+    sm = trainers["sequencematch"]
+    refreshes = -(-(sm.config.steps - sm.config.sm_warmup) // sm.config.k_sample)
+    buffer = sm.buffer.sample(len(sm.buffer), np.random.default_rng(0))
+    return {
+        "sm_vs_mle_run": best["sequencematch"] / best["mle"],
+        "sm_run_seconds": best["sequencematch"],
+        "mle_run_seconds": best["mle"],
+        "sm_run_rollout_share": sm.rollout_seconds / best["sequencematch"],
+        "run_updates": float(sm.config.steps),
+        "run_sm_updates": float(sm.config.steps - sm.config.sm_warmup),
+        "run_rollouts": float(refreshes * sm.config.rollouts),
+        # Why a model batch costs more than a data batch of the same size: longer episodes.
+        "run_rollout_mean_steps": float(np.mean([t.num_steps for t in buffer])),
+        "run_demo_mean_steps": float(np.mean([t.num_steps for t in sm.demonstrations])),
+    }
+
+
+def measure(
+    quick: bool = False, device: str = "cpu", cpu_threads: int | None = 1
+) -> dict[str, float]:
+    """SequenceMatch's cost over MLE (see the module docstring), with the figures behind it.
+
+    Args:
+        quick: short measurements (a smoke test).
+        device: "cpu" or "cuda".
+        cpu_threads: torch's intra-op threads during a CPU measurement (restored afterwards);
+            ``None`` keeps the current setting. One by default: on a shared machine, a thread
+            team whose other cores are busy waits at every barrier, and timings swing tenfold.
+    """
+    threads = torch.get_num_threads()
+    if device == "cpu" and cpu_threads is not None:
+        torch.set_num_threads(cpu_threads)
+    is_cuda = device.startswith("cuda")
+
+    def sync() -> None:
+        if is_cuda:
+            torch.cuda.synchronize(device)
+
+    try:
+        figures = _measure_update(quick, device, sync)
+        figures.update(_measure_run(quick, device, sync))
+        return figures
+    finally:
+        torch.set_num_threads(threads)
