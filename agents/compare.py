@@ -115,7 +115,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "k_sample": 10,
         "rollouts": 64,
         "buffer_size": 256,
-        "eta": 0.5,
+        "eta": 0.1,
     },
     "agents": {"ppo": {"timesteps": 8000, "n_steps": 256, "width": 64, "layers": 1}},
     "eval": {"episodes": 200},

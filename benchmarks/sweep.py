@@ -19,8 +19,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.compare import CompareConfig, aggregate, load_config, run_one
-from agents.report import _cell, _clean, metrics_of
+from agents.compare import TASK_METRICS, CompareConfig, aggregate, load_config, run_one
+from agents.report import _cell, _clean
 from seqenv.tasks import make_task
 
 # Parameter -> values; the base config's own value is among them.
@@ -28,11 +28,42 @@ GRID: dict[str, list] = {
     "eta": [0.1, 0.5, 0.9],
     "c": [0.05, 0.25, 1.0],
     "noise": [0.0, 0.1, 0.3],
+    "noise_type": ["random", "ground_truth"],
     "gamma": [0.9, 0.998],
     "sm_warmup": [200, 400, 600],
     "k_sample": [5, 10, 50],
     "buffer_size": [64, 256, 1024],
 }
+
+
+def write_report(results: dict, out: Path) -> str:
+    """report.md of a sweep: one table per parameter, mean [95% interval] over seeds."""
+    base = results["base"]
+    headline = [m for m in TASK_METRICS[results["task"]] if m != "mean_backtrack_length"]
+    lines = [
+        f"# SequenceMatch sensitivity: {results['task']}",
+        "",
+        f"Base config `{base.get('name')}` (eta {base['train'].get('eta')}, c "
+        f"{base['train'].get('c', 0.25)}, noise {base['train'].get('noise')}), agent "
+        f"`{results['agent']}`, one parameter at a time; wall time "
+        f"{results.get('wall_seconds', 0) / 60:.1f} min.",
+        "",
+    ]
+    for param, data in results["params"].items():
+        present = [m for m in headline if any(m in s for s in data["by_value"].values())]
+        lines += [
+            f"## {param}",
+            "",
+            f"| {param} | " + " | ".join(present) + " |",
+            "|---" * (len(present) + 1) + "|",
+        ]
+        for value, stats in data["by_value"].items():
+            cells = [_cell(stats.get(m)) for m in present]
+            lines.append(f"| {value} | " + " | ".join(cells) + " |")
+        lines.append("")
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,33 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         results["params"][param] = {"runs": runs, "by_value": aggregate(runs, key="value")}
         results["wall_seconds"] = time.perf_counter() - started
         (args.out / "results.json").write_text(json.dumps(_clean(results), indent=1) + "\n")
-    lines = [
-        f"# SequenceMatch sensitivity: {config['task']}",
-        "",
-        f"Base config `{config.get('name')}`, agent `{args.agent}`, {args.seeds} seeds, "
-        f"one parameter at a time; wall time {results['wall_seconds'] / 60:.1f} min.",
-        "",
-    ]
-    headline = metrics_of(
-        {
-            "task": config["task"],
-            "agents": {
-                "x": next(iter(next(iter(results["params"].values()))["by_value"].values()))
-            },
-        }
-    )
-    for param, data in results["params"].items():
-        lines += [
-            f"## {param}",
-            "",
-            f"| {param} | " + " | ".join(headline) + " |",
-            "|---" * (len(headline) + 1) + "|",
-        ]
-        for value, stats in data["by_value"].items():
-            lines.append(f"| {value} | " + " | ".join(_cell(stats.get(m)) for m in headline) + " |")
-        lines.append("")
-    (args.out / "report.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+        write_report(results, args.out)
+    print(write_report(results, args.out))
     return 0
 
 
