@@ -30,7 +30,7 @@ from torch import nn
 
 from agents.collate import RefeedMask, TrajectoryBatch
 from agents.interface import cache_visibility
-from seqenv.vocab import BACKSPACE_TOKEN, SpecialIds, VocabularyError
+from seqenv.vocab import SpecialIds, VocabularyError, decode_with
 
 try:
     from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
@@ -77,22 +77,7 @@ class HFVocab:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of an id sequence; ``<eos>`` and pad dropped, ``<bkspc>`` rendered by name."""
-        pieces: list[str] = []
-        run: list[int] = []
-        for i in (int(i) for i in ids):
-            if not 0 <= i <= self.pad_id:
-                raise VocabularyError(f"id {i} is outside the vocabulary (size {self.num_actions})")
-            if self.special.is_token(i):
-                run.append(i)
-                continue
-            if run:
-                pieces.append(self.tokenizer.decode(run))
-                run = []
-            if i == self.backspace_id:
-                pieces.append(BACKSPACE_TOKEN)
-        if run:
-            pieces.append(self.tokenizer.decode(run))
-        return "".join(pieces)
+        return decode_with(self.tokenizer.decode, ids, self.special)
 
     def to_json(self) -> dict:
         return {"kind": "hf", "name_or_path": str(getattr(self.tokenizer, "name_or_path", ""))}

@@ -14,7 +14,7 @@ So the action space is ``Discrete(num_actions)`` and the observation space is
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -192,26 +192,7 @@ class TokenizerVocab(_SpecialIdsMixin):
         return list(self.tokenizer.encode(text).ids)
 
     def decode(self, ids: Iterable[int]) -> str:
-        ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i <= self.pad_id]
-        if bad:
-            raise VocabularyError(
-                f"id {bad[0]} is outside the vocabulary (size {self.num_actions})"
-            )
-        pieces: list[str] = []
-        run: list[int] = []
-        for i in ids:
-            if i < self.eos_id:
-                run.append(i)
-                continue
-            if run:
-                pieces.append(self.tokenizer.decode(run))
-                run = []
-            if i == self.backspace_id:
-                pieces.append(BACKSPACE_TOKEN)
-        if run:
-            pieces.append(self.tokenizer.decode(run))
-        return "".join(pieces)
+        return decode_with(self.tokenizer.decode, ids, self.special)
 
     def to_json(self) -> dict:
         return {"kind": "tokenizer", "tokenizer": json.loads(self.tokenizer_json)}
@@ -221,6 +202,30 @@ class TokenizerVocab(_SpecialIdsMixin):
 
     def __hash__(self) -> int:
         return hash(self.tokenizer_json)
+
+
+def decode_with(
+    decode_tokens: Callable[[list[int]], str], ids: Iterable[int], special: SpecialIds
+) -> str:
+    """Text of an action trace over a subword tokenizer: runs of ordinary tokens go through
+    ``decode_tokens`` together (subwords join up), ``<bkspc>`` is rendered by name, ``<eos>``
+    and pad are dropped."""
+    pieces: list[str] = []
+    run: list[int] = []
+    for i in (int(i) for i in ids):
+        if not 0 <= i <= special.pad_id:
+            raise VocabularyError(f"id {i} is outside the vocabulary (size {special.num_actions})")
+        if special.is_token(i):
+            run.append(i)
+            continue
+        if run:
+            pieces.append(decode_tokens(run))
+            run = []
+        if i == special.backspace_id:
+            pieces.append(BACKSPACE_TOKEN)
+    if run:
+        pieces.append(decode_tokens(run))
+    return "".join(pieces)
 
 
 def vocab_from_json(data: dict) -> Vocab:
