@@ -130,12 +130,6 @@ def accuracy(task: Task, trajectories: Sequence[Trajectory]) -> float:
     return float(np.mean(scores))
 
 
-class _WrongPartialAnswer(Protocol):
-    def wrong_partial_answer(
-        self, example: Example, rng: np.random.Generator
-    ) -> tuple[int, ...]: ...
-
-
 @dataclass(frozen=True)
 class RecoveryStart:
     """The start of a recovery episode: a prompt, then a wrong partial answer that the policy
@@ -166,18 +160,8 @@ class RecoveryStart:
 
 
 def wrong_partial_answer(task: Task, example: Example, rng: np.random.Generator) -> tuple[int, ...]:
-    """A partial answer ending in a mistake: the task's own if it has one, else the answer's
-    first ``j`` tokens (``j`` uniform over its positions) then ``task.ground_truth_noise``
-    in place of token ``j`` (for arithmetic, a wrong digit of the base)."""
-    if hasattr(task, "wrong_partial_answer"):
-        own: _WrongPartialAnswer = task
-        return tuple(int(t) for t in own.wrong_partial_answer(example, rng))
-    completion = example.completion
-    if not completion:
-        raise ValueError("an example with an empty completion has no partial answer")
-    j = int(rng.integers(len(completion)))
-    wrong = task.ground_truth_noise(rng, example.prompt, completion[:j], completion[j])
-    return (*completion[:j], int(wrong))
+    """A partial answer ending in a mistake: :meth:`Task.wrong_partial_answer` of the task."""
+    return tuple(int(t) for t in task.wrong_partial_answer(example, rng))
 
 
 def recovery_starts(task: Task, examples: Sequence[Example], seed: int = 0) -> list[RecoveryStart]:

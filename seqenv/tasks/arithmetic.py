@@ -320,18 +320,6 @@ class ArithmeticTask(Task):
         candidates = [d for d in self._digit_ids[: self.base_of(prompt)] if d != true_next]
         return candidates[int(rng.integers(len(candidates)))]
 
-    def wrong_partial_answer(self, example: Example, rng: np.random.Generator) -> tuple[int, ...]:
-        """A partial answer ending in a mistake, to start a recovery episode from.
-
-        The answer's first ``j`` tokens (``j`` uniform over its positions), then a wrong digit
-        of the base in place of token ``j``. Placed in the generated part of the state, it asks
-        the policy to delete that digit (one ``<bkspc>``) and finish the answer.
-        """
-        completion = example.completion
-        j = int(rng.integers(len(completion)))
-        wrong = self.ground_truth_noise(rng, example.prompt, completion[:j], completion[j])
-        return (*completion[:j], wrong)
-
     def config(self) -> dict:
         """The keyword arguments that rebuild this task."""
         return {

@@ -79,6 +79,21 @@ class Task(ABC):
     ) -> int:
         """A plausible mistake at this point: an ordinary token id other than ``true_next``."""
 
+    def wrong_partial_answer(self, example: Example, rng: np.random.Generator) -> tuple[int, ...]:
+        """A partial answer ending in a mistake, to start a recovery episode from.
+
+        The answer's first ``j`` tokens (``j`` uniform over its positions), then
+        :meth:`ground_truth_noise` in place of token ``j`` (for arithmetic, a wrong digit of the
+        base). Placed in the generated part of the state, it asks the policy to delete the
+        mistake and finish the answer.
+        """
+        completion = example.completion
+        if not completion:
+            raise ValueError("an example with an empty completion has no partial answer")
+        j = int(rng.integers(len(completion)))
+        wrong = self.ground_truth_noise(rng, example.prompt, completion[:j], completion[j])
+        return (*completion[:j], int(wrong))
+
     def config(self) -> dict:
         """The keyword arguments that rebuild this task (stored in checkpoints)."""
         return {}
