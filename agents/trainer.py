@@ -49,9 +49,7 @@ from agents.generate import generate
 from agents.logger import Logger
 from agents.objectives import (
     BC,
-    DIVERGENCES,
     MLE,
-    VALUE_SOURCES,
     LossOutput,
     Mixture,
     Objective,
@@ -222,14 +220,14 @@ class TrainConfig:
             raise ValueError(f"--lr-schedule-steps must be >= 1, got {self.lr_schedule_steps}")
         if not self.temperature > 0.0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(
-                f"unknown divergence {self.divergence!r}; known: {', '.join(DIVERGENCES)}"
-            )
-        if self.value_source not in VALUE_SOURCES:
-            raise ValueError(
-                f"unknown value source {self.value_source!r}; known: {', '.join(VALUE_SOURCES)}"
-            )
+        # The objective checks its own settings; building it here fails before any file exists.
+        make_objective(
+            "sequencematch",
+            divergence=self.divergence,
+            c=self.c,
+            gamma=self.gamma,
+            value_source=self.value_source,
+        )
         resolve_device(self.device)
         if self.noise_type not in ("random", "ground_truth"):
             raise ValueError(

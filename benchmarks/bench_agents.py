@@ -33,29 +33,12 @@ from agents.generate import generate
 from agents.objectives import Mixture, ObjectiveBatch, make_objective
 from agents.policy import TransformerPolicy
 from agents.trainer import TrainConfig, Trainer
+from benchmarks.timing import interleaved_fastest
 from seqenv.tasks import make_task
 from seqenv.trajectory import Trajectory, augment, random_noise
 
 TASK = "arithmetic"
 """The default task of the trainer and of `seqmatch compare`."""
-
-
-def _interleaved(
-    fns: dict[str, Callable[[], Any]], iters: int, sync: Callable[[], None]
-) -> dict[str, float]:
-    """Fastest seconds per call of each function, calling them in turn ``iters`` times.
-
-    The fastest call, not the median: on a shared machine other work only ever slows a call down.
-    """
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(ts) for name, ts in times.items()}
 
 
 def _update_batches(
@@ -155,7 +138,7 @@ def _measure_update(quick: bool, device: str, sync: Callable[[], None]) -> dict[
     fns = {name: update(name) for name in objectives}
     for fn in fns.values():  # warm-up
         fn()
-    seconds = _interleaved(fns, 5 if quick else 30, sync)
+    seconds = interleaved_fastest(fns, 5 if quick else 30, sync)
     tokens = {"sm": info["sm_update_tokens"], "mle": info["mle_update_tokens"]}
     rates = {name: tokens[name] / s for name, s in seconds.items()}
     return {

@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from gymnasium.vector import SyncVectorEnv
 
+from benchmarks.timing import interleaved_rates
 from seqenv.env import SequenceGenEnv
 from seqenv.vector import SequenceGenVectorEnv
-
-
-def interleaved_rates(
-    steppers: dict[str, Callable[[], int]], seconds: float, rounds: int = 20
-) -> dict[str, float]:
-    """Steps per second of each stepper (which returns the env steps it took), measured in
-    alternating slices so that a change of load on the machine hits all of them alike."""
-    steps = dict.fromkeys(steppers, 0)
-    elapsed = dict.fromkeys(steppers, 0.0)
-    for _ in range(rounds):
-        for name, step in steppers.items():
-            start = time.perf_counter()
-            while time.perf_counter() - start < seconds / rounds:
-                steps[name] += step()
-            elapsed[name] += time.perf_counter() - start
-    return {name: steps[name] / elapsed[name] for name in steppers}
 
 
 def measure(quick: bool = False, num_envs: int = 256, task: str = "arithmetic") -> dict[str, float]:

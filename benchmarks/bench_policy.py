@@ -19,7 +19,6 @@ policy`` (or call :func:`measure`).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from torch import nn
 from agents.collate import RefeedMask, TrajectoryBatch, collate, refeed_layout
 from agents.generate import generate, select_actions
 from agents.policy import TransformerConfig, TransformerPolicy
+from benchmarks.timing import interleaved_fastest
 from seqenv.trajectory import Trajectory, augment, random_noise
 from seqenv.vocab import SpecialIds
 
@@ -117,24 +117,6 @@ def _trajectories(shape: Shape, special: SpecialIds, rng: np.random.Generator) -
     return trajectories
 
 
-def _interleaved(
-    fns: dict[str, Callable[[], Any]], iters: int, sync: Callable[[], None]
-) -> dict[str, float]:
-    """Fastest seconds per call of each function, calling them in turn ``iters`` times.
-
-    The fastest call, not the median: on a shared machine other work only ever slows a call down.
-    """
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(ts) for name, ts in times.items()}
-
-
 def _measure_train(
     model: nn.Module,
     policy: TransformerPolicy,
@@ -176,7 +158,7 @@ def _measure_train(
     for fn in fns.values():  # warm-up (and compilation)
         fn()
         fn()
-    seconds = _interleaved(fns, shape.train_iters, sync)
+    seconds = interleaved_fastest(fns, shape.train_iters, sync)
     rates = {name: B * T / s for name, s in seconds.items()}
     masked = rates.get("masked_flex", rates["masked_dense"])
     figures = {
@@ -286,9 +268,9 @@ def _measure_generate(
     }
     fns["plain"]()  # warm-up
     fns["rollback"]()
-    seconds = _interleaved({"plain": fns["plain"], "rollback": fns["rollback"]}, 3, sync)
+    seconds = interleaved_fastest({"plain": fns["plain"], "rollback": fns["rollback"]}, 3, sync)
     # Recomputation is slow enough that one run of it is a measurement.
-    seconds.update(_interleaved({"recompute": fns["recompute"]}, 1, sync))
+    seconds.update(interleaved_fastest({"recompute": fns["recompute"]}, 1, sync))
     rates = {name: actions[name] / s for name, s in seconds.items()}
     return {
         "rollback_vs_plain_generate": rates["rollback"] / rates["plain"],
