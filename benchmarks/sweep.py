@@ -19,8 +19,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.compare import TASK_METRICS, CompareConfig, aggregate, load_config, run_one
+from agents.compare import TASK_METRICS
 from agents.report import _cell, _clean
+from agents.trainer import CompareConfig, TrainConfig, aggregate, load_config, run_one
 from seqenv.tasks import make_task
 
 # Parameter -> values; the base config's own value is among them.
@@ -75,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agent", default="sequencematch")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--skip-base",
+        action="store_true",
+        help="skip each parameter's value in the base config (already measured elsewhere)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         import torch
@@ -87,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"task": config["task"], "base": config, "agent": args.agent, "params": {}}
     for param in [p.strip() for p in args.params.split(",") if p.strip()]:
         runs = []
+        base_value = config["train"].get(param, getattr(TrainConfig(), param))
         for value in GRID[param]:
+            if args.skip_base and value == base_value:
+                continue
             for seed in range(args.seeds):
                 print(f"[sweep] {param}={value} seed {seed}", file=sys.stderr, flush=True)
                 row = run_one(
