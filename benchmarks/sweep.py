@@ -19,9 +19,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agents.compare import TASK_METRICS
+from agents.compare import TASK_METRICS, CompareConfig, aggregate, load_config, run_one
 from agents.report import _cell, _clean
-from agents.trainer import CompareConfig, TrainConfig, aggregate, load_config, run_one
+from agents.trainer import TrainConfig
 from seqenv.tasks import make_task
 
 # Parameter -> values; the base config's own value is among them.
