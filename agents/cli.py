@@ -220,12 +220,45 @@ def _parse(config_type: type, args: list[str], prog: str, debug: bool) -> Any:
         raise SystemExit(2) from None
 
 
-COMMANDS: dict[str, tuple[type, Callable[[Any], Any]]] = {
-    "compare": (CompareConfig, compare),
-    "show": (ShowConfig, show),
-    "train": (TrainConfig, train),
-    "eval": (EvalConfig, evaluate),
-    "generate": (GenerateConfig, generate_text),
+@dataclass
+class BenchConfig:
+    """Throughput ratios of the env, the policy and the agents (benchmarks/throughput.py)."""
+
+    json: str | None = None
+    """Write the figures to this JSON file."""
+    quick: bool = False
+    """Short measurements (a smoke run)."""
+    only: str = "env,policy,agents"
+    """Comma-separated groups."""
+
+
+def bench(config: BenchConfig) -> None:
+    """Run benchmarks/throughput.py of the source checkout this package runs from."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script}: `seqmatch bench` needs a source checkout")
+    argv = ["--only", config.only] + (["--quick"] if config.quick else [])
+    argv += ["--json", config.json] if config.json else []
+    saved, sys.argv = sys.argv, [str(script), *argv]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as exit_:
+        if exit_.code:
+            raise
+    finally:
+        sys.argv = saved
+
+
+# name -> (config, run, one line for `seqmatch --help`)
+COMMANDS: dict[str, tuple[type, Callable[[Any], Any], str]] = {
+    "compare": (CompareConfig, compare, "IL against MLE on a task: train, evaluate, report"),
+    "train": (TrainConfig, train, "train an agent (mle, bc, sequencematch) on a task"),
+    "eval": (EvalConfig, evaluate, "evaluate a checkpoint on the task or on your data"),
+    "generate": (GenerateConfig, generate_text, "continue a prompt with a checkpoint"),
+    "show": (ShowConfig, show, "play an augmented demonstration through the environment"),
+    "bench": (BenchConfig, bench, "throughput ratios of the env, the policy and the agents"),
 }
 
 
@@ -239,14 +272,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args and args[0] in ("-h", "--help"):
             print(f"usage: seqmatch {{{names}}} [--help] [--debug] ...")
             print(__doc__)
-            for name, (config_type, _) in COMMANDS.items():
-                print(f"  {name:<10} {(config_type.__doc__ or '').strip().splitlines()[0]}")
+            for name, (_, _, summary) in COMMANDS.items():
+                print(f"  {name:<10} {summary}")
             return 0
         given = f"unknown command {args[0]!r}" if args else "no command given"
         print(f"seqmatch: error: {given}; commands: {names}", file=sys.stderr)
         return 2
     name, rest = args[0], args[1:]
-    config_type, run = COMMANDS[name]
+    config_type, run, _ = COMMANDS[name]
     try:
         config = _parse(config_type, rest, f"seqmatch {name}", debug)
     except SystemExit as exit_:  # --help (0) or a command line that does not parse (2)
