@@ -42,9 +42,10 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(
-    *args: str, cwd: Path, timeout: float = 120, **env: str
+    *args: str, cwd: Path, timeout: float = 280, **env: str
 ) -> subprocess.CompletedProcess[str]:
     """``seqmatch ARGS`` in a subprocess (``python -m agents.cli``), output captured as text."""
+    # The timeout only guards against a hang; it stays below pytest-timeout's 300 s per test.
     return subprocess.run(
         [sys.executable, "-m", "agents.cli", *args],
         cwd=cwd,

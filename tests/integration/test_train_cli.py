@@ -157,7 +157,7 @@ def test_help_of_the_installed_command(tmp_path: Path) -> None:
     command = [str(script)] if script.exists() else [sys.executable, "-m", "agents.cli"]
     result = subprocess.run(
         [*command, "train", "--help"], cwd=tmp_path, env=cli_env(), capture_output=True,
-        text=True, timeout=60, check=False,
+        text=True, timeout=280, check=False,
     )  # fmt: skip
     check_ok(result)
     assert "usage: seqmatch train" in result.stdout

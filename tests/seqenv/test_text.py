@@ -190,7 +190,7 @@ def test_austen_bpe_trains_in_seconds(austen: TextTask) -> None:
     paragraphs = [p for d in austen.documents["train"] for p in d.paragraphs]
     start = time.perf_counter()
     text_module.train_tokenizer(paragraphs, 2000)
-    assert time.perf_counter() - start < 20
+    assert time.perf_counter() - start < 60
 
 
 # ------------------------------------------------------------------------------------------------
