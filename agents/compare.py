@@ -528,12 +528,13 @@ def run_compare(options: CompareConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     if options.threads:
         torch.set_num_threads(options.threads)  # 0 or None: torch's own default
+    progress = options.progress and sys.stderr.isatty()  # bars only for a person watching
     started = time.perf_counter()
     runs = []
     for agent in config["agent_list"]:
         for seed in range(int(config["seeds"])):
             print(f"[compare] {agent} seed {seed}", file=sys.stderr, flush=True)
-            runs.append(run_one(config, task, agent, seed, out, options.device, options.progress))
+            runs.append(run_one(config, task, agent, seed, out, options.device, progress))
     sweep_runs = []
     sweep = config.get("sweep")
     if sweep:
@@ -552,7 +553,7 @@ def run_compare(options: CompareConfig) -> dict[str, Any]:
                         seed,
                         out / "sweep",
                         options.device,
-                        options.progress,
+                        progress,
                         **{sweep["param"]: value},
                     )
                     row["value"] = value
