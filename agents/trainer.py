@@ -20,6 +20,7 @@ is normalised by its own B).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -480,7 +481,7 @@ class Trainer:
             )
             last = k == config.grad_accum - 1
             ddp = self.batch_forward
-            sync: AbstractContextManager[Any] = _nullcontext()
+            sync: AbstractContextManager[Any] = contextlib.nullcontext()
             if isinstance(ddp, nn.parallel.DistributedDataParallel) and not last:
                 sync = ddp.no_sync()
             with (
@@ -670,14 +671,6 @@ class Trainer:
 
 # Settings that may change between a run and its resume (where things go, how they are shown).
 _RESUMABLE = {"resume", "json", "progress", "logdir", "name", "save", "steps", "device"}
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: object) -> None:
-        return None
 
 
 def load_policy(path: str | Path, device: str = "cpu") -> tuple[TransformerPolicy, dict[str, Any]]:
