@@ -30,7 +30,7 @@ from torch import nn
 
 from agents.collate import RefeedMask, TrajectoryBatch
 from agents.interface import cache_visibility
-from seqenv.vocab import SpecialIds, VocabularyError, decode_with
+from seqenv.vocab import SpecialIds, SpecialIdsMixin, VocabularyError, decode_with
 
 try:
     from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
@@ -41,7 +41,7 @@ except ImportError as err:  # pragma: no cover - depends on the install
     ) from err
 
 
-class HFVocab:
+class HFVocab(SpecialIdsMixin):
     """The vocabulary of a transformers tokenizer, with ``<bkspc>`` and pad appended.
 
     Layout: the tokenizer's ids ``0 .. len(tokenizer)-1`` (its eos among them is ``<eos>``), then
@@ -55,22 +55,6 @@ class HFVocab:
         self.tokenizer = tokenizer
         n = len(tokenizer)
         self.special = SpecialIds(num_actions=n + 1, eos_id=int(eos), backspace_id=n, pad_id=n + 1)
-
-    @property
-    def eos_id(self) -> int:
-        return self.special.eos_id
-
-    @property
-    def backspace_id(self) -> int:
-        return self.special.backspace_id
-
-    @property
-    def pad_id(self) -> int:
-        return self.special.pad_id
-
-    @property
-    def num_actions(self) -> int:
-        return self.special.num_actions
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))

@@ -94,7 +94,9 @@ class Vocab(Protocol):
     def to_json(self) -> dict: ...
 
 
-class _SpecialIdsMixin:
+class SpecialIdsMixin:
+    """``eos_id``, ``backspace_id``, ``pad_id`` and ``num_actions`` read from ``self.special``."""
+
     special: SpecialIds
 
     @property
@@ -114,7 +116,7 @@ class _SpecialIdsMixin:
         return self.special.num_actions
 
 
-class CharVocab(_SpecialIdsMixin):
+class CharVocab(SpecialIdsMixin):
     """A character-level vocabulary: one id per character, then ``<eos>``, ``<bkspc>``, pad.
 
     ``decode`` drops ``<eos>`` and pad and renders ``<bkspc>`` by name, so that an action trace
@@ -170,7 +172,7 @@ class CharVocab(_SpecialIdsMixin):
         return f"CharVocab({''.join(self.chars)!r})"
 
 
-class TokenizerVocab(_SpecialIdsMixin):
+class TokenizerVocab(SpecialIdsMixin):
     """A vocabulary over a `tokenizers` BPE model, whose ids keep their meaning.
 
     The tokenizer's own ids are the ordinary tokens; ``<eos>``, ``<bkspc>`` and pad follow them.
