@@ -424,8 +424,9 @@ def evaluate_task(
             metrics["mauve"] = mauve_score(
                 continuation_texts(task.vocab, episodes), true, device=str(device)
             )
-    metrics["backspace_rate"] = backspace_stats(episodes)["backspace_rate"]
-    metrics["mean_backtrack_length"] = backspace_stats(episodes)["mean_backtrack_length"]
+    stats = backspace_stats(episodes)
+    metrics["backspace_rate"] = stats["backspace_rate"]
+    metrics["mean_backtrack_length"] = stats["mean_backtrack_length"]
     return metrics
 
 

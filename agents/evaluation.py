@@ -10,9 +10,10 @@ import torch
 
 from agents.checkpoint import CheckpointError
 from agents.generate import generate
+from agents.metrics import episode_metrics, final_generated
 from agents.trainer import load_policy
 from seqenv.tasks import Task, make_task
-from seqenv.trajectory import Trajectory, load_demonstrations
+from seqenv.trajectory import load_demonstrations
 
 if TYPE_CHECKING:
     from agents.cli import EvalConfig, GenerateConfig
@@ -38,25 +39,6 @@ def checkpoint_task(
     return task
 
 
-def episode_metrics(task: Task, trajectories: list[Trajectory]) -> dict[str, float]:
-    """Task score, backspace use and lengths of finished episodes."""
-    generated = [t.generated() for t in trajectories]
-    steps = sum(t.num_steps for t in trajectories)
-    return {
-        "score": float(
-            np.mean(
-                [
-                    task.score(t.prompt.tolist(), g, t.terminated)
-                    for t, g in zip(trajectories, generated, strict=True)
-                ]
-            )
-        ),
-        "backspace_rate": sum(t.num_backspaces for t in trajectories) / max(1, steps),
-        "terminated": float(np.mean([t.terminated for t in trajectories])),
-        "length": float(np.mean([len(g) for g in generated])),
-    }
-
-
 def evaluate_checkpoint(config: EvalConfig) -> dict[str, float]:
     """Greedy episodes on held-out prompts of the task, and exact match on ``config.data``."""
     if config.episodes < 1:
@@ -67,7 +49,9 @@ def evaluate_checkpoint(config: EvalConfig) -> dict[str, float]:
     demos = load_demonstrations(config.data, task.vocab, max_length) if config.data else None
     prompts = [list(e.prompt) for e in task.examples("test", config.episodes, seed=config.seed)]
     out = generate(policy, prompts, max_length=max_length, max_steps=max_steps, greedy=True)
-    metrics = {f"task/{k}": v for k, v in episode_metrics(task, out.trajectories).items()}
+    metrics = {
+        f"task/{k}": v for k, v in episode_metrics(task, out.trajectories, out.generated).items()
+    }
     if demos is not None:
         out = generate(
             policy,
@@ -76,14 +60,14 @@ def evaluate_checkpoint(config: EvalConfig) -> dict[str, float]:
             max_steps=max_steps,
             greedy=True,
         )
-        expected = [d.generated() for d in demos]
+        expected = final_generated(demos)
         exact = [
             t.terminated and got == want
             for t, got, want in zip(out.trajectories, out.generated, expected, strict=True)
         ]
         metrics["data/accuracy"] = float(np.mean(exact))
         metrics["data/examples"] = float(len(demos))
-        for key, value in episode_metrics(task, out.trajectories).items():
+        for key, value in episode_metrics(task, out.trajectories, out.generated).items():
             if key != "score":
                 metrics[f"data/{key}"] = value
     return metrics

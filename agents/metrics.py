@@ -113,6 +113,29 @@ def backspace_stats(trajectories: Sequence[Trajectory]) -> dict[str, float]:
     }
 
 
+def episode_metrics(
+    task: Task, trajectories: Sequence[Trajectory], generated: Sequence[Sequence[int]] | None = None
+) -> dict[str, float]:
+    """Task score, backspace use and lengths of finished episodes (what training evaluates).
+
+    ``generated``: the episodes' final ids, if the caller has them already.
+    """
+    if not trajectories:
+        raise ValueError("episode_metrics needs at least one trajectory")
+    finals = final_generated(trajectories) if generated is None else generated
+    steps = sum(t.num_steps for t in trajectories)
+    scores = [
+        task.score(t.prompt.tolist(), g, t.terminated)
+        for t, g in zip(trajectories, finals, strict=True)
+    ]
+    return {
+        "score": float(np.mean(scores)),
+        "backspace_rate": sum(t.num_backspaces for t in trajectories) / max(1, steps),
+        "terminated": float(np.mean([t.terminated for t in trajectories])),
+        "length": float(np.mean([len(g) for g in finals])),
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # Arithmetic: accuracy and recovery
 

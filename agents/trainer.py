@@ -48,6 +48,7 @@ from agents.checkpoint import (
 from agents.collate import TrajectoryBatch, collate
 from agents.generate import generate
 from agents.logger import Logger
+from agents.metrics import episode_metrics, final_generated
 from agents.objectives import (
     BC,
     MLE,
@@ -529,17 +530,10 @@ class Trainer:
             greedy = self.task.name == "arithmetic"
         generator = torch.Generator(self.device).manual_seed(self.config.seed + 3)
         trajectories = self._rollouts(self.eval_prompts, greedy=greedy, generator=generator)
-        generated = [t.generated() for t in trajectories]
-        scores = [
-            self.task.score(p, g, t.terminated)
-            for p, g, t in zip(self.eval_prompts, generated, trajectories, strict=True)
-        ]
-        steps = sum(t.num_steps for t in trajectories)
+        generated = final_generated(trajectories)
         metrics = {
-            "eval/score": float(np.mean(scores)),
-            "eval/backspace_rate": sum(t.num_backspaces for t in trajectories) / max(1, steps),
-            "eval/terminated": float(np.mean([t.terminated for t in trajectories])),
-            "eval/length": float(np.mean([len(g) for g in generated])),
+            f"eval/{key}": value
+            for key, value in episode_metrics(self.task, trajectories, generated).items()
         }
         if logger is not None:
             for key, value in metrics.items():
