@@ -28,9 +28,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from agents.checkpoint import read_metadata
-from agents.interface import mask_logits
-from agents.trainer import TrainConfig, Trainer
+from agents.models.interface import mask_logits
+from agents.training.checkpoint import read_metadata
+from agents.training.trainer import TrainConfig, Trainer
 from seqenv.env import SequenceGenEnv
 
 

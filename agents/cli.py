@@ -22,8 +22,8 @@ from typing import Any, SupportsFloat
 import numpy as np
 import tyro
 
-from agents.compare import CompareConfig
-from agents.trainer import TrainConfig
+from agents.experiments.compare import CompareConfig
+from agents.training.trainer import TrainConfig
 
 # Exceptions that mean "the input was bad", as opposed to a bug: reported in one line.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -99,7 +99,7 @@ def _write_json(path: str | None, document: dict[str, Any]) -> None:
 
 def train(config: TrainConfig) -> None:
     """Train an agent; print and optionally write the final evaluation."""
-    from agents.trainer import Trainer
+    from agents.training.trainer import Trainer
 
     trainer = Trainer(config)
     metrics = trainer.train()
@@ -133,7 +133,7 @@ class EvalConfig:
 
 
 def evaluate(config: EvalConfig) -> None:
-    from agents.evaluation import evaluate_checkpoint
+    from agents.evaluation.evaluate import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(config)
     for key, value in metrics.items():
@@ -162,7 +162,7 @@ class GenerateConfig:
 
 
 def generate_text(config: GenerateConfig) -> None:
-    from agents.evaluation import generate_from_checkpoint
+    from agents.evaluation.evaluate import generate_from_checkpoint
 
     for text, trace in generate_from_checkpoint(config):
         print(text)
@@ -172,8 +172,8 @@ def generate_text(config: GenerateConfig) -> None:
 
 def compare(config: CompareConfig) -> None:
     """Run the comparison, print the table and say where the outputs are."""
-    from agents.compare import run_compare
-    from agents.report import table, verdicts
+    from agents.experiments.compare import run_compare
+    from agents.experiments.report import table, verdicts
 
     results = run_compare(config)
     print(table(results))
@@ -222,7 +222,7 @@ def _parse(config_type: type, args: list[str], prog: str, debug: bool) -> Any:
 
 @dataclass
 class BenchConfig:
-    """Throughput ratios of the env, the policy and the agents (benchmarks/throughput.py)."""
+    """Throughput ratios of the env, the policy and the agents (agents.experiments.throughput)."""
 
     json: str | None = None
     """Write the figures to this JSON file."""
@@ -233,22 +233,14 @@ class BenchConfig:
 
 
 def bench(config: BenchConfig) -> None:
-    """Run benchmarks/throughput.py of the source checkout this package runs from."""
-    import runpy
+    """Measure the throughput ratios (:mod:`agents.experiments.throughput`)."""
+    from agents.experiments.throughput import main as throughput_main
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
-    if not script.is_file():
-        raise FileNotFoundError(f"{script}: `seqmatch bench` needs a source checkout")
     argv = ["--only", config.only] + (["--quick"] if config.quick else [])
     argv += ["--json", config.json] if config.json else []
-    saved, sys.argv = sys.argv, [str(script), *argv]
-    try:
-        runpy.run_path(str(script), run_name="__main__")
-    except SystemExit as exit_:
-        if exit_.code:
-            raise
-    finally:
-        sys.argv = saved
+    code = throughput_main(argv)
+    if code:
+        raise SystemExit(code)
 
 
 # name -> (config, run, one line for `seqmatch --help`)

@@ -57,7 +57,7 @@ from typing import Any, Protocol
 import torch
 
 from agents.collate import TrajectoryBatch
-from agents.interface import mask_logits
+from agents.models.interface import mask_logits
 from seqenv.vocab import SpecialIds
 
 DIVERGENCES = ("chi2_mixture", "chi2", "kl", "reverse_kl", "js", "hellinger", "tv", "linear")

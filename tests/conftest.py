@@ -1,4 +1,4 @@
-"""Shared fixtures: the Austen corpus beside the repository, small task settings, a cache."""
+"""Shared fixtures: the Austen corpus shipped with seqenv, small task settings, a cache."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ from typing import Any
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-AUSTEN = REPO.parent / "shared" / "data" / "austen"
+from seqenv.tasks.text import austen_corpus
+
+AUSTEN = austen_corpus()
 
 
 @pytest.fixture(scope="session")
 def austen_dir() -> Path:
-    if not AUSTEN.is_dir():
-        pytest.skip(f"the Austen corpus is not at {AUSTEN} (CI places ../shared beside the clone)")
     return AUSTEN
 
 

@@ -1,9 +1,10 @@
 """The text task: passages of a plain-text corpus under a byte-level BPE trained on its train split.
 
-The corpus is any UTF-8 text file or folder of ``.txt`` files (``../shared/data/austen/`` holds
-five novels). An example is a window of ``prompt_tokens + continuation_tokens`` tokens: the first
-part is the prompt, the rest the expert's continuation, and the episode is truncated at
-``max_length`` (there is no natural end of a passage, so no ``<eos>``).
+The corpus is any UTF-8 text file or folder of ``.txt`` files; by default the five Jane Austen
+novels shipped with the package (:func:`austen_corpus`, public domain). An example is a window
+of ``prompt_tokens + continuation_tokens`` tokens: the first part is the prompt, the rest the
+expert's continuation, and the episode is truncated at ``max_length``
+(there is no natural end of a passage, so no ``<eos>``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import ClassVar
 
@@ -35,6 +37,11 @@ MAX_TOKENIZER_TRAIN_CHARS = 10_000_000
 # A byte-level BPE starts from the 256 byte symbols; a smaller vocabulary has no merges at all.
 _NUM_BYTES = 256
 _BLANK_LINE = re.compile(r"\n[ \t\f\v\u00a0]*\n")
+
+
+def austen_corpus() -> Path:
+    """The folder of the five Austen novels shipped as package data of :mod:`seqenv`."""
+    return Path(str(resources.files("seqenv") / "data" / "austen"))
 
 
 class CorpusError(ValueError):
@@ -212,7 +219,7 @@ class TextTask(Task):
     drawn from the unigram distribution of the train split, other than the true next token.
 
     Args:
-        corpus: path of the text file or folder (required).
+        corpus: path of the text file or folder; the shipped Austen novels if unset.
         vocab_size: tokens of the BPE (> 256: the byte alphabet comes first).
         prompt_tokens: tokens of the prompt, >= 1.
         continuation_tokens: tokens of the expert's continuation, >= 1.
@@ -240,10 +247,7 @@ class TextTask(Task):
         seed: int = 0,
     ) -> None:
         if corpus is None:
-            raise ValueError(
-                "the text task needs a corpus: pass corpus=PATH (a UTF-8 text file or a folder "
-                "of .txt files, e.g. ../shared/data/austen)"
-            )
+            corpus = austen_corpus()
         if prompt_tokens < 1:
             raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
         if continuation_tokens < 1:

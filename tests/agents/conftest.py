@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.policy import TransformerConfig, TransformerPolicy
+from agents.models.policy import TransformerConfig, TransformerPolicy
 from seqenv.trajectory import Trajectory
 from seqenv.vocab import CharVocab, SpecialIds
 

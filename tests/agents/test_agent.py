@@ -10,7 +10,7 @@ import torch
 
 import seqenv
 from agents import BC, MLE, SequenceMatch
-from agents.sb3 import SequenceFeaturesExtractor
+from agents.models.sb3 import SequenceFeaturesExtractor
 
 TINY = {
     "layers": 1,

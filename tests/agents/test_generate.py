@@ -11,8 +11,8 @@ from torch import nn
 
 from agents.collate import RefeedMask, TrajectoryBatch, collate
 from agents.generate import generate, select_actions
-from agents.interface import PolicyModel
-from agents.policy import TransformerPolicy
+from agents.models.interface import PolicyModel
+from agents.models.policy import TransformerPolicy
 from seqenv.vocab import CharVocab
 
 ATOL = 1e-5

@@ -12,8 +12,8 @@ from transformers import GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
 from agents.collate import collate
 from agents.generate import generate
-from agents.hf import HFPolicy, HFVocab, load_hf
-from agents.interface import PolicyModel
+from agents.models.hf import HFPolicy, HFVocab, load_hf
+from agents.models.interface import PolicyModel
 from seqenv.trajectory import Trajectory
 from seqenv.vocab import VocabularyError
 

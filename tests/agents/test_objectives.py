@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from agents.collate import TrajectoryBatch, collate
+from agents.models.policy import TransformerPolicy
 from agents.objectives import (
     BC,
     DIVERGENCES,
@@ -21,7 +22,6 @@ from agents.objectives import (
     make_objective,
     phi,
 )
-from agents.policy import TransformerPolicy
 from seqenv.trajectory import Trajectory, augment, random_noise
 from seqenv.vocab import CharVocab, SpecialIds
 

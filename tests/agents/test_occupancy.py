@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.occupancy import (
+from agents.evaluation.occupancy import (
     data_policy_probs,
     divergences,
     enumerate_states,

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from agents.collate import collate
-from agents.interface import PolicyModel
-from agents.policy import TransformerConfig, TransformerPolicy
+from agents.models.interface import PolicyModel
+from agents.models.policy import TransformerConfig, TransformerPolicy
 from seqenv.trajectory import Trajectory
 from seqenv.vocab import CharVocab
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from agents.checkpoint import CheckpointError
 from agents.cli import COMMANDS, main
+from agents.training.checkpoint import CheckpointError
 from tests.integration.conftest import TINY, run_cli, snapshot
 
 

@@ -130,8 +130,8 @@ def test_bad_input_raises_clear_errors(task_kwargs: dict[str, dict[str, Any]]) -
         env.step(env.vocab.num_actions)
     with pytest.raises(InvalidActionError, match="outside the action space"):
         env.step(-1)
-    with pytest.raises(ValueError, match="corpus"):
-        SequenceGenEnv(task="text")
+    with pytest.raises(ValueError, match="no such"):
+        SequenceGenEnv(task="text", corpus="/nonexistent/corpus")
 
 
 def test_step_after_episode_end_needs_reset() -> None:

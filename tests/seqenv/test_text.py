@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from seqenv.tasks import text as text_module
-from seqenv.tasks.text import CorpusError, TextTask, normalise
+from seqenv.tasks.text import CorpusError, TextTask, austen_corpus, normalise
 from seqenv.trajectory import replay
 
-AUSTEN = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "austen"
+AUSTEN = austen_corpus()
 NOVELS = [
     "emma.txt",
     "mansfieldpark.txt",
@@ -23,9 +23,6 @@ NOVELS = [
 # Small, so the BPE trains fast; the behaviour under test does not depend on the size.
 SMALL_VOCAB = 400
 
-needs_austen = pytest.mark.skipif(
-    not AUSTEN.is_dir(), reason=f"the Austen corpus is not at {AUSTEN} (../shared beside the clone)"
-)
 
 WORDS = [
     *("the", "of", "and", "to", "a", "in", "was", "her", "it", "that", "she", "he", "his"),
@@ -58,8 +55,6 @@ def write_corpus(folder: Path, docs: dict[str, int], seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def austen(tmp_path_factory: pytest.TempPathFactory) -> TextTask:
     """The Austen task, built once for the module (the BPE trains once)."""
-    if not AUSTEN.is_dir():
-        pytest.skip(f"the Austen corpus is not at {AUSTEN}")
     path = tmp_path_factory.mktemp("tokenizers") / "austen.json"
     return TextTask(corpus=AUSTEN, vocab_size=SMALL_VOCAB, tokenizer_path=path)
 
@@ -81,7 +76,6 @@ def small_corpus(tmp_path: Path) -> Path:
 # The real corpus
 
 
-@needs_austen
 def test_austen_is_split_by_novel(austen: TextTask) -> None:
     train = [d.name for d in austen.documents["train"]]
     test = [d.name for d in austen.documents["test"]]
@@ -95,7 +89,6 @@ def test_austen_is_split_by_novel(austen: TextTask) -> None:
     assert not train_paragraphs.intersection(test_paragraphs)
 
 
-@needs_austen
 def test_austen_passages_come_from_their_split(austen: TextTask) -> None:
     train_text = "\n".join(d.text for d in austen.documents["train"])
     test_text = austen.documents["test"][0].text
@@ -109,7 +102,6 @@ def test_austen_passages_come_from_their_split(austen: TextTask) -> None:
                 assert passage not in outside
 
 
-@needs_austen
 def test_austen_whitespace_is_normalised(austen: TextTask) -> None:
     emma = austen.documents["train"][0]
     assert emma.paragraphs[0] == "EMMA"
@@ -119,7 +111,6 @@ def test_austen_whitespace_is_normalised(austen: TextTask) -> None:
     assert all("\n" not in p and "  " not in p for p in emma.paragraphs)
 
 
-@needs_austen
 def test_austen_round_trip(austen: TextTask) -> None:
     vocab = austen.vocab
     held_out = austen.documents["test"][0].text  # never seen by the BPE
@@ -132,7 +123,6 @@ def test_austen_round_trip(austen: TextTask) -> None:
     assert (vocab.eos_id, vocab.backspace_id, vocab.pad_id) == (400, 401, 402)
 
 
-@needs_austen
 def test_austen_tokenizer_is_reused(austen: TextTask, monkeypatch: pytest.MonkeyPatch) -> None:
     assert austen.trained
     assert austen.tokenizer_path is not None
@@ -150,7 +140,6 @@ def test_austen_tokenizer_is_reused(austen: TextTask, monkeypatch: pytest.Monkey
     assert austen.tokenizer_path.stat().st_mtime_ns == mtime
 
 
-@needs_austen
 def test_austen_sampling(austen: TextTask) -> None:
     n, c = austen.prompt_tokens, austen.continuation_tokens
     assert austen.default_max_length == n + c
@@ -168,7 +157,6 @@ def test_austen_sampling(austen: TextTask) -> None:
     ]
 
 
-@needs_austen
 def test_austen_ground_truth_noise(austen: TextTask) -> None:
     rng = np.random.default_rng(0)
     special = austen.vocab.special
@@ -183,7 +171,6 @@ def test_austen_ground_truth_noise(austen: TextTask) -> None:
     assert austen.score([0], [1, 2], terminated=True) == 0.0
 
 
-@needs_austen
 def test_austen_bpe_trains_in_seconds(austen: TextTask) -> None:
     # The recipe at the default vocabulary size on the whole train split (about 1 s here; the
     # bound leaves room for a slow CI machine).
@@ -307,7 +294,6 @@ def test_normalise() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({}, ValueError, "needs a corpus"),
         ({"prompt_tokens": 0}, ValueError, "prompt_tokens must be >= 1"),
         ({"continuation_tokens": 0}, ValueError, "continuation_tokens must be >= 1"),
         ({"vocab_size": 256}, ValueError, "vocab_size must be > 256"),
@@ -318,10 +304,17 @@ def test_normalise() -> None:
 def test_bad_arguments(
     small_corpus: Path, kwargs: dict, error: type[Exception], match: str
 ) -> None:
-    if kwargs:
-        kwargs = {"corpus": small_corpus, **kwargs}
+    kwargs = {"corpus": small_corpus, **kwargs}
     with pytest.raises(error, match=match):
         TextTask(**kwargs)
+
+
+def test_default_corpus_is_the_shipped_austen(austen: TextTask) -> None:
+    """Without ``corpus`` the task reads the novels shipped as package data."""
+    assert austen_corpus().is_dir()
+    default = TextTask(vocab_size=SMALL_VOCAB, tokenizer_path=austen.tokenizer_path)
+    assert default.corpus == austen.corpus == austen_corpus().resolve()
+    assert [d.name for d in default.documents["test"]] == ["sensesensibility.txt"]
 
 
 def test_missing_path(tmp_path: Path) -> None:

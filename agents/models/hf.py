@@ -11,7 +11,7 @@ minimum elsewhere) of shape (B, 1, Tq, Tk): transformers uses a 4D mask as given
 attention adds the mask to the scores, so a boolean mask there would be silently wrong.
 
 The KV cache is :class:`SlotCache`, a transformers ``Cache`` addressed by position as
-:mod:`agents.interface` describes: each call writes its keys and values at the slots given by
+:mod:`agents.models.interface` describes: each call writes its keys and values at the slots given by
 its position ids, so rolling back is feeding the token returned to at its old position.
 
 Shapes: B rows, T positions, N new positions of a decoding call, S cache slots read, A actions.
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from agents.collate import RefeedMask, TrajectoryBatch
-from agents.interface import cache_visibility
+from agents.models.interface import cache_visibility
 from seqenv.vocab import SpecialIds, SpecialIdsMixin, VocabularyError, decode_with
 
 try:
@@ -37,7 +37,7 @@ try:
     from transformers.cache_utils import Cache
 except ImportError as err:  # pragma: no cover - depends on the install
     raise ImportError(
-        "agents.hf needs the `transformers` package: pip install 'seqmatch[hf]'"
+        "agents.models.hf needs the `transformers` package: pip install 'seqmatch[hf]'"
     ) from err
 
 

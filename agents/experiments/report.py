@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from agents.compare import AGENT_LABELS, HIGHER_IS_BETTER, TASK_METRICS
+from agents.experiments.compare import AGENT_LABELS, HIGHER_IS_BETTER, TASK_METRICS
 
 
 def _clean(value: Any) -> Any:

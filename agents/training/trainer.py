@@ -38,17 +38,10 @@ from torch import nn
 from tqdm import tqdm
 
 from agents.buffer import ReplayBuffer
-from agents.checkpoint import (
-    CheckpointError,
-    load_training_state,
-    load_weights,
-    read_metadata,
-    save_checkpoint,
-)
 from agents.collate import TrajectoryBatch, collate
+from agents.evaluation.metrics import episode_metrics, final_generated
 from agents.generate import generate
-from agents.logger import Logger
-from agents.metrics import episode_metrics, final_generated
+from agents.models.policy import TransformerConfig, TransformerPolicy
 from agents.objectives import (
     BC,
     MLE,
@@ -59,7 +52,14 @@ from agents.objectives import (
     SequenceMatch,
     make_objective,
 )
-from agents.policy import TransformerConfig, TransformerPolicy
+from agents.training.checkpoint import (
+    CheckpointError,
+    load_training_state,
+    load_weights,
+    read_metadata,
+    save_checkpoint,
+)
+from agents.training.logger import Logger
 from seqenv.tasks import Task, make_task
 from seqenv.trajectory import Trajectory, augment, random_noise
 from seqenv.vocab import vocab_from_json

@@ -13,9 +13,9 @@ Every agent is trained with N seeds, then evaluated on held-out prompts with the
 t). Outputs under ``--out``: ``results.json``, ``report.md``, PNG plots, TensorBoard runs.
 
 A comparison is driven by a config: the embedded default (the arithmetic task at an easy
-setting, a few minutes on a CPU) or a JSON file, named (``benchmarks/configs/NAME.json`` of a
-source checkout) or given by path. Keys: ``task``, ``task_args``, ``seeds``, ``train`` (fields
-of :class:`agents.trainer.TrainConfig` common to all agents), ``agents`` (per-agent overrides;
+setting, a few minutes on a CPU) or a JSON file, named (``configs/NAME.json`` shipped in
+this package) or given by path. Keys: ``task``, ``task_args``, ``seeds``, ``train`` (fields of
+:class:`agents.training.trainer.TrainConfig` common to all agents), ``agents`` (per-agent overrides;
 ``ppo`` takes ``timesteps``, ``n_steps``, ``width``...), ``eval`` (``episodes``, ``exact``: the
 exact-divergence settings for a small dyck, ``mauve``), ``sweep`` (optional: ``param``,
 ``values``, ``agents``), and ``quick`` (overrides applied with ``--quick``).
@@ -32,6 +32,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
+from importlib.abc import Traversable
 from pathlib import Path
 from typing import Any, cast
 
@@ -40,9 +42,7 @@ import torch
 from torch import nn
 
 from agents.collate import collate
-from agents.generate import generate
-from agents.interface import PolicyModel, mask_logits
-from agents.metrics import (
+from agents.evaluation.metrics import (
     accuracy,
     backspace_stats,
     continuation_texts,
@@ -57,8 +57,10 @@ from agents.metrics import (
     recovery_starts,
     repetition,
 )
-from agents.occupancy import GrammarTask, exact_divergences, policy_probs_from_model
-from agents.trainer import TrainConfig, Trainer, resolve_device
+from agents.evaluation.occupancy import GrammarTask, exact_divergences, policy_probs_from_model
+from agents.generate import generate
+from agents.models.interface import PolicyModel, mask_logits
+from agents.training.trainer import TrainConfig, Trainer, resolve_device
 from seqenv.tasks import Task, make_task
 from seqenv.trajectory import Trajectory
 
@@ -145,8 +147,8 @@ class CompareConfig:
     quick: bool = False
     """A tiny budget: a smoke run of the whole pipeline."""
     config: str | None = None
-    """A named config (benchmarks/configs/NAME.json) or a path to one; the embedded default if
-    unset."""
+    """A named config (shipped in agents/experiments/configs/NAME.json) or a path to one; the
+    embedded default if unset."""
     out: str = "out/compare"
     """Output folder: results.json, report.md, plots, TensorBoard runs."""
     agents: str | None = None
@@ -169,9 +171,16 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def configs_dir() -> Path:
-    """``benchmarks/configs`` of the source checkout this package runs from."""
-    return Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
+def configs_dir() -> Traversable:
+    """The named configs, shipped as package data of :mod:`agents.experiments`."""
+    return resources.files("agents.experiments") / "configs"
+
+
+def named_configs() -> list[str]:
+    """The names of the shipped configs."""
+    return sorted(
+        p.name.removesuffix(".json") for p in configs_dir().iterdir() if p.name.endswith(".json")
+    )
 
 
 def load_config(options: CompareConfig) -> dict[str, Any]:
@@ -184,17 +193,17 @@ def load_config(options: CompareConfig) -> dict[str, Any]:
                 raise ValueError(f"no default config for task {options.task!r}: pass --config")
             config = json.loads(named.read_text())
     else:
-        path = Path(options.config)
-        if not path.suffix:
+        path: Path | Traversable = Path(options.config)
+        if not Path(options.config).suffix:
             path = configs_dir() / f"{options.config}.json"
         if not path.is_file():
-            known = sorted(p.stem for p in configs_dir().glob("*.json"))
-            raise ValueError(f"no config {options.config!r} (known: {', '.join(known)})")
+            known = ", ".join(named_configs())
+            raise ValueError(f"no config {options.config!r} (known: {known})")
         try:
             config = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err.msg})") from None
-        config.setdefault("name", path.stem)
+        config.setdefault("name", path.name.removesuffix(".json"))
     if options.task is not None and options.task != config["task"]:
         raise ValueError(
             f"config {config.get('name')!r} is for task {config['task']!r}, not {options.task!r}"
@@ -280,7 +289,7 @@ def train_ppo(
     from stable_baselines3 import PPO
 
     import seqenv
-    from agents.sb3 import SequenceFeaturesExtractor
+    from agents.models.sb3 import SequenceFeaturesExtractor
 
     settings = {
         "timesteps": 8000,
@@ -585,7 +594,7 @@ def run_compare(options: CompareConfig) -> dict[str, Any]:
                 for agent in {r["agent"] for r in sweep_runs}
             },
         }
-    from agents.report import write_outputs
+    from agents.experiments.report import write_outputs
 
     write_outputs(results, out)
     return results

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 
 from agents.collate import collate
+from agents.experiments.timing import interleaved_fastest
 from agents.generate import generate
+from agents.models.policy import TransformerPolicy
 from agents.objectives import Mixture, ObjectiveBatch, make_objective
-from agents.policy import TransformerPolicy
-from agents.trainer import TrainConfig, Trainer
-from benchmarks.timing import interleaved_fastest
+from agents.training.trainer import TrainConfig, Trainer
 from seqenv.tasks import make_task
 from seqenv.trajectory import Trajectory, augment, random_noise
 

@@ -13,7 +13,7 @@ sides interleaved iteration by iteration so that drift of a shared machine hits 
 
 On ``device="cuda"`` the model has the GPT-2-small shape (12 layers, width 768, 1,024 tokens,
 batch 16, bf16 autocast, ``torch.compile``), and the masked pass runs on FlexAttention; the rates
-of the dense-mask pass are reported beside it. Run: ``python -m benchmarks.throughput --only
+of the dense-mask pass are reported beside it. Run: ``python -m agents.experiments.throughput --only
 policy`` (or call :func:`measure`).
 """
 
@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from agents.collate import RefeedMask, TrajectoryBatch, collate, refeed_layout
+from agents.experiments.timing import interleaved_fastest
 from agents.generate import generate, select_actions
-from agents.policy import TransformerConfig, TransformerPolicy
-from benchmarks.timing import interleaved_fastest
+from agents.models.policy import TransformerConfig, TransformerPolicy
 from seqenv.trajectory import Trajectory, augment, random_noise
 from seqenv.vocab import SpecialIds
 

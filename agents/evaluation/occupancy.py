@@ -44,7 +44,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from agents.interface import PolicyModel, mask_logits
+from agents.models.interface import PolicyModel, mask_logits
 from seqenv.tasks.base import Example, Split
 from seqenv.vocab import SpecialIds, Vocab
 

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from agents.checkpoint import CheckpointError
+from agents.evaluation.metrics import episode_metrics, final_generated
 from agents.generate import generate
-from agents.metrics import episode_metrics, final_generated
-from agents.trainer import load_policy
+from agents.training.checkpoint import CheckpointError
+from agents.training.trainer import load_policy
 from seqenv.tasks import Task, make_task
 from seqenv.trajectory import load_demonstrations
 

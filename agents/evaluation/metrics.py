@@ -7,7 +7,7 @@ hand-made cases. Sections:
 - **Arithmetic**: exact-match accuracy (:func:`accuracy`) and recovery from a wrong partial
   answer (:func:`recovery_starts`, :func:`recovery_metrics`).
 - **Dyck**: validity, log-probability under the true grammar, length distributions
-  (:func:`dyck_metrics`); the exact occupancy divergences live in :mod:`agents.occupancy`
+  (:func:`dyck_metrics`); the exact occupancy divergences live in :mod:`agents.evaluation.occupancy`
   (:func:`exact_divergences`, re-exported here).
 - **Text**: MAUVE (:func:`mauve_score`, needs ``pip install 'seqmatch[text]'``), n-gram
   entropy, distinct-n, repetition, perplexity.
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from agents.occupancy import exact_divergences, policy_probs_from_model
+from agents.evaluation.occupancy import exact_divergences, policy_probs_from_model
 from seqenv.tasks.base import Example, Task
 from seqenv.trajectory import Trajectory, replay
 from seqenv.vocab import SpecialIds, Vocab

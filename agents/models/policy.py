@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from agents.collate import RefeedMask, TrajectoryBatch
-from agents.interface import cache_visibility
+from agents.models.interface import cache_visibility
 from seqenv.vocab import SpecialIds
 
 Positions = Literal["learned", "rotary"]
@@ -67,7 +67,7 @@ class TransformerConfig:
 
 @dataclass
 class KVCache:
-    """Keys and values by position (see :mod:`agents.interface` for the rollback rule).
+    """Keys and values by position (see :mod:`agents.models.interface` for the rollback rule).
 
     Attributes:
         keys, values: one (B, H, capacity, D) tensor per layer.

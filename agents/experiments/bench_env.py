@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from gymnasium.vector import SyncVectorEnv
 
-from benchmarks.timing import interleaved_rates
+from agents.experiments.timing import interleaved_rates
 from seqenv.env import SequenceGenEnv
 from seqenv.vector import SequenceGenVectorEnv
 

@@ -1,7 +1,7 @@
 """A transformer features extractor, so Stable-Baselines3 algorithms run on SequenceGen-v0.
 
     from stable_baselines3 import PPO
-    from agents.sb3 import SequenceFeaturesExtractor
+    from agents.models.sb3 import SequenceFeaturesExtractor
 
     env = gym.make("SequenceGen-v0", task="dyck")
     model = PPO("MlpPolicy", env, policy_kwargs={
@@ -24,7 +24,7 @@ import gymnasium as gym
 import torch
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
-from agents.policy import TransformerConfig, TransformerPolicy
+from agents.models.policy import TransformerConfig, TransformerPolicy
 from seqenv.vocab import SpecialIds
 
 

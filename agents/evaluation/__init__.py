@@ -1,0 +1,1 @@
+"""The one evaluator, its metrics (episodes, text, statistics) and exact occupancy measures."""

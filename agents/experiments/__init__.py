@@ -1,0 +1,1 @@
+"""Comparisons, sweeps and throughput measurements, importable from the installed package."""

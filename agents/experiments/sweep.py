@@ -1,0 +1,113 @@
+"""Sensitivity of SequenceMatch to its hyperparameters, one at a time around a base config.
+
+    python -m agents.experiments.sweep --config default --out benchmarks/results/sweep [--seeds 2]
+
+For each parameter, SequenceMatch is trained with each value (the others at the base config's
+setting) and evaluated with the task's metrics; the report gives mean and 95% interval over
+seeds. This is how the defaults of eta, c, p, gamma, the warm start, k_sample and the buffer
+size were chosen (benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from agents.experiments.compare import TASK_METRICS, CompareConfig, aggregate, load_config, run_one
+from agents.experiments.report import _cell, _clean
+from agents.training.trainer import TrainConfig
+from seqenv.tasks import make_task
+
+# Parameter -> values; the base config's own value is among them.
+GRID: dict[str, list] = {
+    "eta": [0.1, 0.5, 0.9],
+    "c": [0.05, 0.25, 1.0],
+    "noise": [0.0, 0.1, 0.3],
+    "noise_type": ["random", "ground_truth"],
+    "gamma": [0.9, 0.998],
+    "sm_warmup": [200, 400, 600],
+    "k_sample": [5, 10, 50],
+    "buffer_size": [64, 256, 1024],
+}
+
+
+def write_report(results: dict, out: Path) -> str:
+    """report.md of a sweep: one table per parameter, mean [95% interval] over seeds."""
+    base = results["base"]
+    headline = [m for m in TASK_METRICS[results["task"]] if m != "mean_backtrack_length"]
+    lines = [
+        f"# SequenceMatch sensitivity: {results['task']}",
+        "",
+        f"Base config `{base.get('name')}` (eta {base['train'].get('eta')}, c "
+        f"{base['train'].get('c', 0.25)}, noise {base['train'].get('noise')}), agent "
+        f"`{results['agent']}`, one parameter at a time; wall time "
+        f"{results.get('wall_seconds', 0) / 60:.1f} min.",
+        "",
+    ]
+    for param, data in results["params"].items():
+        present = [m for m in headline if any(m in s for s in data["by_value"].values())]
+        lines += [
+            f"## {param}",
+            "",
+            f"| {param} | " + " | ".join(present) + " |",
+            "|---" * (len(present) + 1) + "|",
+        ]
+        for value, stats in data["by_value"].items():
+            cells = [_cell(stats.get(m)) for m in present]
+            lines.append(f"| {value} | " + " | ".join(cells) + " |")
+        lines.append("")
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="named config or path (default: embedded)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep"))
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--params", default=",".join(GRID), help="comma-separated subset")
+    parser.add_argument("--agent", default="sequencematch")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--skip-base",
+        action="store_true",
+        help="skip each parameter's value in the base config (already measured elsewhere)",
+    )
+    args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    config = load_config(CompareConfig(config=args.config, seeds=args.seeds, quick=args.quick))
+    task = make_task(config["task"], **config.get("task_args", {}))
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results: dict = {"task": config["task"], "base": config, "agent": args.agent, "params": {}}
+    for param in [p.strip() for p in args.params.split(",") if p.strip()]:
+        runs = []
+        base_value = config["train"].get(param, getattr(TrainConfig(), param))
+        for value in GRID[param]:
+            if args.skip_base and value == base_value:
+                continue
+            for seed in range(args.seeds):
+                print(f"[sweep] {param}={value} seed {seed}", file=sys.stderr, flush=True)
+                row = run_one(
+                    config, task, args.agent, seed, args.out, "auto", False, **{param: value}
+                )
+                row["value"] = value
+                runs.append(row)
+        results["params"][param] = {"runs": runs, "by_value": aggregate(runs, key="value")}
+        results["wall_seconds"] = time.perf_counter() - started
+        (args.out / "results.json").write_text(json.dumps(_clean(results), indent=1) + "\n")
+        write_report(results, args.out)
+    print(write_report(results, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
