@@ -14,7 +14,7 @@ Imitation agents learn from the task's demonstrations, not from reward: the envi
 them the task, the buffer size and the step budget. A timestep is one action of a demonstration
 trained on (the unit SB3 counts in is an environment step; an imitation update consumes
 ``batch_size`` demonstrations at once). Hyperparameters are the fields of
-:class:`agents.trainer.TrainConfig`.
+:class:`agents.training.config.TrainConfig`.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ import torch
 
 from agents.models.interface import mask_logits
 from agents.training.checkpoint import read_metadata
-from agents.training.trainer import TrainConfig, Trainer
+from agents.training.config import TrainConfig
+from agents.training.trainer import Trainer
 from seqenv.env import SequenceGenEnv
 
 
@@ -44,7 +45,7 @@ class ImitationAgent:
         device: ``auto`` (cuda when available), ``cpu`` or ``cuda``.
         tensorboard_log: folder for TensorBoard runs; none if unset.
         verbose: 1 shows a progress bar.
-        **hyperparameters: any field of :class:`agents.trainer.TrainConfig`.
+        **hyperparameters: any field of :class:`agents.training.config.TrainConfig`.
     """
 
     agent_name: ClassVar[str]

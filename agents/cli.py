@@ -23,7 +23,7 @@ import numpy as np
 import tyro
 
 from agents.experiments.compare import CompareConfig
-from agents.training.trainer import TrainConfig
+from agents.training.config import TrainConfig
 
 # Exceptions that mean "the input was bad", as opposed to a bug: reported in one line.
 USER_ERRORS: tuple[type[BaseException], ...] = (

@@ -33,7 +33,8 @@ from agents.experiments.timing import interleaved_fastest
 from agents.generate import generate
 from agents.models.policy import TransformerPolicy
 from agents.objectives import Mixture, ObjectiveBatch, make_objective
-from agents.training.trainer import TrainConfig, Trainer
+from agents.training.config import TrainConfig
+from agents.training.trainer import Trainer
 from seqenv.tasks import make_task
 from seqenv.trajectory import Trajectory, augment, random_noise
 

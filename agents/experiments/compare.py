@@ -15,7 +15,7 @@ t). Outputs under ``--out``: ``results.json``, ``report.md``, PNG plots, TensorB
 A comparison is driven by a config: the embedded default (the arithmetic task at an easy
 setting, a few minutes on a CPU) or a JSON file, named (``configs/NAME.json`` shipped in
 this package) or given by path. Keys: ``task``, ``task_args``, ``seeds``, ``train`` (fields of
-:class:`agents.training.trainer.TrainConfig` common to all agents), ``agents`` (per-agent overrides;
+:class:`agents.training.config.TrainConfig` common to all agents), ``agents`` (per-agent overrides;
 ``ppo`` takes ``timesteps``, ``n_steps``, ``width``...), ``eval`` (``episodes``, ``exact``: the
 exact-divergence settings for a small dyck, ``mauve``), ``sweep`` (optional: ``param``,
 ``values``, ``agents``), and ``quick`` (overrides applied with ``--quick``).
@@ -60,7 +60,8 @@ from agents.evaluation.metrics import (
 from agents.evaluation.occupancy import GrammarTask, exact_divergences, policy_probs_from_model
 from agents.generate import generate
 from agents.models.interface import PolicyModel, mask_logits
-from agents.training.trainer import TrainConfig, Trainer, resolve_device
+from agents.training.config import TrainConfig, resolve_device
+from agents.training.trainer import Trainer
 from seqenv.tasks import Task, make_task
 from seqenv.trajectory import Trajectory
 

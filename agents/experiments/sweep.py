@@ -18,7 +18,7 @@ from pathlib import Path
 
 from agents.experiments.compare import TASK_METRICS, CompareConfig, aggregate, load_config, run_one
 from agents.experiments.report import _cell, _clean
-from agents.training.trainer import TrainConfig
+from agents.training.config import TrainConfig
 from seqenv.tasks import make_task
 
 # Parameter -> values; the base config's own value is among them.
