@@ -133,9 +133,17 @@ class EvalConfig:
 
 
 def evaluate(config: EvalConfig) -> None:
-    from agents.evaluation.evaluate import evaluate_checkpoint
+    from agents.evaluation.checkpoint import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(config)
+    metrics = evaluate_checkpoint(
+        config.checkpoint,
+        task=config.task,
+        task_args=config.task_args,
+        data=config.data,
+        episodes=config.episodes,
+        seed=config.seed,
+        device=config.device,
+    )
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}")
     _write_json(config.json, {"checkpoint": config.checkpoint, "metrics": metrics})
@@ -162,9 +170,20 @@ class GenerateConfig:
 
 
 def generate_text(config: GenerateConfig) -> None:
-    from agents.evaluation.evaluate import generate_from_checkpoint
+    from agents.evaluation.checkpoint import generate_from_checkpoint
 
-    for text, trace in generate_from_checkpoint(config):
+    pairs = generate_from_checkpoint(
+        config.checkpoint,
+        config.prompt,
+        num=config.num,
+        greedy=config.greedy,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        seed=config.seed,
+        device=config.device,
+    )
+    for text, trace in pairs:
         print(text)
         if config.trace:
             print(f"  actions: {trace}")

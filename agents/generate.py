@@ -27,6 +27,7 @@ import torch
 
 from agents.models.interface import PolicyModel, mask_logits
 from seqenv.mdp import SequenceMDP
+from seqenv.rules import allowed_actions, last_live_index
 from seqenv.trajectory import Trajectory
 
 
@@ -155,7 +156,8 @@ def generate(
         # Prefill: the prompts, padded on the right; each row's s_0 sits at its last prompt token.
         P = int(mdp.length.max())
         positions = torch.arange(P, device=device).expand(B, P)  # (B, P)
-        logits = model.decode(mdp.tokens[:, :P], positions, cache)[rows, mdp.length - 1]  # (B, A)
+        last = last_live_index(mdp.length)  # (B,)
+        logits = model.decode(mdp.tokens[:, :P], positions, cache)[rows, last]  # (B, A)
     else:
         logits = _recompute(model, mdp)
 
@@ -182,7 +184,7 @@ def generate(
         # Every row feeds the last token of its new state at its position: the appended token,
         # or after a backspace the token returned to (the re-feed). Rows already done re-feed
         # their last token too, harmlessly.
-        last = (mdp.length - 1)[:, None]  # (B, 1)
+        last = last_live_index(mdp.length)[:, None]  # (B, 1)
         logits = model.decode(mdp.tokens.gather(1, last), last, cache)[:, 0]  # (B, A)
 
     num_steps = mdp.num_steps.tolist()
@@ -209,11 +211,8 @@ def generate(
 
 
 def _allowed(mdp: SequenceMDP, allow_backspace: bool) -> torch.Tensor:
-    """The MDP's action mask, less the backspace in the no-backspace ablation."""
-    mask = mdp.action_mask()
-    if not allow_backspace:
-        mask[:, mdp.special.backspace_id] = False
-    return mask
+    """(B, A) bool: the actions allowed in each row's state (the one rule, :mod:`seqenv.rules`)."""
+    return allowed_actions(mdp.length > mdp.prompt_length, mdp.special, allow_backspace)
 
 
 def _recompute(model: PolicyModel, mdp: SequenceMDP) -> torch.Tensor:
@@ -222,4 +221,4 @@ def _recompute(model: PolicyModel, mdp: SequenceMDP) -> torch.Tensor:
     B = mdp.batch_size
     positions = torch.arange(L, device=mdp.device).expand(B, L)  # (B, L)
     logits = model(mdp.tokens[:, :L], positions, None)  # (B, L, A)
-    return logits[torch.arange(B, device=mdp.device), mdp.length - 1]
+    return logits[torch.arange(B, device=mdp.device), last_live_index(mdp.length)]

@@ -58,6 +58,7 @@ import torch
 
 from agents.collate import TrajectoryBatch
 from agents.models.interface import mask_logits
+from seqenv.rules import allowed_actions
 from seqenv.vocab import SpecialIds
 
 DIVERGENCES = ("chi2_mixture", "chi2", "kl", "reverse_kl", "js", "hellinger", "tv", "linear")
@@ -165,16 +166,13 @@ def step_values(
     logits = policy.forward_batch(batch)  # (B, T, A)
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()  # bf16/fp16 under autocast: the sums below need float32
-    B, _, A = logits.shape  # (B, T, A)
+    B = logits.shape[0]  # logits: (B, T, A)
     backspace_id = policy.special.backspace_id
     # A row's state has something generated iff its position is past the prompt's last one,
     # which is the position of s_0 (state_rows[:, 0] is the last prompt row).
     prompt_end = batch.position_ids.gather(1, batch.state_rows[:, :1])  # (B, 1)
     has_generated = batch.position_ids > prompt_end  # (B, T)
-    if not allow_backspace:
-        has_generated = torch.zeros_like(has_generated)
-    is_backspace = torch.arange(A, device=logits.device) == backspace_id  # (A,)
-    allowed = has_generated[..., None] | ~is_backspace  # (B, T, A)
+    allowed = allowed_actions(has_generated, policy.special, allow_backspace)  # (B, T, A)
     v_rows = mask_logits(logits, allowed).logsumexp(dim=-1)  # (B, T)
 
     rows = torch.arange(B, device=logits.device)[:, None]  # (B, 1)
@@ -182,7 +180,7 @@ def step_values(
     v = v_rows.gather(1, batch.state_rows)  # (B, S)
     v_next = torch.where(batch.terminal, 0.0, v_rows.gather(1, batch.next_rows))  # (B, S)
     backspace = batch.step_mask & (batch.actions == backspace_id)
-    action_allowed = ~backspace | has_generated.gather(1, batch.state_rows)
+    action_allowed = allowed[rows, batch.state_rows, batch.actions]  # (B, S): a_t allowed in s_t
     return StepValues(
         q=q,
         v=v,

@@ -18,8 +18,10 @@ import warnings
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 from seqenv.env import SequenceGenEnv
+from seqenv.rules import allowed_actions
 
 
 class EnvCheckError(AssertionError):
@@ -54,8 +56,7 @@ def check_invariants(env: gym.Env, seed: int = 0, num_episodes: int = 20) -> Non
             generated = int((obs != vocab.pad_id).sum()) - prompt_length
             mask = np.asarray(info["action_mask"]).astype(bool)
             # 3. The mask allows everything but a backspace with nothing generated.
-            expected = np.ones(vocab.num_actions, dtype=bool)
-            expected[vocab.backspace_id] = generated > 0
+            expected = allowed_actions(torch.tensor(generated > 0), vocab.special).numpy()
             if not np.array_equal(mask, expected):
                 raise EnvCheckError(
                     f"episode {episode}: action mask {mask.astype(int)} but the MDP allows "

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from seqenv.rules import allowed_actions, last_live_index, step_budget
 from seqenv.vocab import SpecialIds
 
 
@@ -77,7 +78,7 @@ class SequenceMDP:
             raise ValueError(f"max_length must be >= 2 (a prompt and one token), got {max_length}")
         self.special = special
         self.max_length = max_length
-        self.max_steps = 2 * max_length if max_steps is None else max_steps
+        self.max_steps = step_budget(max_length, max_steps)
         if self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         self.batch_size = batch_size
@@ -158,11 +159,7 @@ class SequenceMDP:
 
     def action_mask(self) -> torch.Tensor:
         """(B, A) bool: the actions the policy may take. Backspace needs a generated token."""
-        mask = torch.ones(
-            (self.batch_size, self.special.num_actions), dtype=torch.bool, device=self.device
-        )
-        mask[:, self.special.backspace_id] = self.length > self.prompt_length
-        return mask
+        return allowed_actions(self.length > self.prompt_length, self.special)
 
     def step(self, actions: torch.Tensor) -> StepResult:
         """Apply one action per row, in place. Rows already done are left as they are."""
@@ -186,7 +183,7 @@ class SequenceMDP:
 
         # Backspace: pad the last live slot out. Append: write at `length`. Rows are distinct,
         # so both writes are plain scatters. (length < max_length holds for every live row.)
-        last = (self.length - 1).clamp(min=0)
+        last = last_live_index(self.length).clamp(min=0)
         self.tokens[self._rows[deleted], last[deleted]] = self.special.pad_id
         self.tokens[self._rows[appended], self.length[appended]] = actions[appended]
         self.length += appended.long() - deleted.long()

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from agents.models.interface import PolicyModel, mask_logits
+from seqenv.rules import allowed_actions
 from seqenv.tasks.base import Example, Split
 from seqenv.vocab import SpecialIds, Vocab
 
@@ -288,8 +289,7 @@ def policy_probs_from_model(
             positions = torch.arange(T, device=device).expand(len(chunk), T)  # (B, T)
             logits = model(ids.to(device), positions, None)  # (B, T, A)
             last = logits[torch.arange(len(chunk), device=device), lengths - 1].double()  # (B, A)
-            allowed = torch.ones_like(last, dtype=torch.bool)
-            allowed[:, special.backspace_id] = lengths > prompt_length
+            allowed = allowed_actions(lengths > prompt_length, special)  # (B, A)
             out[begin : begin + len(chunk)] = (
                 mask_logits(last, allowed).softmax(dim=-1).cpu().numpy()
             )

@@ -35,6 +35,7 @@ from agents.models.policy import TransformerPolicy
 from agents.objectives import Mixture, ObjectiveBatch, make_objective
 from agents.training.config import TrainConfig
 from agents.training.trainer import Trainer
+from seqenv.rules import step_budget
 from seqenv.tasks import make_task
 from seqenv.trajectory import Trajectory, augment, random_noise
 
@@ -48,7 +49,7 @@ def _update_batches(
     """The batches of one SequenceMatch update and of one MLE update of about as many tokens."""
     task = make_task(config.task)
     max_length = task.default_max_length
-    max_steps = 2 * max_length
+    max_steps = step_budget(max_length)
     rng = np.random.default_rng(0)
     B = config.batch_size
     demos = task.demonstrations("train", 8 * B, max_length, seed=0)

@@ -9,8 +9,9 @@ The 2x2 ablation {MLE, SequenceMatch} x {with, without backspace}, and the RL pe
     ppo                       stable-baselines3 PPO on the task reward (arithmetic, dyck only)
 
 Every agent is trained with N seeds, then evaluated on held-out prompts with the task's metrics
-(:func:`evaluate_task`); results are aggregated as mean and 95% interval over seeds (Student's
-t). Outputs under ``--out``: ``results.json``, ``report.md``, PNG plots, TensorBoard runs.
+(:func:`agents.evaluation.evaluate.evaluate`); results are aggregated as mean and 95% interval
+over seeds (Student's t). Outputs under ``--out``: ``results.json``, ``report.md``, PNG plots,
+TensorBoard runs.
 
 A comparison is driven by a config: the embedded default (the arithmetic task at an easy
 setting, a few minutes on a CPU) or a JSON file, named (``configs/NAME.json`` shipped in
@@ -30,49 +31,26 @@ import platform
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from agents.collate import collate
-from agents.evaluation.metrics import (
-    accuracy,
-    backspace_stats,
-    continuation_texts,
-    distinct_n,
-    dyck_metrics,
-    final_generated,
-    mauve_score,
-    mean_ci95,
-    ngram_entropy,
-    perplexity,
-    recovery_metrics,
-    recovery_starts,
-    repetition,
-)
-from agents.evaluation.occupancy import GrammarTask, exact_divergences, policy_probs_from_model
-from agents.generate import generate
-from agents.models.interface import PolicyModel, mask_logits
+from agents.evaluation.evaluate import evaluate, headline
+from agents.evaluation.stats import mean_ci95
+from agents.experiments.ppo import train_ppo
+from agents.experiments.report import write_outputs
 from agents.training.config import TrainConfig, resolve_device
 from agents.training.trainer import Trainer
+from seqenv.rules import step_budget
 from seqenv.tasks import Task, make_task
-from seqenv.trajectory import Trajectory
 
 AGENT_NAMES = ("mle", "bc", "sequencematch", "sequencematch_no_bkspc", "ppo")
-AGENT_LABELS = {
-    "mle": "MLE",
-    "bc": "BC (MLE + backspace, noise)",
-    "sequencematch": "SequenceMatch",
-    "sequencematch_no_bkspc": "SequenceMatch, no backspace",
-    "ppo": "PPO (task reward)",
-}
 # How each agent maps onto the trainer; `backspace=False` masks it in training and generation.
 AGENT_TRAIN: dict[str, dict[str, Any]] = {
     "mle": {"agent": "mle", "backspace": False},
@@ -80,22 +58,6 @@ AGENT_TRAIN: dict[str, dict[str, Any]] = {
     "sequencematch": {"agent": "sequencematch"},
     "sequencematch_no_bkspc": {"agent": "sequencematch", "backspace": False},
 }
-# Metrics of each task, the first being the headline of the report.
-TASK_METRICS = {
-    "arithmetic": ("accuracy", "recovery", "backspace_rate", "mean_backtrack_length"),
-    "dyck": (
-        "invalid_rate",
-        "true_logprob",
-        "length_tv",
-        "backspace_rate",
-        "exact_chi2_mixture",
-        "exact_kl",
-        "exact_tv",
-    ),
-    "text": ("mauve", "perplexity", "distinct_2", "ngram_entropy", "repetition", "backspace_rate"),
-}
-HIGHER_IS_BETTER = {"accuracy", "recovery", "true_logprob", "mauve", "distinct_2", "ngram_entropy"}
-
 DEFAULT_CONFIG: dict[str, Any] = {
     "name": "default",
     "task": "arithmetic",
@@ -257,202 +219,6 @@ def train_config(
     )
 
 
-class PPOPolicyModel(nn.Module):
-    """An SB3 policy seen as a :class:`PolicyModel` (no cache): the logits of its action
-    distribution for each state, so that the same generation and metrics code evaluates it."""
-
-    def __init__(self, sb3_policy: Any, special: Any, max_length: int) -> None:
-        super().__init__()
-        self.sb3_policy = sb3_policy
-        self.special = special
-        self.max_length = max_length
-
-    @property
-    def max_positions(self) -> int | None:
-        return None
-
-    def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention: Any = None
-    ) -> torch.Tensor:
-        B, T = input_ids.shape
-        obs = torch.full((B, self.max_length), self.special.pad_id, device=input_ids.device)
-        obs[:, :T] = input_ids
-        # Rows hold one state each (right padded): SB3 reads the state from the whole row.
-        logits = self.sb3_policy.get_distribution(obs.float()).distribution.logits  # (B, A)
-        return logits[:, None, :].expand(B, T, logits.shape[-1])
-
-
-def train_ppo(
-    config: dict[str, Any], task: Task, seed: int, out: Path, device: torch.device
-) -> tuple[PPOPolicyModel, list[dict[str, float]]]:
-    """PPO with the transformer features extractor on the task reward."""
-    import gymnasium as gym
-    from stable_baselines3 import PPO
-
-    import seqenv
-    from agents.models.sb3 import SequenceFeaturesExtractor
-
-    settings = {
-        "timesteps": 8000,
-        "n_steps": 256,
-        "batch_size": 64,
-        "width": 64,
-        "layers": 1,
-        "heads": 2,
-        "lr": 3e-4,
-        "ent_coef": 0.01,
-        **config.get("agents", {}).get("ppo", {}),
-    }
-    max_length = config["train"].get("max_length") or task.default_max_length
-    env = gym.make(seqenv.ENV_ID, task=task, max_length=max_length)
-    model = PPO(
-        "MlpPolicy",
-        env,
-        n_steps=settings["n_steps"],
-        batch_size=settings["batch_size"],
-        learning_rate=settings["lr"],
-        ent_coef=settings["ent_coef"],
-        seed=seed,
-        device=str(device),
-        tensorboard_log=str(out / "runs"),
-        verbose=0,
-        policy_kwargs={
-            "features_extractor_class": SequenceFeaturesExtractor,
-            "features_extractor_kwargs": {
-                "width": settings["width"],
-                "layers": settings["layers"],
-                "heads": settings["heads"],
-            },
-        },
-    )
-    model.learn(settings["timesteps"], tb_log_name=f"ppo-s{seed}")
-    model.policy.set_training_mode(False)
-    return PPOPolicyModel(model.policy, task.vocab.special, max_length), []
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluation
-
-
-@torch.no_grad()
-def heldout_nll(
-    policy: PolicyModel,
-    demos: Sequence[Trajectory],
-    batch_size: int = 32,
-    allow_backspace: bool = True,
-) -> tuple[float, int]:
-    """Summed negative log-likelihood of held-out demonstrations, and their number of actions."""
-    total, count = 0.0, 0
-    device = next(iter(policy.parameters())).device
-    special = policy.special
-    for begin in range(0, len(demos), batch_size):
-        batch = collate(demos[begin : begin + batch_size]).to(device)
-        logits = policy.forward_batch(batch).float()  # (B, T, A)
-        rows = torch.arange(batch.state_rows.shape[0], device=device)[:, None]
-        state_logits = logits[rows, batch.state_rows]  # (B, S, A)
-        if not allow_backspace:
-            allowed = torch.ones(special.num_actions, dtype=torch.bool, device=device)
-            allowed[special.backspace_id] = False
-            state_logits = mask_logits(state_logits, allowed)
-        logp = state_logits.log_softmax(-1).gather(-1, batch.actions[..., None])[..., 0]
-        total -= float(logp[batch.step_mask].sum())
-        count += int(batch.step_mask.sum())
-    return total, count
-
-
-def evaluate_task(
-    task: Task,
-    policy: PolicyModel,
-    config: dict[str, Any],
-    *,
-    allow_backspace: bool,
-    max_length: int,
-    max_steps: int,
-    seed: int,
-    use_cache: bool = True,
-) -> dict[str, float]:
-    """The task's metrics of one trained policy on held-out prompts (TASK_METRICS)."""
-    evaluation = config.get("eval", {})
-    num = int(evaluation.get("episodes", 200))
-    device = next(iter(policy.parameters())).device
-    generator = torch.Generator(device).manual_seed(10_000 + seed)
-    examples = task.examples("test", num, seed=12345)
-    prompts = [list(e.prompt) for e in examples]
-
-    def rollouts(greedy: bool, prefixes: list[list[int]] | None = None) -> list[Trajectory]:
-        out = generate(
-            policy,
-            prompts,
-            max_length=max_length,
-            max_steps=max_steps,
-            greedy=greedy,
-            generator=generator,
-            use_cache=use_cache,
-            allow_backspace=allow_backspace,
-            prefixes=prefixes,
-        )
-        return out.trajectories
-
-    metrics: dict[str, float] = {}
-    if task.name == "arithmetic":
-        episodes = rollouts(greedy=True)
-        metrics["accuracy"] = accuracy(task, episodes)
-        starts = recovery_starts(task, examples, seed=54321)
-        recovered = rollouts(greedy=True, prefixes=[list(s.prefix) for s in starts])
-        metrics["recovery"] = recovery_metrics(task, starts, recovered)["recovery_accuracy"]
-    elif task.name == "dyck":
-        episodes = rollouts(greedy=False)
-        data = [list(e.completion) for e in examples]
-        dyck = dyck_metrics(task, episodes, data)  # type: ignore[arg-type]
-        metrics["invalid_rate"] = 1.0 - dyck["validity"]
-        metrics["true_logprob"] = dyck.get("mean_log_prob", float("nan"))
-        metrics["length_tv"] = dyck.get("length_tv", float("nan"))
-        exact = evaluation.get("exact")
-        if exact:
-            probs = policy_probs_from_model(policy, task.vocab.special, device)
-            if not allow_backspace:
-                probs = _without_backspace(probs, task.vocab.special.backspace_id)
-            divergences = exact_divergences(
-                cast(GrammarTask, task),
-                probs,
-                float(exact.get("gamma", 0.9)),
-                max_length=int(exact.get("max_length", max_length)),
-            )
-            for key in ("chi2_mixture", "kl", "tv"):
-                metrics[f"exact_{key}"] = divergences[key]
-    else:
-        episodes = rollouts(greedy=False)
-        generated = final_generated(episodes)
-        metrics["distinct_2"] = distinct_n(generated, 2)
-        metrics["ngram_entropy"] = ngram_entropy(generated, 4)
-        metrics["repetition"] = repetition(generated, 4)
-        demos = [task.demonstration(e, max_length) for e in examples]
-        nll, count = heldout_nll(policy, demos, allow_backspace=allow_backspace)
-        metrics["perplexity"] = perplexity(nll, count)
-        if evaluation.get("mauve", True):
-            true = [task.vocab.decode(e.completion) for e in examples]
-            metrics["mauve"] = mauve_score(
-                continuation_texts(task.vocab, episodes), true, device=str(device)
-            )
-    stats = backspace_stats(episodes)
-    metrics["backspace_rate"] = stats["backspace_rate"]
-    metrics["mean_backtrack_length"] = stats["mean_backtrack_length"]
-    return metrics
-
-
-def _without_backspace(
-    probs: Callable[[list[list[int]]], np.ndarray], backspace_id: int
-) -> Callable[[list[list[int]]], np.ndarray]:
-    """The policy as the no-backspace ablation runs it: backspace masked, renormalised."""
-
-    def masked(states: list[list[int]]) -> np.ndarray:
-        p = probs(states).copy()
-        p[:, backspace_id] = 0.0
-        return p / p.sum(axis=1, keepdims=True)
-
-    return masked
-
-
 # --------------------------------------------------------------------------------------------
 # The comparison
 
@@ -474,7 +240,7 @@ def run_one(
         torch_device = resolve_device(device)
         policy, history = train_ppo(config, task, seed, out, torch_device)
         max_length = policy.max_length
-        max_steps = 2 * max_length
+        max_steps = step_budget(max_length)
         allow_backspace, use_cache = True, False
     else:
         train = train_config(config, agent, seed, out, device, progress, **overrides)
@@ -485,21 +251,25 @@ def run_one(
         max_length, max_steps = trainer.max_length, trainer.max_steps
         allow_backspace, use_cache = train.backspace, True
     train_seconds = time.perf_counter() - start
-    metrics = evaluate_task(
-        task,
+    evaluation = config.get("eval", {})
+    metrics = evaluate(
         policy,
-        config,
-        allow_backspace=allow_backspace,
+        task,
         max_length=max_length,
         max_steps=max_steps,
-        seed=seed,
+        allow_backspace=allow_backspace,
+        episodes=int(evaluation.get("episodes", 200)),
+        seed=10_000 + seed,
+        full=True,
+        exact=evaluation.get("exact"),
+        mauve=bool(evaluation.get("mauve", True)),
         use_cache=use_cache,
-    )
+    ).metrics
     curves = [
         {
             k: v
             for k, v in row.items()
-            if k in ("step", "eval/score", "losses/sm/divergence", "losses/loss")
+            if k in ("step", f"eval/{headline(task.name)}", "losses/sm/divergence", "losses/loss")
         }
         for row in history
     ]
@@ -595,7 +365,5 @@ def run_compare(options: CompareConfig) -> dict[str, Any]:
                 for agent in {r["agent"] for r in sweep_runs}
             },
         }
-    from agents.experiments.report import write_outputs
-
     write_outputs(results, out)
     return results

@@ -8,7 +8,29 @@ import os
 from pathlib import Path
 from typing import Any
 
-from agents.experiments.compare import AGENT_LABELS, HIGHER_IS_BETTER, TASK_METRICS
+from agents.evaluation.evaluate import METRICS, TASK_METRICS, headline
+
+AGENT_LABELS = {
+    "mle": "MLE",
+    "bc": "BC (MLE + backspace, noise)",
+    "sequencematch": "SequenceMatch",
+    "sequencematch_no_bkspc": "SequenceMatch, no backspace",
+    "ppo": "PPO (task reward)",
+}
+
+
+def _arrow(metric: str) -> str:
+    """↑ where higher is better, ↓ where lower is, nothing where neither is."""
+    known = METRICS.get(metric)
+    if known is None or known.higher_is_better is None:
+        return ""
+    return "↑" if known.higher_is_better else "↓"
+
+
+def _higher_is_better(metric: str) -> bool:
+    """Whether a larger value of ``metric`` is better (False also where neither is)."""
+    known = METRICS.get(metric)
+    return bool(known and known.higher_is_better)
 
 
 def _clean(value: Any) -> Any:
@@ -45,7 +67,7 @@ def metrics_of(results: dict[str, Any]) -> list[str]:
 def table(results: dict[str, Any]) -> str:
     """The markdown table: one row per agent, mean [95% interval] over seeds."""
     metrics = metrics_of(results)
-    arrows = [f"{m} {'↑' if m in HIGHER_IS_BETTER else '↓'}" for m in metrics]
+    arrows = [f"{m} {_arrow(m)}".rstrip() for m in metrics]
     lines = ["| agent | " + " | ".join(arrows) + " |", "|---" * (len(metrics) + 1) + "|"]
     for agent, stats in results["agents"].items():
         cells = [_cell(stats.get(m)) for m in metrics]
@@ -63,9 +85,7 @@ def verdicts(results: dict[str, Any]) -> list[str]:
         sm, mle = agents["sequencematch"].get(metric), agents["mle"].get(metric)
         if not sm or not mle or metric in ("backspace_rate", "mean_backtrack_length"):
             continue
-        better = (
-            sm["mean"] > mle["mean"] if metric in HIGHER_IS_BETTER else sm["mean"] < mle["mean"]
-        )
+        better = sm["mean"] > mle["mean"] if _higher_is_better(metric) else sm["mean"] < mle["mean"]
         (sl, sh), (ml, mh) = sm["ci95"], mle["ci95"]
         separated = None not in (sl, sh, ml, mh) and (sl > mh or ml > sh)
         word = "better" if better else "worse" if sm["mean"] != mle["mean"] else "equal"
@@ -140,7 +160,11 @@ def plots(results: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     for key, name, ylabel in (
-        ("eval/score", "curves_score.png", "task score (eval)"),
+        (
+            f"eval/{headline(results['task'])}",
+            "curves_score.png",
+            f"{headline(results['task'])} (eval)",
+        ),
         ("losses/sm/divergence", "curves_divergence.png", "divergence estimate -J"),
     ):
         fig, ax = plt.subplots(figsize=(6, 4))

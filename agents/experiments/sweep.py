@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from agents.experiments.compare import TASK_METRICS, CompareConfig, aggregate, load_config, run_one
+from agents.evaluation.evaluate import TASK_METRICS
+from agents.experiments.compare import CompareConfig, aggregate, load_config, run_one
 from agents.experiments.report import _cell, _clean
 from agents.training.config import TrainConfig
 from seqenv.tasks import make_task

