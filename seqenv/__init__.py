@@ -9,7 +9,7 @@ from __future__ import annotations
 from gymnasium.envs.registration import register, registry
 
 from seqenv.mdp import InvalidActionError, PromptTooLongError, SequenceMDP
-from seqenv.tasks import TASK_NAMES, Task, UnknownTaskError, make_task
+from seqenv.tasks import TASK_NAMES, Task, UnknownTaskError, make_task, register_task
 from seqenv.trajectory import (
     DemonstrationError,
     Trajectory,
@@ -48,5 +48,6 @@ __all__ = [
     "load_demonstrations",
     "make_task",
     "random_noise",
+    "register_task",
     "replay",
 ]

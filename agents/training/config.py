@@ -21,7 +21,7 @@ class TrainConfig:
     agent: str = "sequencematch"
     """mle (clean data, teacher forcing), bc (noise-augmented data) or sequencematch."""
     task: str = "arithmetic"
-    """Task name: arithmetic, dyck or text."""
+    """Task: arithmetic, dyck, text, a name given to seqenv.register_task, or module:Class."""
     task_args: str = "{}"
     """The task's keyword arguments as JSON, e.g. '{"base": 10, "max_digits": 2}'."""
     steps: int = 1000

@@ -348,7 +348,10 @@ class Trainer:
             "num_timesteps": self.num_timesteps,
             "config": dataclasses.asdict(self.config),
             "vocab": self.vocab.to_json(),
-            "task": {"name": self.task.name, "kwargs": self.task.config()},
+            "task": {
+                "name": self.config.task,
+                "kwargs": self.task.config(),
+            },  # as given: a module:Class spec reloads
             "model": dataclasses.asdict(self.policy.config),
             "max_length": self.max_length,
             "max_steps": self.max_steps,

@@ -1,17 +1,31 @@
-"""Tasks, one per file. ``make_task(name, **kwargs)`` builds one by name."""
+"""Tasks, one per file. ``make_task(name, **kwargs)`` builds one by name.
+
+Names are the built-in tasks (``arithmetic``, ``dyck``, ``text``), tasks added with
+:func:`register_task`, or ``"module:Class"``: a :class:`Task` subclass (or any callable that
+returns a task) importable from ``module``, which the command line accepts as ``--task``.
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from typing import Any
 
 from seqenv.tasks.base import Example, Split, Task
 
+TaskFactory = Callable[..., Task]
+"""Builds a task from keyword arguments (a :class:`Task` subclass is one)."""
+
 
 class UnknownTaskError(ValueError):
-    """A task name that is not registered."""
+    """A task name that is not registered and not an importable ``module:Class``."""
 
 
-def _registry() -> dict[str, type[Task]]:
+TASK_NAMES = ("arithmetic", "dyck", "text")
+_registered: dict[str, TaskFactory] = {}
+
+
+def _builtin() -> dict[str, TaskFactory]:
     from seqenv.tasks.arithmetic import ArithmeticTask
     from seqenv.tasks.dyck import DyckTask
     from seqenv.tasks.text import TextTask
@@ -19,18 +33,66 @@ def _registry() -> dict[str, type[Task]]:
     return {cls.name: cls for cls in (ArithmeticTask, DyckTask, TextTask)}
 
 
-TASK_NAMES = ("arithmetic", "dyck", "text")
+def register_task(name: str, factory: TaskFactory, *, overwrite: bool = False) -> None:
+    """Make ``make_task(name, **kwargs)`` call ``factory(**kwargs)``.
+
+    Raises:
+        ValueError: for an empty name, one with a colon (reserved for ``module:Class``), or a
+            name already taken (a built-in task, or a registered one unless ``overwrite``).
+    """
+    if not name or ":" in name:
+        raise ValueError(f"a task name must be non-empty and hold no ':', got {name!r}")
+    if name in TASK_NAMES or (name in _registered and not overwrite):
+        raise ValueError(f"task {name!r} is already registered")
+    if not callable(factory):
+        raise ValueError(f"the factory of task {name!r} is not callable")
+    _registered[name] = factory
+
+
+def _import_factory(spec: str) -> TaskFactory:
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UnknownTaskError(
+            f"task {spec!r}: cannot import module {module_name!r} ({err})"
+        ) from None
+    factory = getattr(module, attribute, None)
+    if factory is None or not callable(factory):
+        raise UnknownTaskError(
+            f"task {spec!r}: module {module_name!r} has no callable {attribute!r}"
+        )
+    return factory
 
 
 def make_task(name: str, **kwargs: Any) -> Task:
-    """Build a task by name; keyword arguments go to its constructor."""
-    registry = _registry()
-    if name not in registry:
-        raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(sorted(registry))}")
+    """Build a task by name (or ``module:Class``); keyword arguments go to its constructor."""
+    if ":" in name:
+        factory = _import_factory(name)
+    else:
+        factories = {**_builtin(), **_registered}
+        if name not in factories:
+            raise UnknownTaskError(
+                f"unknown task {name!r}; known tasks: {', '.join(sorted(factories))} "
+                "(or module:Class)"
+            )
+        factory = factories[name]
     try:
-        return registry[name](**kwargs)
+        task = factory(**kwargs)
     except TypeError as err:
         raise ValueError(f"task {name!r}: {err}") from None
+    if not isinstance(task, Task):
+        raise ValueError(f"task {name!r}: its factory returned {type(task).__name__}, not a Task")
+    return task
 
 
-__all__ = ["TASK_NAMES", "Example", "Split", "Task", "UnknownTaskError", "make_task"]
+__all__ = [
+    "TASK_NAMES",
+    "Example",
+    "Split",
+    "Task",
+    "TaskFactory",
+    "UnknownTaskError",
+    "make_task",
+    "register_task",
+]
