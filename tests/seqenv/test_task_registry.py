@@ -1,4 +1,4 @@
-"""Custom tasks: ``register_task`` and ``module:Class`` names, through make_task, the env and CLI."""
+"""Custom tasks: ``register_task`` and ``module:Class`` names, in make_task, the env, the CLI."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def test_register_task_and_its_errors() -> None:
 
 
 def test_unknown_names_say_what_exists() -> None:
-    with pytest.raises(UnknownTaskError, match="known tasks: .*arithmetic"):
+    with pytest.raises(UnknownTaskError, match=r"known tasks: .*arithmetic"):
         make_task("nope")
     with pytest.raises(UnknownTaskError, match="cannot import module"):
         make_task("no_such_module_xyz:Task")
