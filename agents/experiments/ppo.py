@@ -77,6 +77,7 @@ def train_ppo(
         policy_kwargs={
             "features_extractor_class": SequenceFeaturesExtractor,
             "features_extractor_kwargs": {
+                "special": task.vocab.special,
                 "width": settings["width"],
                 "layers": settings["layers"],
                 "heads": settings["heads"],

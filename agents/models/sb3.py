@@ -6,7 +6,9 @@
     env = gym.make("SequenceGen-v0", task="dyck")
     model = PPO("MlpPolicy", env, policy_kwargs={
         "features_extractor_class": SequenceFeaturesExtractor,
-        "features_extractor_kwargs": {"width": 64, "layers": 2},
+        "features_extractor_kwargs": {
+            "special": env.unwrapped.vocab.special, "width": 64, "layers": 2,
+        },
         "share_features_extractor": True,
     })
 
@@ -28,38 +30,37 @@ from agents.models.policy import TransformerConfig, TransformerPolicy
 from seqenv.vocab import SpecialIds
 
 
-def special_ids_of(observation_space: gym.spaces.Box) -> SpecialIds:
-    """The special ids of a SequenceGen observation space (``Box(0, num_actions, ...)``).
-
-    Our vocabularies put ``<eos>`` and ``<bkspc>`` last among the actions and pad right after.
-    """
-    num_actions = int(observation_space.high.flat[0])
-    return SpecialIds(
-        num_actions=num_actions,
-        eos_id=num_actions - 2,
-        backspace_id=num_actions - 1,
-        pad_id=num_actions,
-    )
-
-
 class SequenceFeaturesExtractor(BaseFeaturesExtractor):
     """Features of a token-id observation: a transformer's hidden state at the last live token.
 
     Args:
         observation_space: SequenceGen's ``Box(0, num_actions, (max_length,), int64)``.
+        special: the special ids of the env's vocabulary (``env.unwrapped.vocab.special``);
+            the observation space cannot tell which ids are ``<eos>``, ``<bkspc>`` and pad.
         width, layers, heads, positions: the transformer's shape (see ``TransformerConfig``).
     """
 
     def __init__(
         self,
         observation_space: gym.spaces.Box,
+        special: SpecialIds,
         width: int = 64,
         layers: int = 2,
         heads: int = 2,
         positions: Literal["learned", "rotary"] = "learned",
     ) -> None:
         super().__init__(observation_space, features_dim=width)
-        self.special = special_ids_of(observation_space)
+        if not isinstance(special, SpecialIds):
+            raise TypeError(
+                "SequenceFeaturesExtractor needs special=env.unwrapped.vocab.special in "
+                f"features_extractor_kwargs, got {type(special).__name__}"
+            )
+        if int(observation_space.high.flat[0]) != special.num_actions:
+            raise ValueError(
+                f"the observation space is for {int(observation_space.high.flat[0])} actions, "
+                f"the special ids for {special.num_actions}"
+            )
+        self.special = special
         max_length = int(observation_space.shape[0])
         self.transformer = TransformerPolicy(
             self.special,

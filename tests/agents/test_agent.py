@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+import pytest
 import torch
 
 import seqenv
@@ -68,16 +69,28 @@ def test_ppo_with_the_transformer_features_extractor() -> None:
         device="cpu",
         policy_kwargs={
             "features_extractor_class": SequenceFeaturesExtractor,
-            "features_extractor_kwargs": {"width": 32, "layers": 1, "heads": 2},
+            "features_extractor_kwargs": {
+                "special": env.unwrapped.vocab.special,
+                "width": 32,
+                "layers": 1,
+                "heads": 2,
+            },
         },
     )
+    extractor = model.policy.features_extractor
+    before = [p.detach().clone() for p in extractor.parameters()]
     model.learn(128)
-    assert isinstance(model.policy.features_extractor, SequenceFeaturesExtractor)
+    # PPO's gradient reaches the transformer: its weights moved.
+    moved = [not torch.equal(a, p) for a, p in zip(before, extractor.parameters(), strict=True)]
+    assert any(moved)
 
 
 def test_features_read_the_last_live_token() -> None:
     env = gym.make(seqenv.ENV_ID, task="dyck")
-    extractor = SequenceFeaturesExtractor(env.observation_space, width=32, layers=1, heads=2)
+    special = env.unwrapped.vocab.special
+    extractor = SequenceFeaturesExtractor(
+        env.observation_space, special=special, width=32, layers=1, heads=2
+    )
     pad = env.unwrapped.vocab.pad_id
     obs = np.full((2, env.observation_space.shape[0]), pad)
     obs[:, :3] = [0, 1, 2]
@@ -85,7 +98,8 @@ def test_features_read_the_last_live_token() -> None:
     features = extractor(torch.as_tensor(obs, dtype=torch.float32))
     assert features.shape == (2, 32)
     assert not torch.allclose(features[0], features[1])
-    padded_more = obs.copy()
-    assert torch.allclose(
-        extractor(torch.as_tensor(padded_more[:1], dtype=torch.float32)), features[:1], atol=1e-6
-    )
+    # A state's features do not depend on the other rows of the batch (their lengths differ).
+    alone = extractor(torch.as_tensor(obs[:1], dtype=torch.float32))
+    assert torch.allclose(alone, features[:1], atol=1e-6)
+    with pytest.raises(TypeError, match="special"):
+        SequenceFeaturesExtractor(env.observation_space)  # type: ignore[call-arg]
