@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.evaluation.evaluate import evaluate, headline
+from agents.evaluation.evaluate import evaluate, headline, human_text_metrics
 from agents.evaluation.stats import mean_ci95
 from agents.experiments.ppo import train_ppo
 from agents.experiments.report import write_outputs
@@ -339,6 +339,10 @@ def run_compare(options: CompareConfig) -> dict[str, Any]:
                     )
                     row["value"] = value
                     sweep_runs.append(row)
+    reference = {}
+    if task.name == "text":  # where a text statistic saturates, the human value shows it
+        episodes = int(config.get("eval", {}).get("episodes", 200))
+        reference["human_text"] = human_text_metrics(task, episodes)
     results: dict[str, Any] = {
         "task": config["task"],
         "config": {k: v for k, v in config.items() if k != "quick"},
@@ -354,6 +358,7 @@ def run_compare(options: CompareConfig) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - started,
         "runs": runs,
         "agents": aggregate(runs),
+        "reference": reference,
     }
     if sweep_runs:
         assert sweep is not None

@@ -19,6 +19,10 @@ AGENT_LABELS = {
 }
 
 
+REFERENCE_LABELS = {"human_text": "human text (same prompts and sample size)"}
+"""Rows of measured references that are not agents (the held-out text's own statistics)."""
+
+
 def _arrow(metric: str) -> str:
     """↑ where higher is better, ↓ where lower is, nothing where neither is."""
     known = METRICS.get(metric)
@@ -72,6 +76,9 @@ def table(results: dict[str, Any]) -> str:
     for agent, stats in results["agents"].items():
         cells = [_cell(stats.get(m)) for m in metrics]
         lines.append(f"| {AGENT_LABELS.get(agent, agent)} | " + " | ".join(cells) + " |")
+    for name, values in results.get("reference", {}).items():
+        cells = [f"{values[m]:.3f}" if m in values else "–" for m in metrics]
+        lines.append(f"| {REFERENCE_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
