@@ -521,7 +521,7 @@ def _file_records(f: IO[bytes], path: Path, fmt: Format) -> Iterator[tuple[str, 
         number += 1
         where = f"{path}:{number}"
         if len(raw) > MAX_LINE_BYTES:
-            raise DemonstrationError(f"{where}: line longer than {MAX_LINE_BYTES // 2**20} MiB")
+            raise DemonstrationError(f"{where}: line longer than {MAX_LINE_BYTES:,} bytes")
         try:
             line = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
         except UnicodeDecodeError as err:

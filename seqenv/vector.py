@@ -233,7 +233,8 @@ class SB3VecEnv(VecEnv):
     """Stable-Baselines3's ``VecEnv`` API over :class:`SequenceGenVectorEnv`.
 
     SB3 resets a row in the step that ends it and keeps the last observation in
-    ``info["terminal_observation"]``; ``info["TimeLimit.truncated"]`` marks truncation.
+    ``info["terminal_observation"]``; ``info["TimeLimit.truncated"]`` marks truncation, and
+    ``info["intended_action"]`` and ``info["executed_action"]`` are as in the single env.
     ``action_masks()`` gives the (N, num_actions) bool masks for maskable algorithms.
     """
 
@@ -253,11 +254,17 @@ class SB3VecEnv(VecEnv):
         self._actions = np.asarray(actions)
 
     def step_wait(self) -> VecEnvStepReturn:
-        obs, rewards, terminated, truncated, _ = self.env.step(self._actions)
+        obs, rewards, terminated, truncated, step_info = self.env.step(self._actions)
         dones = terminated | truncated
         obs_np = obs.cpu().numpy()
+        intended = step_info["intended_action"].tolist()
+        executed = step_info["executed_action"].tolist()
         infos: list[dict[str, Any]] = [
-            {"TimeLimit.truncated": bool(truncated[i] and not terminated[i])}
+            {
+                "TimeLimit.truncated": bool(truncated[i] and not terminated[i]),
+                "intended_action": intended[i],
+                "executed_action": executed[i],
+            }
             for i in range(self.num_envs)
         ]
         if bool(dones.any()):
