@@ -71,8 +71,7 @@ def as_action_id(action: Any) -> int:
     if (
         isinstance(action, np.ndarray | torch.Tensor)
         and is_integer_dtype(action.dtype)
-        and action.ndim <= 1
-        and action.shape in ((), (1,))
+        and tuple(action.shape) in ((), (1,))
     ):
         return int(action.reshape(()).item())
     raise InvalidActionError(
@@ -160,6 +159,8 @@ class SequenceMDP:
         self.truncated = torch.zeros(B, dtype=torch.bool, device=self.device)
         self._rows = torch.arange(B, device=self.device)
 
+        if disturbance is not None and not isinstance(disturbance, Disturbance):
+            raise TypeError(f"disturbance must be a Disturbance or None, got {disturbance!r}")
         self.disturbance = Disturbance(0.0) if disturbance is None else disturbance
         self.noise_fn = noise_fn
         self.keys = torch.zeros(B, dtype=torch.int64, device=self.device)
