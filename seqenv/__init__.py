@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from gymnasium.envs.registration import register, registry
 
+from seqenv.disturbance import Disturbance
 from seqenv.mdp import InvalidActionError, PromptTooLongError, SequenceMDP
 from seqenv.tasks import TASK_NAMES, Task, UnknownTaskError, make_task, register_task
 from seqenv.trajectory import (
     DemonstrationError,
     Trajectory,
     augment,
+    disturbed_demonstration,
+    disturbed_demonstrations,
     load_demonstrations,
     random_noise,
     replay,
@@ -34,6 +37,7 @@ __all__ = [
     "TASK_NAMES",
     "CharVocab",
     "DemonstrationError",
+    "Disturbance",
     "InvalidActionError",
     "PromptTooLongError",
     "SequenceMDP",
@@ -45,6 +49,8 @@ __all__ = [
     "Vocab",
     "VocabularyError",
     "augment",
+    "disturbed_demonstration",
+    "disturbed_demonstrations",
     "load_demonstrations",
     "make_task",
     "random_noise",

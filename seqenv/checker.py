@@ -7,7 +7,11 @@ backspace invariants, on random episodes whose actions include masked (invalid) 
 2. a backspace right after an append restores the previous observation;
 3. the action mask matches what the MDP allows: backspace iff something is generated, and a
    masked backspace, taken anyway, changes nothing but the step count;
-4. seeded resets are deterministic.
+4. seeded resets are deterministic;
+5. the disturbance: every step reports ``info["intended_action"]`` (the action taken) and
+   ``info["executed_action"]``; only an ordinary token is ever replaced, by another ordinary token
+   (never by itself), never when its append fills the buffer, and never without a disturbance;
+   the observation holds the executed token.
 
 A failure raises :class:`EnvCheckError` saying which invariant broke and where.
 """
@@ -35,8 +39,43 @@ def _unwrapped(env: gym.Env) -> SequenceGenEnv:
     return base
 
 
+def check_disturbance(
+    env: SequenceGenEnv,
+    episode: int,
+    action: int,
+    info: dict,
+    before: np.ndarray,
+    obs: np.ndarray,
+) -> None:
+    """Invariant 5 for one step from observation ``before`` to ``obs``."""
+    special = env.vocab.special
+    for key in ("intended_action", "executed_action"):
+        if key not in info:
+            raise EnvCheckError(f"episode {episode}: step info lacks {key!r}")
+    intended, executed = int(info["intended_action"]), int(info["executed_action"])
+    where = f"episode {episode}: action {action}"
+    if intended != action:
+        raise EnvCheckError(f"{where} reported as intended_action {intended}")
+    if executed == intended:
+        length = int((before != env.vocab.pad_id).sum())
+        if special.is_token(action) and length < env.max_length and obs[length] != action:
+            raise EnvCheckError(f"{where}: the observation does not hold the appended token")
+        return
+    if not env.disturbance.active:
+        raise EnvCheckError(f"{where} executed as {executed} without a disturbance")
+    if not special.is_token(intended):
+        raise EnvCheckError(f"{where} is <eos> or <bkspc> but was replaced by {executed}")
+    if not special.is_token(executed):
+        raise EnvCheckError(f"{where} was replaced by {executed}, not an ordinary token")
+    length = int((before != env.vocab.pad_id).sum())
+    if length + 1 >= env.max_length:
+        raise EnvCheckError(f"{where} fills the buffer but was replaced by {executed}")
+    if obs[length] != executed:
+        raise EnvCheckError(f"{where}: the observation does not hold the executed token")
+
+
 def check_invariants(env: gym.Env, seed: int = 0, num_episodes: int = 20) -> None:
-    """Run the four backspace invariants on ``num_episodes`` random episodes."""
+    """Run the five backspace invariants on ``num_episodes`` random episodes."""
     base = _unwrapped(env)
     vocab = base.vocab
     rng = np.random.default_rng(seed)
@@ -75,6 +114,7 @@ def check_invariants(env: gym.Env, seed: int = 0, num_episodes: int = 20) -> Non
             before = obs.copy()
             obs, _, terminated, truncated, info = env.step(action)
             done = terminated or truncated
+            check_disturbance(base, episode, action, info, before, obs)
             # 1. The prompt is never deleted.
             if not np.array_equal(obs[:prompt_length], prompt):
                 raise EnvCheckError(f"episode {episode}: the prompt changed after action {action}")
@@ -83,6 +123,7 @@ def check_invariants(env: gym.Env, seed: int = 0, num_episodes: int = 20) -> Non
             # 2. Append then backspace restores the observation (when the append does not end it).
             if vocab.special.is_token(action) and not done:
                 obs2, _, terminated, truncated, info2 = env.step(vocab.backspace_id)
+                check_disturbance(base, episode, vocab.backspace_id, info2, obs, obs2)
                 if not np.array_equal(obs2, before):
                     raise EnvCheckError(
                         f"episode {episode}: append {action} then backspace did not restore the "

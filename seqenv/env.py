@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from seqenv.mdp import InvalidActionError, SequenceMDP
+from seqenv.disturbance import KEY_BOUND, Disturbance, NoiseFn, resolve_disturbance
+from seqenv.mdp import SequenceMDP, as_action_id, check_int
+from seqenv.render import text_image
 from seqenv.tasks import Task, make_task
 from seqenv.vocab import Vocab
 
@@ -33,6 +35,35 @@ def resolve_reward(reward: str | RewardFn) -> str | RewardFn:
     if callable(reward) or reward in ("task", "none"):
         return reward
     raise ValueError(f"reward must be 'task', 'none' or a callable, got {reward!r}")
+
+
+def resolve_max_length(max_length: int | None, task: Task) -> int:
+    """The buffer size: the task's default, or the caller's (an integer >= 2)."""
+    if max_length is None:
+        return task.default_max_length
+    return check_int(max_length, "max_length", 2)
+
+
+def noise_of(disturbance: Disturbance, task: Task) -> NoiseFn | None:
+    """The noise function a disturbance of this kind needs: the task's, for ground_truth."""
+    return task.ground_truth_noise if disturbance.kind == "ground_truth" else None
+
+
+def check_options(options: Any, known: tuple[str, ...]) -> dict[str, Any]:
+    """``reset``'s options as a dict; anything but a dict with known keys is a ValueError."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError(f"reset options must be a dict, got {type(options).__name__} {options!r}")
+    unknown = sorted(str(key) for key in options if key not in known)
+    if unknown:
+        raise ValueError(f"unknown reset options {unknown}; known: {', '.join(known)}")
+    return options
+
+
+def rgb_rows(max_length: int) -> int:
+    """Lines of the rgb_array canvas: room for about four characters a token, 64 a line."""
+    return min(32, max(2, -(-4 * max_length // 64)))
 
 
 def episode_reward(
@@ -66,12 +97,22 @@ class SequenceGenEnv(gym.Env[np.ndarray, np.int64]):
     generated tokens), padded on the right with ``vocab.pad_id`` (= ``num_actions``).
     ``info["action_mask"]`` (int8, ``(num_actions,)``) marks the allowed actions,
     ``info["text"]`` is the current text and ``info["generated"]`` the generated part of it.
+    After a step, ``info["intended_action"]`` is the action taken and ``info["executed_action"]``
+    the one that ran (they differ where the disturbance replaced a token).
 
     ## Action Space
     ``Discrete(num_actions)``: ids below ``num_actions`` other than the two special ones append
     that token; ``vocab.eos_id`` ends the episode; ``vocab.backspace_id`` deletes the last generated
     token. The prompt is never deleted: a backspace with nothing generated is masked out in
-    ``info["action_mask"]`` and, if taken anyway, is a no-op that still costs a step.
+    ``info["action_mask"]`` and, if taken anyway, is a no-op that still costs a step. An action is
+    an integer id (an int, a numpy or torch integer scalar or a 0-d integer array); anything else
+    raises ``InvalidActionError``.
+
+    With ``disturbance=p`` (METHOD.md §5, like ALE's sticky actions), an ordinary token action is,
+    with probability p, replaced before it runs by a noise token that differs from it: uniform over
+    the other ordinary tokens (``disturbance_type="random"``) or the task's plausible mistake
+    (``"ground_truth"``). ``<eos>`` and ``<bkspc>`` are never replaced, nor is an append that
+    fills the buffer (nothing could delete it). The draws come from ``self.np_random``.
 
     ## Rewards
     0 on every step but the last. At the end of the episode: with ``reward="task"`` (the default)
@@ -81,8 +122,9 @@ class SequenceGenEnv(gym.Env[np.ndarray, np.int64]):
 
     ## Starting State
     A prompt drawn from the task with ``self.np_random``. ``reset(options={"prompt": ...})`` sets
-    the prompt (text or ids) and ``options={"generated": ...}`` places tokens in the deletable part
-    of the starting state (e.g. a wrong partial answer).
+    the prompt (text or ids), ``options={"generated": ...}`` places tokens in the deletable part
+    of the starting state (e.g. a wrong partial answer) and ``options={"split": "test"}`` draws
+    the prompt from the test split. Other options raise ``ValueError``.
 
     ## Episode End
     Termination: the action ``<eos>``. Truncation: the state reaches ``max_length`` tokens, or
@@ -90,16 +132,22 @@ class SequenceGenEnv(gym.Env[np.ndarray, np.int64]):
 
     ## Arguments
     ``gym.make("SequenceGen-v0", task="arithmetic", max_length=None, max_steps=None,
-    reward="task", render_mode=None, **task_kwargs)``. ``task`` is a name (``"arithmetic"``,
-    ``"dyck"``, ``"text"``) or a ``Task`` object; ``max_length`` defaults to the task's
-    ``default_max_length`` and ``max_steps`` to ``2 * max_length``; other keyword arguments go to
-    the task (for example ``corpus=`` for ``"text"``).
+    reward="task", disturbance=0.0, disturbance_type=None, render_mode=None, **task_kwargs)``.
+    ``task`` is a name (``"arithmetic"``, ``"dyck"``, ``"text"``) or a ``Task`` object;
+    ``max_length`` defaults to the task's ``default_max_length`` and ``max_steps`` to
+    ``2 * max_length`` (both integers); ``disturbance`` is p in [0, 1] or a
+    :class:`~seqenv.disturbance.Disturbance`, ``disturbance_type`` ``"random"`` (the default) or
+    ``"ground_truth"``; ``render_mode`` is ``"ansi"`` (the text) or ``"rgb_array"`` (the text
+    drawn as an (H, W, 3) uint8 image); other keyword arguments go to the task (for example
+    ``corpus=`` for ``"text"``).
 
     ## Version History
-    * v0: initial version.
+    * v0: initial version. Added since, leaving the default dynamics unchanged: the disturbance
+      (p = 0 by default), ``info["intended_action"]`` and ``info["executed_action"]``, and
+      ``render_mode="rgb_array"``.
     """
 
-    metadata: dict[str, Any] = {"render_modes": ["ansi"], "render_fps": 4}  # noqa: RUF012
+    metadata: dict[str, Any] = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}  # noqa: RUF012
 
     def __init__(
         self,
@@ -107,6 +155,8 @@ class SequenceGenEnv(gym.Env[np.ndarray, np.int64]):
         max_length: int | None = None,
         max_steps: int | None = None,
         reward: str | RewardFn = "task",
+        disturbance: float | Disturbance = 0.0,
+        disturbance_type: str | None = None,
         render_mode: str | None = None,
         **task_kwargs: Any,
     ) -> None:
@@ -116,8 +166,16 @@ class SequenceGenEnv(gym.Env[np.ndarray, np.int64]):
         self.task = resolve_task(task, task_kwargs)
         self.vocab: Vocab = self.task.vocab
         self.reward_fn = resolve_reward(reward)
-        self.max_length = self.task.default_max_length if max_length is None else int(max_length)
-        self.mdp = SequenceMDP(self.vocab.special, self.max_length, max_steps, batch_size=1)
+        self.max_length = resolve_max_length(max_length, self.task)
+        self.disturbance = resolve_disturbance(disturbance, disturbance_type)
+        self.mdp = SequenceMDP(
+            self.vocab.special,
+            self.max_length,
+            max_steps,
+            batch_size=1,
+            disturbance=self.disturbance,
+            noise_fn=noise_of(self.disturbance, self.task),
+        )
         self.max_steps = self.mdp.max_steps
         num_actions = self.vocab.num_actions
         self.action_space = spaces.Discrete(num_actions)
@@ -146,25 +204,25 @@ class SequenceGenEnv(gym.Env[np.ndarray, np.int64]):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
-        options = options or {}
+        options = check_options(options, ("prompt", "generated", "split"))
+        split = options.get("split", "train")
+        if split not in ("train", "test"):
+            raise ValueError(f"options['split'] must be 'train' or 'test', got {split!r}")
         if "prompt" in options:
             prompt = self._ids(options["prompt"], "prompt")
         else:
-            prompt = list(self.task.sample(self.np_random, options.get("split", "train")).prompt)
+            prompt = list(self.task.sample(self.np_random, split).prompt)
         generated = self._ids(options.get("generated", ()), "generated")
-        self.mdp.reset_rows([0], [prompt], [generated])
+        # The disturbance's key, drawn only when there is one: p = 0 leaves the stream unchanged.
+        key = int(self.np_random.integers(KEY_BOUND)) if self.disturbance.active else 0
+        self.mdp.reset_rows([0], [prompt], [generated], keys=[key])
         self._needs_reset = False
         return self._obs(), self._info()
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         if self._needs_reset:
             raise RuntimeError("call reset() before step() (and after an episode ends)")
-        action_id = int(np.asarray(action).reshape(()))
-        if not 0 <= action_id < self.vocab.num_actions:
-            raise InvalidActionError(
-                f"action {action_id} is outside the action space [0, {self.vocab.num_actions})"
-            )
-        result = self.mdp.step(torch.tensor([action_id]))
+        result = self.mdp.step(torch.tensor([as_action_id(action)]))
         terminated, truncated = bool(result.terminated[0]), bool(result.truncated[0])
         reward = 0.0
         if terminated or truncated:
@@ -177,13 +235,24 @@ class SequenceGenEnv(gym.Env[np.ndarray, np.int64]):
                 self.mdp.generated(0),
                 terminated,
             )
-        return self._obs(), reward, terminated, truncated, self._info()
+        info = self._info()
+        info["intended_action"] = int(result.intended[0])
+        info["executed_action"] = int(result.executed[0])
+        return self._obs(), reward, terminated, truncated, info
 
     def action_masks(self) -> np.ndarray:
         """The current action mask as bools (the name sb3-contrib's maskable algorithms call)."""
         return self.mdp.action_mask()[0].numpy()
 
-    def render(self) -> str | None:
+    def render(self) -> str | np.ndarray | None:
+        """``"ansi"``: the current text; ``"rgb_array"``: it drawn as an (H, W, 3) uint8 image."""
         if self.render_mode == "ansi":
             return self.vocab.decode(self.mdp.state(0))
+        if self.render_mode == "rgb_array":
+            prompt = self.mdp.state(0)[: int(self.mdp.prompt_length[0])]
+            return text_image(
+                self.vocab.decode(self.mdp.state(0)),
+                prompt_chars=len(self.vocab.decode(prompt)),
+                rows=rgb_rows(self.max_length),
+            )
         return None

@@ -1,23 +1,29 @@
-"""Demonstrations: the frozen ``Trajectory`` type, loaders, and noise augmentation (METHOD.md §5).
+"""Demonstrations: the ``Trajectory`` type, loaders, disturbances and noise (METHOD.md §5).
 
 A trajectory is one episode of the backspace MDP: a prompt, then the actions taken (ordinary
 tokens, ``<bkspc>`` and a final ``<eos>`` when the episode terminated). Replaying its actions
 through :class:`seqenv.mdp.SequenceMDP` gives the final text; :func:`replay` does exactly that.
+In a disturbed MDP a trajectory also keeps the actions its agent intended.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 import numpy as np
 import torch
 
+from seqenv.disturbance import KEY_BOUND, Disturbance, NoiseFn
 from seqenv.mdp import SequenceMDP
+from seqenv.rules import step_budget
 from seqenv.vocab import SpecialIds, Vocab, VocabularyError
+
+LabelKind = Literal["intended", "executed"]
 
 
 class DemonstrationError(ValueError):
@@ -38,11 +44,15 @@ class Trajectory:
 
     Attributes:
         prompt: (P,) int64, P >= 1, ordinary token ids; never deleted.
-        actions: (N,) int64, N >= 1, action ids; ``<eos>`` only as the last action.
+        actions: (N,) int64, N >= 1, the actions the MDP executed (what replay and the collate
+            functions use); ``<eos>`` only as the last action.
         terminated: the episode ended with ``<eos>``.
         truncated: the episode ended at the step budget or at ``max_length``; its last state
             still has a value (METHOD.md §3). Exactly one of the two holds.
         special: the special ids of the vocabulary the ids belong to.
+        intended: (N,) int64 or None, the actions the agent chose, where a disturbance may have
+            replaced an ordinary token by another (there, both are ordinary tokens). ``None``
+            means the agent's actions were all executed as chosen.
     """
 
     prompt: np.ndarray
@@ -50,10 +60,14 @@ class Trajectory:
     terminated: bool
     truncated: bool
     special: SpecialIds = field(repr=False)
+    intended: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt", _frozen_ids(self.prompt, "prompt"))
         object.__setattr__(self, "actions", _frozen_ids(self.actions, "actions"))
+        if self.intended is not None:
+            object.__setattr__(self, "intended", _frozen_ids(self.intended, "intended"))
+            self._check_intended()
         s = self.special
         if len(self.prompt) == 0:
             raise ValueError("a trajectory needs a prompt of at least one token")
@@ -79,6 +93,21 @@ class Trajectory:
         if (np.cumsum(delta) < 0).any():
             raise ValueError("a backspace would delete the prompt")
 
+    def _check_intended(self) -> None:
+        assert self.intended is not None
+        if len(self.intended) != len(self.actions):
+            raise ValueError(
+                f"intended holds {len(self.intended)} actions, actions {len(self.actions)}"
+            )
+        differ = np.flatnonzero(self.intended != self.actions)
+        for i in differ.tolist():
+            chosen, executed = int(self.intended[i]), int(self.actions[i])
+            if not (self.special.is_token(chosen) and self.special.is_token(executed)):
+                raise ValueError(
+                    f"step {i}: intended {chosen} but executed {executed}; a disturbance only "
+                    "replaces an ordinary token by another"
+                )
+
     @property
     def num_steps(self) -> int:
         return len(self.actions)
@@ -87,29 +116,58 @@ class Trajectory:
     def num_backspaces(self) -> int:
         return int((self.actions == self.special.backspace_id).sum())
 
+    @property
+    def intended_actions(self) -> np.ndarray:
+        """(N,) int64: the actions the agent chose (``actions`` when ``intended`` is None)."""
+        return self.actions if self.intended is None else self.intended
+
+    @property
+    def disturbed(self) -> np.ndarray:
+        """(N,) bool: the steps where the executed action differs from the intended one."""
+        return self.intended_actions != self.actions
+
+    @property
+    def num_disturbances(self) -> int:
+        return int(self.disturbed.sum())
+
+    def labels(self, kind: LabelKind = "executed") -> np.ndarray:
+        """(N,) int64 training targets: the ``"intended"`` or the ``"executed"`` actions."""
+        if kind == "intended":
+            return self.intended_actions
+        if kind == "executed":
+            return self.actions
+        raise ValueError(f"label kind must be 'intended' or 'executed', got {kind!r}")
+
     def generated(self) -> list[int]:
         """The generated tokens left after every backspace (the MDP's final state, minus prompt)."""
         return replay([self])[0]
 
     def to_json(self) -> dict:
-        return {
+        """A JSON-ready dict; ``intended`` appears only when it is not None."""
+        data = {
             "prompt": self.prompt.tolist(),
             "actions": self.actions.tolist(),
             "terminated": self.terminated,
             "truncated": self.truncated,
         }
+        if self.intended is not None:
+            data["intended"] = self.intended.tolist()
+        return data
 
     @classmethod
     def from_json(cls, data: dict, special: SpecialIds) -> Trajectory:
+        """The inverse of :meth:`to_json` (an absent ``intended`` is None)."""
         return cls(
             prompt=data["prompt"],
             actions=data["actions"],
             terminated=bool(data["terminated"]),
             truncated=bool(data["truncated"]),
             special=special,
+            intended=data.get("intended"),
         )
 
     def __eq__(self, other: object) -> bool:
+        """Equal episodes: same ids, ends, executed and intended actions (None = executed)."""
         return (
             isinstance(other, Trajectory)
             and self.special == other.special
@@ -117,6 +175,7 @@ class Trajectory:
             and self.truncated == other.truncated
             and np.array_equal(self.prompt, other.prompt)
             and np.array_equal(self.actions, other.actions)
+            and np.array_equal(self.intended_actions, other.intended_actions)
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -223,10 +282,110 @@ def replay(
 
 
 # --------------------------------------------------------------------------------------------
-# Noise augmentation (METHOD.md §5)
+# Demonstrations in the disturbed MDP (METHOD.md §5, the disturbance view)
 
-NoiseFn = Callable[[np.random.Generator, Sequence[int], Sequence[int], int], int]
-"""(rng, prompt, generated so far, the true next action) -> one noise token id."""
+
+def disturbed_demonstrations(
+    clean: Sequence[Trajectory],
+    disturbance: Disturbance,
+    max_length: int,
+    max_steps: int | None = None,
+    noise_fn: NoiseFn | None = None,
+    rng: np.random.Generator | None = None,
+    keys: Sequence[int] | None = None,
+) -> list[Trajectory]:
+    """The expert of each clean trajectory, acting in the disturbed MDP (like DART).
+
+    The expert intends its next action; where the MDP disturbs it (a noise token runs instead),
+    the expert intends ``<bkspc>`` (never disturbed), then the same action again (which can be
+    disturbed again). All rows run in one batched :class:`~seqenv.mdp.SequenceMDP`, with the same
+    disturbance as the environments. With random noise, a fraction p/(1+p) of the token steps
+    are backspaces. The result keeps the executed actions in ``actions`` and the expert's in
+    ``intended``; it replays to the clean text, or is cut where the step budget runs out (a
+    truncated episode of the MDP).
+
+    Args:
+        clean: expert episodes of the MDP (``max_length``, ``max_steps``) without disturbance.
+        disturbance: the environment's disturbance.
+        max_length: the MDP's buffer size.
+        max_steps: the MDP's step budget; ``None``: ``2 * max_length``.
+        noise_fn: the noise of a ``ground_truth`` disturbance (the task's).
+        rng: draws one key per trajectory when ``keys`` is None.
+        keys: one key in [0, 2**63) per trajectory (the random stream of its episode).
+
+    Raises:
+        DemonstrationError: if a clean trajectory is not an episode of that MDP.
+    """
+    if not clean:
+        return []
+    special = clean[0].special
+    budget = step_budget(max_length, max_steps)
+    replay(clean, max_length=max_length, max_steps=budget)  # each is an episode of this MDP
+    if keys is None:
+        rng = np.random.default_rng() if rng is None else rng
+        keys = rng.integers(KEY_BOUND, size=len(clean), dtype=np.int64).tolist()
+    B = len(clean)
+    mdp = SequenceMDP(
+        special, max_length, budget, batch_size=B, disturbance=disturbance, noise_fn=noise_fn
+    )
+    mdp.reset_rows(range(B), [t.prompt.tolist() for t in clean], keys=keys)
+    plans = [t.actions.tolist() for t in clean]
+    position = [0] * B  # the next clean action of each row
+    repairing = [False] * B  # the last action was disturbed: the expert backspaces
+    intended: list[list[int]] = [[] for _ in range(B)]
+    executed: list[list[int]] = [[] for _ in range(B)]
+    live = list(range(B))
+    while live:
+        chosen = np.full(B, special.eos_id, dtype=np.int64)  # done rows ignore their action
+        for i in live:
+            # Adding disturbances only adds steps, so the MDP ends each row by its last action.
+            assert position[i] < len(plans[i]), "a clean episode outlived its actions"
+            chosen[i] = special.backspace_id if repairing[i] else plans[i][position[i]]
+        result = mdp.step(torch.from_numpy(chosen))
+        ran = result.executed.tolist()
+        for i in live:
+            intended[i].append(int(chosen[i]))
+            executed[i].append(ran[i])
+            if repairing[i]:
+                repairing[i] = False
+            elif ran[i] != chosen[i]:
+                repairing[i] = True
+            else:
+                position[i] += 1
+        done = mdp.done.tolist()
+        live = [i for i in live if not done[i]]
+    return [
+        Trajectory(
+            t.prompt,
+            np.asarray(executed[i], dtype=np.int64),
+            bool(mdp.terminated[i]),
+            bool(mdp.truncated[i]),
+            special,
+            intended=np.asarray(intended[i], dtype=np.int64),
+        )
+        for i, t in enumerate(clean)
+    ]
+
+
+def disturbed_demonstration(
+    clean: Trajectory,
+    disturbance: Disturbance,
+    max_length: int,
+    max_steps: int | None = None,
+    noise_fn: NoiseFn | None = None,
+    rng: np.random.Generator | None = None,
+    key: int | None = None,
+) -> Trajectory:
+    """:func:`disturbed_demonstrations` of one trajectory."""
+    keys = None if key is None else [key]
+    (result,) = disturbed_demonstrations(
+        [clean], disturbance, max_length, max_steps, noise_fn, rng=rng, keys=keys
+    )
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Noise augmentation, the paper's scheme (METHOD.md §5)
 
 
 def random_noise(special: SpecialIds) -> NoiseFn:
@@ -254,6 +413,11 @@ def augment(
 
     The result replays to the same final text. Insertions that would overflow ``max_length`` or
     the step budget ``max_steps`` are skipped, so the result is still an episode of that MDP.
+
+    This is the paper's scheme, trained with the noise tokens as targets. It is close to
+    :func:`disturbed_demonstrations` read with executed labels (``labels("executed")``), which
+    with ``k=1`` differ in that a disturbance can recur before the same token and that ``<eos>``
+    and ``<bkspc>`` are never disturbed.
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"noise level p must be in [0, 1], got {p}")
@@ -325,25 +489,59 @@ def _records(path: Path, fmt: Format) -> Iterator[tuple[str, dict]]:
         for i, row in enumerate(dataset):
             yield f"{path}[{i}]", dict(row)
         return
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line_number = data.count(b"\n", 0, err.start) + 1
-        raise DemonstrationError(
-            f"{path}:{line_number}: not UTF-8 text ({err.reason} at byte {err.start})"
-        ) from None
-    for number, line in enumerate(text.splitlines(), start=1):
+    with path.open("rb") as f:
+        yield from _file_records(f, path, fmt)
+
+
+MAX_LINE_BYTES = 16 * 2**20
+"""The longest line a demonstration file may hold (16 MiB)."""
+
+MAX_JSON_DEPTH = 64
+"""The deepest nesting of arrays and objects a JSONL record may hold (a record needs 1)."""
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def _json_depth(line: str) -> int:
+    """How deeply the arrays and objects of one JSON text nest (strings are skipped)."""
+    if line.count("[") + line.count("{") <= MAX_JSON_DEPTH:
+        return 0  # cannot nest deeper than the limit: no need to scan
+    codes = np.frombuffer(_JSON_STRING.sub("", line).encode("utf-8"), dtype=np.uint8)
+    step = np.isin(codes, (ord("["), ord("{"))).astype(np.int64)
+    step -= np.isin(codes, (ord("]"), ord("}")))
+    return int(step.cumsum().max(initial=0))
+
+
+def _file_records(f: IO[bytes], path: Path, fmt: Format) -> Iterator[tuple[str, dict]]:
+    """Yield (where, record) pairs from a text or JSONL file, one line at a time.
+
+    Lines end at ``\\n`` only (a U+2028 or U+0085 inside a JSON string is part of its line).
+    """
+    number = 0
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        where = f"{path}:{number}"
+        if len(raw) > MAX_LINE_BYTES:
+            raise DemonstrationError(f"{where}: line longer than {MAX_LINE_BYTES:,} bytes")
+        try:
+            line = raw.decode("utf-8").removesuffix("\n").removesuffix("\r")
+        except UnicodeDecodeError as err:
+            raise DemonstrationError(
+                f"{where}: not UTF-8 text ({err.reason} at byte {err.start} of the line)"
+            ) from None
         if not line.strip():
             continue
-        where = f"{path}:{number}"
         if fmt == "text":
             yield where, {"text": line}
             continue
+        if _json_depth(line) > MAX_JSON_DEPTH:
+            raise DemonstrationError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise DemonstrationError(f"{where}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise DemonstrationError(f"{where}: JSON nested too deeply") from None
         if not isinstance(record, dict):
             raise DemonstrationError(
                 f"{where}: expected a JSON object, got {type(record).__name__}"

@@ -4,7 +4,9 @@ One :class:`~seqenv.mdp.SequenceMDP` of batch size ``num_envs`` steps every sequ
 tensor operation; only resets (drawing prompts) and end-of-episode scores loop in Python, once
 per episode. Each row keeps its own ``np.random.Generator``, seeded as gymnasium's
 ``SyncVectorEnv`` seeds its sub-environments (``seed + i``), so the trajectories equal those of
-``num_envs`` single :class:`~seqenv.env.SequenceGenEnv` with the same seeds and actions.
+``num_envs`` single :class:`~seqenv.env.SequenceGenEnv` with the same seeds and actions. With a
+disturbance, each row draws its key from that generator at reset, as the single env does, and the
+MDP disturbs every row at once from a counter-based hash of (key, step).
 """
 
 from __future__ import annotations
@@ -25,8 +27,19 @@ from stable_baselines3.common.vec_env.base_vec_env import (
     VecEnvStepReturn,
 )
 
-from seqenv.env import RewardFn, episode_reward, resolve_reward, resolve_task
-from seqenv.mdp import SequenceMDP
+from seqenv.disturbance import KEY_BOUND, Disturbance, resolve_disturbance
+from seqenv.env import (
+    RewardFn,
+    check_options,
+    episode_reward,
+    noise_of,
+    resolve_max_length,
+    resolve_reward,
+    resolve_task,
+    rgb_rows,
+)
+from seqenv.mdp import InvalidActionError, SequenceMDP, check_int, is_integer_dtype
+from seqenv.render import text_image
 from seqenv.tasks import Task
 
 
@@ -35,14 +48,17 @@ class SequenceGenVectorEnv(VectorEnv):
 
     Observations, rewards, ``terminated`` and ``truncated`` are torch tensors on ``device``
     (shapes (N, max_length) int64, (N,) float32, (N,) bool, (N,) bool), and
-    ``info["action_mask"]`` is an (N, num_actions) bool tensor. Text is not decoded on every step
-    (it would dominate the cost): ``render()`` with ``render_mode="ansi"`` or :meth:`texts` give it.
+    ``info["action_mask"]`` is an (N, num_actions) bool tensor; after a step,
+    ``info["intended_action"]`` and ``info["executed_action"]`` are (N,) int64 tensors (they differ
+    where the disturbance replaced a token; -1 in rows that this step reset instead of stepping).
+    Text is not decoded on every step (it would dominate the cost): ``render()`` with
+    ``render_mode="ansi"`` or :meth:`texts` give it; ``"rgb_array"`` gives a tuple of images.
 
     Autoreset: ``NEXT_STEP`` (gymnasium's default; the step after an episode ends resets that row
     and ignores its action) or ``DISABLED`` (reset rows with ``reset(options={"reset_mask": m})``).
-    Arguments are those of SequenceGenEnv plus ``num_envs``, ``device``, ``autoreset_mode`` and
-    ``copy`` (as gymnasium's: False returns the env's own observation tensor, which the next step
-    overwrites, and saves a copy per step).
+    Arguments are those of SequenceGenEnv (``disturbance`` and ``disturbance_type`` included) plus
+    ``num_envs``, ``device``, ``autoreset_mode`` and ``copy`` (as gymnasium's: False returns the
+    env's own observation tensor, which the next step overwrites, and saves a copy per step).
     """
 
     def __init__(
@@ -52,20 +68,21 @@ class SequenceGenVectorEnv(VectorEnv):
         max_length: int | None = None,
         max_steps: int | None = None,
         reward: str | RewardFn = "task",
+        disturbance: float | Disturbance = 0.0,
+        disturbance_type: str | None = None,
         device: torch.device | str = "cpu",
         render_mode: str | None = None,
         autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP,
         copy: bool = True,
         **task_kwargs: Any,
     ) -> None:
-        if num_envs < 1:
-            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        num_envs = check_int(num_envs, "num_envs", 1)
         autoreset_mode = AutoresetMode(autoreset_mode)
         if autoreset_mode == AutoresetMode.SAME_STEP:
             raise ValueError("autoreset_mode SAME_STEP is not supported; use NEXT_STEP or DISABLED")
-        if render_mode not in (None, "ansi"):
-            raise ValueError("render_mode must be None or 'ansi'")
-        self.metadata = {"render_modes": ["ansi"], "autoreset_mode": autoreset_mode}
+        if render_mode not in (None, "ansi", "rgb_array"):
+            raise ValueError("render_mode must be None, 'ansi' or 'rgb_array'")
+        self.metadata = {"render_modes": ["ansi", "rgb_array"], "autoreset_mode": autoreset_mode}
         self.render_mode = render_mode
         self.copy = copy
         self.num_envs = num_envs
@@ -73,9 +90,16 @@ class SequenceGenVectorEnv(VectorEnv):
         self.task = resolve_task(task, task_kwargs)
         self.vocab = self.task.vocab
         self.reward_fn = resolve_reward(reward)
-        self.max_length = self.task.default_max_length if max_length is None else int(max_length)
+        self.max_length = resolve_max_length(max_length, self.task)
+        self.disturbance = resolve_disturbance(disturbance, disturbance_type)
         self.mdp = SequenceMDP(
-            self.vocab.special, self.max_length, max_steps, batch_size=num_envs, device=self.device
+            self.vocab.special,
+            self.max_length,
+            max_steps,
+            batch_size=num_envs,
+            device=self.device,
+            disturbance=self.disturbance,
+            noise_fn=noise_of(self.disturbance, self.task),
         )
         self.max_steps = self.mdp.max_steps
         num_actions = self.vocab.num_actions
@@ -102,12 +126,14 @@ class SequenceGenVectorEnv(VectorEnv):
                 self._rngs[i], _ = seeding.np_random(s)
 
     def _reset_rows(self, rows: list[int]) -> None:
-        prompts = []
+        prompts, keys = [], []
         for i in rows:
             rng = self._rngs[i]
             assert rng is not None
             prompts.append(list(self.task.sample(rng).prompt))
-        self.mdp.reset_rows(rows, prompts)
+            # As SequenceGenEnv.reset: the key after the prompt, only when there is a disturbance.
+            keys.append(int(rng.integers(KEY_BOUND)) if self.disturbance.active else 0)
+        self.mdp.reset_rows(rows, prompts, keys=keys)
 
     def reset(
         self,
@@ -115,7 +141,7 @@ class SequenceGenVectorEnv(VectorEnv):
         seed: int | Sequence[int | None] | None = None,
         options: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        options = options or {}
+        options = check_options(options, ("reset_mask",))
         self._seed_rows(seed)
         if "reset_mask" in options:
             mask = torch.as_tensor(options["reset_mask"], dtype=torch.bool).reshape(-1)
@@ -143,6 +169,8 @@ class SequenceGenVectorEnv(VectorEnv):
         if not self._started:
             raise RuntimeError("call reset() before step()")
         actions = torch.as_tensor(np.asarray(actions) if not torch.is_tensor(actions) else actions)
+        if not is_integer_dtype(actions.dtype):
+            raise InvalidActionError(f"actions must be integer ids, got dtype {actions.dtype}")
         actions = actions.to(self.device, torch.int64).reshape(-1)
         if self.metadata["autoreset_mode"] == AutoresetMode.DISABLED and bool(self.mdp.done.any()):
             raise RuntimeError(
@@ -173,22 +201,40 @@ class SequenceGenVectorEnv(VectorEnv):
             self._reset_rows(torch.nonzero(resetting).reshape(-1).tolist())
         if self.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP:
             self._autoreset = ended
-        info = {"action_mask": self.mdp.action_mask()}
+        info = {
+            "action_mask": self.mdp.action_mask(),
+            "intended_action": result.intended.masked_fill(resetting, -1),
+            "executed_action": result.executed.masked_fill(resetting, -1),
+        }
         return self._observation(), rewards, result.terminated, result.truncated, info
 
     def texts(self) -> list[str]:
         """The current text of every row."""
         return [self.vocab.decode(self.mdp.state(i)) for i in range(self.num_envs)]
 
-    def render(self) -> list[str] | None:  # type: ignore[override]
-        return self.texts() if self.render_mode == "ansi" else None
+    def render(self) -> list[str] | tuple[np.ndarray, ...] | None:  # type: ignore[override]
+        """``"ansi"``: every row's text; ``"rgb_array"``: each drawn as an (H, W, 3) image."""
+        if self.render_mode == "ansi":
+            return self.texts()
+        if self.render_mode == "rgb_array":
+            rows = rgb_rows(self.max_length)
+            prompt_chars = [
+                len(self.vocab.decode(self.mdp.state(i)[: int(self.mdp.prompt_length[i])]))
+                for i in range(self.num_envs)
+            ]
+            return tuple(
+                text_image(text, prompt_chars=chars, rows=rows)
+                for text, chars in zip(self.texts(), prompt_chars, strict=True)
+            )
+        return None
 
 
 class SB3VecEnv(VecEnv):
     """Stable-Baselines3's ``VecEnv`` API over :class:`SequenceGenVectorEnv`.
 
     SB3 resets a row in the step that ends it and keeps the last observation in
-    ``info["terminal_observation"]``; ``info["TimeLimit.truncated"]`` marks truncation.
+    ``info["terminal_observation"]``; ``info["TimeLimit.truncated"]`` marks truncation, and
+    ``info["intended_action"]`` and ``info["executed_action"]`` are as in the single env.
     ``action_masks()`` gives the (N, num_actions) bool masks for maskable algorithms.
     """
 
@@ -208,11 +254,17 @@ class SB3VecEnv(VecEnv):
         self._actions = np.asarray(actions)
 
     def step_wait(self) -> VecEnvStepReturn:
-        obs, rewards, terminated, truncated, _ = self.env.step(self._actions)
+        obs, rewards, terminated, truncated, step_info = self.env.step(self._actions)
         dones = terminated | truncated
         obs_np = obs.cpu().numpy()
+        intended = step_info["intended_action"].tolist()
+        executed = step_info["executed_action"].tolist()
         infos: list[dict[str, Any]] = [
-            {"TimeLimit.truncated": bool(truncated[i] and not terminated[i])}
+            {
+                "TimeLimit.truncated": bool(truncated[i] and not terminated[i]),
+                "intended_action": intended[i],
+                "executed_action": executed[i],
+            }
             for i in range(self.num_envs)
         ]
         if bool(dones.any()):

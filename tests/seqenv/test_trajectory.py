@@ -71,6 +71,43 @@ def test_trajectory_json_round_trip_and_equality() -> None:
         hash(t)
 
 
+def test_intended_actions_round_trip_and_labels() -> None:
+    # Intended a, executed b (a disturbance), then the backspace and a again.
+    t = Trajectory([A], [B, BK, A, EOS], True, False, SPECIAL, intended=[A, BK, A, EOS])
+    assert t.intended is not None and t.intended.dtype == np.int64
+    assert t.labels("intended").tolist() == [A, BK, A, EOS] == t.intended_actions.tolist()
+    assert t.labels("executed").tolist() == [B, BK, A, EOS] == t.labels().tolist()
+    assert t.disturbed.tolist() == [True, False, False, False] and t.num_disturbances == 1
+    data = json.loads(json.dumps(t.to_json()))
+    assert data["intended"] == [A, BK, A, EOS]
+    assert Trajectory.from_json(data, SPECIAL) == t
+    plain = traj([A], [B, BK, A, EOS])
+    assert "intended" not in plain.to_json() and plain.intended is None
+    assert Trajectory.from_json(plain.to_json(), SPECIAL).intended is None
+    assert t != plain and plain.labels("intended") is plain.actions
+    # None means intended == executed: the two spellings are equal.
+    same = Trajectory([A], [B, BK, A, EOS], True, False, SPECIAL, intended=[B, BK, A, EOS])
+    assert same == plain and same.num_disturbances == 0
+    with pytest.raises(ValueError, match="read-only"):
+        t.intended[0] = C  # type: ignore[index]
+    with pytest.raises(ValueError, match="label kind must be"):
+        t.labels("noise")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("actions", "intended", "match"),
+    [
+        ([A, EOS], [A], "intended holds 1 actions, actions 2"),
+        ([A, EOS], [A, BK], "step 1: intended 4 but executed 3"),
+        ([A, BK, EOS], [A, B, EOS], "step 1: intended 1 but executed 4"),
+        ([A, EOS], [[A, EOS]], "intended must be 1-D"),
+    ],
+)
+def test_intended_validation(actions: list, intended: list, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Trajectory([A], actions, True, False, SPECIAL, intended=intended)
+
+
 @pytest.mark.parametrize(
     ("prompt", "actions", "terminated", "truncated", "match"),
     [
@@ -410,3 +447,39 @@ def test_special_ids_of_loaded_trajectories(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "demos.jsonl", [GOOD])
     (demo,) = load_demonstrations(path, VOCAB, max_length=8)
     assert demo.special == SpecialIds(num_actions=5, eos_id=3, backspace_id=4, pad_id=5)
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path: Path) -> None:
+    """U+2028, U+2029 and U+0085 inside a JSON string do not end its line (str.splitlines would)."""
+    vocab = CharVocab("ab\u2028\u2029\x85")
+    path = tmp_path / "demos.jsonl"
+    record = json.dumps({"prompt": "a\u2028b", "completion": "\x85\u2029b"}, ensure_ascii=False)
+    path.write_text(record + "\r\n" + GOOD + "\n", encoding="utf-8")
+    demos = load_demonstrations(path, vocab, max_length=16)
+    assert [vocab.decode(d.prompt) for d in demos] == ["a\u2028b", "a"]
+    assert demos[0].generated() == vocab.encode("\x85\u2029b")
+
+
+def test_deeply_nested_json_is_a_one_line_error(tmp_path: Path) -> None:
+    for deep in ("[" * 100_000 + "]" * 100_000, '{"a":' * 100_000 + "1" + "}" * 100_000):
+        path = write_lines(tmp_path / "deep.jsonl", [GOOD, deep])
+        with pytest.raises(DemonstrationError, match=r"deep\.jsonl:2: JSON nested deeper than 64"):
+            load_demonstrations(path, VOCAB, max_length=8)
+    # Brackets inside strings do not count.
+    vocab = CharVocab("ab[{")
+    path = write_lines(
+        tmp_path / "brackets.jsonl", [json.dumps({"prompt": "[{" * 50, "completion": "a"})]
+    )
+    (demo,) = load_demonstrations(path, vocab, max_length=128)
+    assert vocab.decode(demo.prompt) == "[{" * 50
+
+
+def test_overlong_line_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from seqenv import trajectory
+
+    assert trajectory.MAX_LINE_BYTES == 16 * 2**20
+    monkeypatch.setattr(trajectory, "MAX_LINE_BYTES", 64)
+    long_line = json.dumps({"prompt": "a", "completion": "b" * 100})
+    path = write_lines(tmp_path / "long.jsonl", [GOOD, long_line])
+    with pytest.raises(DemonstrationError, match=r"long\.jsonl:2: line longer than 64 bytes"):
+        load_demonstrations(path, VOCAB, max_length=8)

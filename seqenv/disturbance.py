@@ -1,0 +1,138 @@
+"""Disturbance: the environment replaces a token action by a noise token (METHOD.md §5).
+
+With probability ``p`` an ordinary token action is replaced, before it runs, by a noise token that
+differs from it, as the Arcade Learning Environment's sticky actions or DART's injected noise.
+``<eos>`` and ``<bkspc>`` are never replaced, nor is an append that fills the buffer (nothing could
+delete it). The noise is ``random`` (uniform over the other ordinary tokens) or ``ground_truth``
+(the task's plausible mistake, :meth:`seqenv.tasks.Task.ground_truth_noise`).
+
+Randomness is counter-based: each row holds a key, drawn from its seeded generator at reset, and
+the draw of step ``t`` is a hash of (key, t). So a batched MDP needs no generator per row and
+per step, and a row of the vector env sees the same disturbances as a single env with its seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import numpy as np
+import torch
+
+NoiseFn = Callable[[np.random.Generator, Sequence[int], Sequence[int], int], int]
+"""(rng, prompt, generated so far, the true next action) -> one noise token id."""
+
+DisturbanceKind = Literal["random", "ground_truth"]
+DISTURBANCE_KINDS: tuple[str, ...] = get_args(DisturbanceKind)
+
+KEY_BOUND = 2**63
+"""Row keys are drawn from [0, KEY_BOUND), so that they fit an int64 tensor."""
+
+
+@dataclass(frozen=True)
+class Disturbance:
+    """How the environment disturbs token actions.
+
+    Attributes:
+        p: probability that an eligible token action (an ordinary token whose append does not
+            fill the buffer) is replaced by a noise token; 0 leaves the dynamics unchanged.
+        kind: ``"random"`` (uniform over the other ordinary tokens) or ``"ground_truth"`` (the
+            task's noise function, redrawn until it differs from the intended token).
+    """
+
+    p: float
+    kind: DisturbanceKind = "random"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.p, bool) or not isinstance(self.p, int | float | np.floating):
+            raise ValueError(f"disturbance p must be a number in [0, 1], got {self.p!r}")
+        if not 0.0 <= float(self.p) <= 1.0:
+            raise ValueError(f"disturbance p must be in [0, 1], got {self.p}")
+        object.__setattr__(self, "p", float(self.p))
+        if self.kind not in DISTURBANCE_KINDS:
+            raise ValueError(
+                f"disturbance kind must be one of {', '.join(DISTURBANCE_KINDS)}, got {self.kind!r}"
+            )
+
+    @property
+    def active(self) -> bool:
+        """True when some action can be disturbed (p > 0)."""
+        return self.p > 0.0
+
+    @property
+    def threshold(self) -> int:
+        """p scaled to 32 bits: a step is disturbed when the top 32 bits of its hash are below."""
+        return min(round(self.p * 2**32), 2**32)
+
+
+def resolve_disturbance(
+    disturbance: float | Disturbance | None, disturbance_type: str | None = None
+) -> Disturbance:
+    """A :class:`Disturbance` from the environment's ``disturbance`` and ``disturbance_type``."""
+    if isinstance(disturbance, Disturbance):
+        if disturbance_type is not None and disturbance_type != disturbance.kind:
+            raise ValueError(
+                f"disturbance_type={disturbance_type!r} contradicts the Disturbance's kind "
+                f"{disturbance.kind!r}"
+            )
+        return disturbance
+    kind = "random" if disturbance_type is None else disturbance_type
+    if kind not in DISTURBANCE_KINDS:
+        raise ValueError(
+            f"disturbance_type must be one of {', '.join(DISTURBANCE_KINDS)}, got {kind!r}"
+        )
+    return Disturbance(0.0 if disturbance is None else disturbance, kind)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------
+# Counter-based random numbers: SplitMix64 on int64 tensors (wrapping arithmetic).
+
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
+LOW32 = 0xFFFFFFFF
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of the 64-bit patterns in an int64 tensor."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def counter_hash(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """SplitMix64 output number ``counter + 1`` of the stream started at ``key``.
+
+    Args:
+        keys: (B,) int64, one key per row.
+        counters: (B,) int64, the step counter of each row.
+
+    Returns:
+        (B,) int64 holding 64 random bits per row (as a two's-complement pattern).
+    """
+    z = keys + (counters + 1) * _GOLDEN
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+def draw_below(bits: torch.Tensor, n: int) -> torch.Tensor:
+    """(B,) int64 in [0, n) from the low 32 bits of ``bits`` (multiply-shift, n < 2**31)."""
+    return ((bits & LOW32) * n) >> 32
+
+
+def step_generator(key: int, counter: int) -> np.random.Generator:
+    """The numpy generator of one (row key, step) pair, for noise functions that take one."""
+    return np.random.default_rng([key, counter])
+
+
+__all__ = [
+    "DISTURBANCE_KINDS",
+    "KEY_BOUND",
+    "Disturbance",
+    "DisturbanceKind",
+    "NoiseFn",
+    "counter_hash",
+    "draw_below",
+    "resolve_disturbance",
+    "step_generator",
+]
