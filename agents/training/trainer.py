@@ -11,8 +11,9 @@ One update, top to bottom (METHOD.md §4):
    eta keeps its meaning at every alpha; see :mod:`agents.objectives`). At log intervals of
    that phase, ``train/grad_share_sm`` and ``train/grad_share_kappa`` give the shares of the
    gradient norm that come from SequenceMatch and from its chi^2 (kappa) terms
-   (:func:`agents.objectives.gradient_shares`); ``losses/sm/divergence`` is the divergence
-   estimate d_hat = J + alpha H_hat, ``losses/sm/neg_objective`` is -J.
+   (:func:`agents.objectives.gradient_shares`; one process, not compiled, first micro-batch);
+   ``losses/sm/divergence`` is the divergence estimate d_hat = J + alpha H_hat and
+   ``losses/sm/neg_objective`` is -J.
 4. **step**: gradient accumulation, clipping, AdamW with warm-up and a cosine schedule.
 5. **log / eval / save** at their intervals: TensorBoard scalars, task score of greedy
    generations on held-out prompts, atomic checkpoints.
@@ -285,9 +286,12 @@ class Trainer:
         # Gradient shares cost three extra backward passes: only on updates that get logged,
         # and on the first micro-batch (shares are ratios, so grad_accum's 1/k cancels). Not
         # under DDP: torch.autograd.grad bypasses its reducer, so each rank would see only its
-        # own slice; the shares would need an all-reduce of every part's gradient.
+        # own slice; the shares would need an all-reduce of every part's gradient. Not under
+        # torch.compile: its backward donates buffers and refuses retain_graph=True.
         logged = (self.step + 1) % config.log_interval == 0 or self.step + 1 == config.steps
-        measure_shares = model is not None and logged and not self.distributed
+        measure_shares = (
+            model is not None and logged and not self.distributed and not config.compile
+        )
         for k in range(config.grad_accum):
             part = slice(k * micro, (k + 1) * micro)
             batch = ObjectiveBatch(
