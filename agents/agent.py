@@ -5,7 +5,8 @@
     from agents import SequenceMatch
 
     env = gym.make("SequenceGen-v0", task="dyck")
-    model = SequenceMatch(env, eta=0.1, c=0.25, verbose=1).learn(total_timesteps=100_000)
+    model = SequenceMatch(env, eta=0.1, c=0.25, alpha=0.01, verbose=1)
+    model.learn(total_timesteps=100_000)
     action, _ = model.predict(obs, deterministic=True)
     model.save("checkpoints/sm-dyck")
     model = SequenceMatch.load("checkpoints/sm-dyck")
@@ -14,7 +15,8 @@ Imitation agents learn from the task's demonstrations, not from reward: the envi
 them the task, the buffer size and the step budget. A timestep is one action of a demonstration
 trained on (the unit SB3 counts in is an environment step; an imitation update consumes
 ``batch_size`` demonstrations at once). Hyperparameters are the fields of
-:class:`agents.training.config.TrainConfig`.
+:class:`agents.training.config.TrainConfig`; for SequenceMatch ``alpha`` is the soft-Q
+temperature (Q = alpha * logits), apart from the rollouts' sampling ``temperature``.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 Every objective reads the logits of one forward pass per batch (METHOD.md §6) and the per-step
 indices of :class:`agents.collate.TrajectoryBatch`. For SequenceMatch (METHOD.md §2-§3) the logits
-are the soft Q-function::
+l are the soft Q-function divided by a temperature alpha::
 
-    Q(s, a) = logits(a | s)      V(s) = logsumexp_a' logits(a' | s)      r = Q(s, a) - gamma V(s')
+    Q(s, a) = alpha l(a | s)      V(s) = alpha logsumexp_a' l(a' | s)      pi = softmax(l)
+    r = Q(s, a) - gamma V(s') = alpha (l(a | s) - gamma logsumexp l(. | s'))
 
 with V(s') = 0 after ``<eos>`` and read from the logits of s' everywhere else (a truncated
 trajectory's last state is bootstrapped). The objective maximised is::
@@ -13,6 +14,24 @@ trajectory's last state is bootstrapped). The objective maximised is::
         - E_src[sum_t gamma^t (V(s_t) - gamma V(s_{t+1}))]
 
 and the loss is -J. Gradients flow through Q and both V terms; there is no target network.
+:class:`StepValues` holds Q and V in logit units (alpha = 1); :meth:`SequenceMatch.from_values`
+applies alpha.
+
+**Temperature and the one knob kappa.** For the quadratic divergences (``chi2_mixture``,
+``chi2``, ``linear``) J at temperature alpha and chi^2 coefficient c is alpha times J at
+temperature 1 and coefficient c alpha, as a function of the logits: J_{alpha,c}(l) = alpha
+J_{1,c alpha}(l), exactly (``chi2``'s fixed 1/4 scales the same way: kappa = alpha / 4). So
+only kappa = c alpha moves the fixed point (:attr:`SequenceMatch.kappa`); alpha alone rescales
+the loss. On the enumerable dyck grammar, solved exactly (METHOD.md §3): kappa = 0.25 (alpha = 1)
+is biased toward never ending and runaway backspacing; kappa = 0.025 leaves a small bias;
+kappa <= 0.0025 (the default, alpha = 0.01 and c = 1/4) lands on the target. For the other
+divergences phi is not quadratic and alpha and c do not collapse into one number.
+
+**Divergence estimate.** At the saddle point J = d - alpha H(pi) (IQ-Learn), so -J is mostly
+alpha times the policy's entropy. The ``divergence`` metric is d_hat = J + alpha H_hat, with
+H_hat the entropy of pi over the allowed actions at the states of the model batch, discounted
+and normalised like the model term: sum_t gamma^t H(pi(.|s_t)) / (B_model L) (on the data batch
+when the objective reads no model batch). -J itself is ``neg_objective``.
 
 Choices where METHOD.md is silent:
 
@@ -37,9 +56,12 @@ Choices where METHOD.md is silent:
   is still concave, increasing and C^1, defined for every r, and its gradient is bounded by
   ``max_slope``, so a sample outside the domain still pushes r back into it. ``chi2``,
   ``chi2_mixture`` and ``tv`` are used exactly.
-- ``chi2`` is Pearson chi^2 with its fixed 1/4 (the table of METHOD.md §3); ``c`` only sets the
-  coefficient of ``chi2_mixture``. ``linear`` (phi(x) = x) is the identity of METHOD.md §3, for
-  tests and diagnostics: SequenceMatch then equals the discounted log-likelihood.
+- ``chi2`` is Pearson chi^2 with its fixed 1/4 (the table of METHOD.md §3) on r in Q units;
+  ``c`` only sets the coefficient of ``chi2_mixture``. ``linear`` (phi(x) = x) is the identity
+  of METHOD.md §3, for tests and diagnostics: SequenceMatch then equals alpha times the
+  discounted log-likelihood.
+- **Mixture.** :class:`Mixture` is (1 - eta) L_BC + eta L_SM / alpha: dividing by alpha keeps
+  eta's meaning at every temperature (L_SM / alpha = -J_{1,kappa} for the quadratic divergences).
 
 Metrics are detached scalar tensors (no host sync here; the trainer syncs at log intervals).
 
@@ -50,7 +72,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -83,10 +105,14 @@ class LossOutput:
     Attributes:
         loss: () float, the scalar to minimise.
         metrics: name -> () detached tensor, keys without namespace (the trainer adds one).
+        parts: name -> () tensor with its graph, the weighted parts of ``loss`` that
+            :func:`gradient_shares` compares: ``bc`` and ``sm`` (their sum is ``loss``) and
+            ``kappa``, the chi^2 penalties inside ``sm``. Empty for MLE and BC.
     """
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.loss.ndim != 0:
@@ -125,6 +151,7 @@ class StepValues:
         backspace: (B, S) bool, real steps whose action is ``<bkspc>``.
         undone: (B, S) bool, see :class:`~agents.collate.TrajectoryBatch`.
         step_mask: (B, S) bool, real steps.
+        entropy: (B, S) float, detached, H(pi(.|s_t)) over the allowed actions.
     """
 
     q: torch.Tensor
@@ -135,6 +162,7 @@ class StepValues:
     backspace: torch.Tensor
     undone: torch.Tensor
     step_mask: torch.Tensor
+    entropy: torch.Tensor
 
     @property
     def num_sequences(self) -> int:
@@ -173,7 +201,12 @@ def step_values(
     prompt_end = batch.position_ids.gather(1, batch.state_rows[:, :1])  # (B, 1)
     has_generated = batch.position_ids > prompt_end  # (B, T)
     allowed = allowed_actions(has_generated, policy.special, allow_backspace)  # (B, T, A)
-    v_rows = mask_logits(logits, allowed).logsumexp(dim=-1)  # (B, T)
+    masked = mask_logits(logits, allowed)  # (B, T, A)
+    v_rows = masked.logsumexp(dim=-1)  # (B, T)
+    with torch.no_grad():  # the entropy is a metric (the divergence estimate): no graph
+        log_pi = masked.detach().log_softmax(dim=-1)  # (B, T, A)
+        # where(): 0 * -inf is nan at the masked actions, which contribute nothing.
+        entropy_rows = -torch.where(allowed, log_pi.exp() * log_pi, 0.0).sum(dim=-1)  # (B, T)
 
     rows = torch.arange(B, device=logits.device)[:, None]  # (B, 1)
     q = logits[rows, batch.state_rows, batch.actions]  # (B, S)
@@ -190,6 +223,7 @@ def step_values(
         backspace=backspace,
         undone=batch.undone,
         step_mask=batch.step_mask,
+        entropy=entropy_rows.gather(1, batch.state_rows),
     )
 
 
@@ -374,7 +408,13 @@ class SequenceMatch(_Objective):
 
     Args:
         divergence: one of :data:`DIVERGENCES`; ``chi2_mixture`` is the paper's recommendation.
-        c: chi^2 coefficient of ``chi2_mixture`` (x - c x^2 on data, -c r^2 on model samples).
+        c: chi^2 coefficient of ``chi2_mixture`` (x - c x^2 on data, -c r^2 on model samples,
+            r in Q units).
+        alpha: soft-Q temperature: Q = alpha * logits (METHOD.md §2). [choice] 0.01, our reading
+            of the paper's alpha (IQ-Learn's code also calls its chi^2 weight "alpha"); the exact
+            analysis of METHOD.md §3 supports it: with c = 1/4 it gives kappa = c alpha = 0.0025,
+            which lands on the target, where alpha = 1 (kappa = 0.25) is biased toward never
+            ending and runaway backspacing. Not the sampling temperature of rollouts.
         gamma: discount; 0.998 in the paper.
         value_source: trajectories of the value term, one of :data:`VALUE_SOURCES`.
         normaliser_length: L (see the module docstring); None: the padded step count of the
@@ -383,15 +423,22 @@ class SequenceMatch(_Objective):
             their tangent line (their domain handling, see the module docstring).
         allow_backspace: False masks ``<bkspc>`` out of the policy everywhere.
 
-    Metrics: ``loss``; ``divergence`` (-J, the estimate of the divergence); ``data_term``,
-    ``model_term``, ``value_term`` (the three terms of J, as above); ``r_data``, ``r_model``
-    (mean r per step; ``r_model`` when the model batch is read); ``value`` (mean V(s_t) over the
-    value source's steps); ``nll`` (mean -log pi over the data steps); ``backspace_rate_data``,
-    ``backspace_rate_model``.
+    Metrics (J's units, alpha included): ``loss`` (-J); ``divergence`` (d_hat = J + alpha
+    H_hat, the divergence estimate, see the module docstring); ``neg_objective`` (-J);
+    ``entropy_term`` (H_hat); ``entropy`` (mean H(pi) per step of the batch H_hat reads);
+    ``data_term``, ``model_term``, ``value_term`` (the three terms of J, as above);
+    ``r_data``, ``r_model`` (mean r per step; ``r_model`` when the model batch is read);
+    ``value`` (mean V(s_t) over the value source's steps); ``nll`` (mean -log pi over the data
+    steps, in nats); ``backspace_rate_data``, ``backspace_rate_model``.
+
+    Loss parts: ``sm`` (the loss) and, for the quadratic divergences, ``kappa``: the chi^2
+    penalties c E_data[sum gamma^t r^2] + c E_model[sum gamma^t r^2] (1/4 and data only for
+    ``chi2``, 0 for ``linear``).
     """
 
     divergence: str = "chi2_mixture"
     c: float = 0.25
+    alpha: float = 0.01
     gamma: float = 0.998
     value_source: str = "mix"
     normaliser_length: int | None = None
@@ -411,6 +458,8 @@ class SequenceMatch(_Objective):
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
         if self.c < 0:
             raise ValueError(f"c must be >= 0, got {self.c}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0.0):
+            raise ValueError(f"alpha must be finite and > 0, got {self.alpha}")
         if not self.max_slope >= 1.0:
             raise ValueError(f"max_slope must be >= 1, got {self.max_slope}")
         _check_normaliser(self.normaliser_length)
@@ -423,77 +472,108 @@ class SequenceMatch(_Objective):
     def needs_model(self) -> bool:
         return self.has_model_term or self.value_source != "data"
 
+    @property
+    def chi2_coefficient(self) -> float | None:
+        """The coefficient of the r^2 terms in Q units: c, 1/4 for ``chi2``, 0 for ``linear``;
+        None for the divergences whose phi is not quadratic."""
+        return {"chi2_mixture": self.c, "chi2": 0.25, "linear": 0.0}.get(self.divergence)
+
+    @property
+    def kappa(self) -> float | None:
+        """kappa = chi^2 coefficient x alpha, the one knob of the quadratic divergences:
+        J_{alpha,c}(l) = alpha J_{1,kappa}(l). None for the other divergences."""
+        coefficient = self.chi2_coefficient
+        return None if coefficient is None else coefficient * self.alpha
+
     def from_values(self, data: StepValues, model: StepValues | None) -> LossOutput:
         if self.needs_model and model is None:
             raise ValueError("SequenceMatch with this configuration needs model step values")
-        gamma = self.gamma
+        alpha, gamma = self.alpha, self.gamma
         L = self.normaliser_length or max(
             data.num_steps, model.num_steps if model is not None else 0
         )
+        zero = torch.zeros((), device=data.q.device)
 
-        # E_data[sum_t gamma^t phi(r_t)]
-        r_data = data.reward(gamma)
+        # E_data[sum_t gamma^t phi(r_t)], r in Q units: alpha (l(a|s) - gamma logsumexp l(.|s')).
+        r_data = alpha * data.reward(gamma)
         weight_data = data.discount(gamma)
         phi_data = phi(self.divergence, r_data, c=self.c, max_slope=self.max_slope)
         data_term = (weight_data * phi_data).sum() / (data.num_sequences * L)
 
         # c E_model[sum_t gamma^t r_t^2]
-        r_model = model.reward(gamma) if model is not None else None
-        model_term = torch.zeros((), device=r_data.device)
+        r_model = alpha * model.reward(gamma) if model is not None else None
+        model_term = zero
         if self.has_model_term:
             assert model is not None and r_model is not None
             weighted = model.discount(gamma) * r_model.square()
             model_term = self.c * weighted.sum() / (model.num_sequences * L)
 
-        # E_src[sum_t gamma^t (V(s_t) - gamma V(s_{t+1}))]
+        # E_src[sum_t gamma^t (V(s_t) - gamma V(s_{t+1}))], V in Q units.
         by_source: dict[str, list[StepValues | None]] = {
             "data": [data],
             "model": [model],
             "mix": [data, model],
         }
         sources = [values for values in by_source[self.value_source] if values is not None]
-        value_sum = torch.zeros((), device=r_data.device)
-        v_sum = torch.zeros((), device=r_data.device)  # for the mean-V metric
-        v_count = torch.zeros((), device=r_data.device)
+        value_sum = zero
+        v_sum = zero  # for the mean-V metric
+        v_count = zero
         for values in sources:
             telescoped = torch.where(values.valid, values.v - gamma * values.v_next, 0.0)
             value_sum = value_sum + (values.discount(gamma) * telescoped).sum()
             v_sum = v_sum + torch.where(values.valid, values.v.detach(), 0.0).sum()
             v_count = v_count + values.valid.sum()
         num_sequences = sum(values.num_sequences for values in sources)
-        value_term = value_sum / (num_sequences * L)
+        value_term = alpha * value_sum / (num_sequences * L)
 
         J = data_term - model_term - value_term
         loss = -J
+        parts = {"sm": loss}
+        coefficient = self.chi2_coefficient
+        if coefficient is not None:
+            # The -c r^2 parts of J (inside phi on data, the model term), as a loss.
+            squares = (weight_data * r_data.square()).sum() / (data.num_sequences * L)
+            parts["kappa"] = coefficient * squares + model_term
+
+        # H_hat on the model's states (data's if none is read), normalised like the model term.
+        states = model if model is not None else data
+        entropy_term = (states.discount(gamma) * states.entropy).sum() / (states.num_sequences * L)
         metrics = {
             "loss": loss.detach(),
-            "divergence": loss.detach(),
+            "divergence": (J.detach() + alpha * entropy_term),
+            "neg_objective": loss.detach(),
+            "entropy_term": entropy_term,
+            "entropy": _masked_mean(states.entropy, states.valid),
             "data_term": data_term.detach(),
             "model_term": model_term.detach(),
             "value_term": value_term.detach(),
             "r_data": _masked_mean(r_data, data.valid),
-            "value": v_sum / v_count.clamp(min=1),
+            "value": alpha * v_sum / v_count.clamp(min=1),
             "nll": -_masked_mean(data.log_prob, data.valid),
         }
         if model is not None and r_model is not None:
             metrics["r_model"] = _masked_mean(r_model, model.valid)
-        return LossOutput(loss, metrics)
+        return LossOutput(loss, metrics, parts)
 
 
 @dataclass(frozen=True)
 class Mixture(_Objective):
-    """The training schedule's combination (METHOD.md §4): (1 - eta) L_BC + eta L_SM.
+    """The training schedule's combination (METHOD.md §4): (1 - eta) L_BC + eta L_SM / alpha.
 
-    Both parts read the same forward passes (one per batch). Give both the same
-    ``normaliser_length`` so that eta weighs like with like.
+    Dividing L_SM by the soft-Q temperature alpha keeps eta's meaning at every alpha: L_SM is
+    alpha times smaller at temperature alpha (for the quadratic divergences L_SM / alpha is the
+    alpha = 1 loss at kappa = c alpha). Both parts read the same forward passes (one per batch).
+    Give both the same ``normaliser_length`` so that eta weighs like with like.
 
     Args:
         bc: the behaviour-cloning part (:class:`BC` or :class:`MLE`).
         sm: the SequenceMatch part.
         eta: weight of ``sm``, in [0, 1].
 
-    Metrics: ``loss``, the metrics of each part prefixed ``bc/`` and ``sm/``, and the backspace
-    rates.
+    Metrics: ``loss``, the metrics of each part prefixed ``bc/`` and ``sm/`` (``sm/`` in J's
+    units, before the division by alpha), and the backspace rates. Loss parts (for
+    :func:`gradient_shares`): ``bc`` = (1 - eta) L_BC, ``sm`` = eta L_SM / alpha and ``kappa``,
+    the chi^2 penalties of ``sm`` with the same weight eta / alpha.
     """
 
     bc: BC | MLE
@@ -515,14 +595,61 @@ class Mixture(_Objective):
     def from_values(self, data: StepValues, model: StepValues | None) -> LossOutput:
         bc = self.bc.from_values(data, model)
         sm = self.sm.from_values(data, model)
-        loss = (1.0 - self.eta) * bc.loss + self.eta * sm.loss
+        sm_weight = self.eta / self.sm.alpha
+        parts = {"bc": (1.0 - self.eta) * bc.loss, "sm": sm_weight * sm.loss}
+        if "kappa" in sm.parts:
+            parts["kappa"] = sm_weight * sm.parts["kappa"]
+        loss = parts["bc"] + parts["sm"]
         metrics = {"loss": loss.detach()}
         metrics.update({f"bc/{key}": value for key, value in bc.metrics.items()})
         metrics.update({f"sm/{key}": value for key, value in sm.metrics.items()})
-        return LossOutput(loss, metrics)
+        return LossOutput(loss, metrics, parts)
 
     def __call__(self, policy: BatchPolicy, batch: ObjectiveBatch) -> LossOutput:
         return _run(self, [self.bc, self.sm], policy, batch)
+
+
+def gradient_shares(
+    parts: dict[str, torch.Tensor], parameters: Iterable[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The shares of the gradient norm that come from SequenceMatch and from its chi^2 terms.
+
+    With g_X the gradient of the loss part X (see :attr:`LossOutput.parts`)::
+
+        grad_share_sm    = |g_sm| / (|g_bc| + |g_sm|)
+        grad_share_kappa = |g_kappa| / (|g_bc + g_sm - g_kappa| + |g_kappa|)
+
+    each the share of one part against the rest of the loss, in [0, 1] (0 when both norms are
+    0). A missing ``bc`` counts as 0; ``grad_share_kappa`` only when ``kappa`` is a part. The
+    graph of the parts is kept (``retain_graph``) for the update's own backward pass; each
+    part costs one extra backward pass, so call this at log intervals only.
+
+    Raises:
+        ValueError: when ``parts`` has no ``sm``.
+    """
+    if "sm" not in parts:
+        raise ValueError("gradient_shares needs the loss part 'sm'")
+    params = [p for p in parameters if p.requires_grad]
+
+    def grads(loss: torch.Tensor | None) -> list[torch.Tensor]:
+        if loss is None or not loss.requires_grad:
+            return [torch.zeros_like(p) for p in params]
+        found = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params, found, strict=True)]
+
+    def norm(gs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.linalg.vector_norm(torch.stack([g.detach().float().norm() for g in gs]))
+
+    tiny = torch.finfo(torch.float32).tiny
+    g_bc, g_sm = grads(parts.get("bc")), grads(parts["sm"])
+    bc_norm, sm_norm = norm(g_bc), norm(g_sm)
+    shares = {"grad_share_sm": sm_norm / (bc_norm + sm_norm).clamp(min=tiny)}
+    if "kappa" in parts:
+        g_kappa = grads(parts["kappa"])
+        rest = [b + s - k for b, s, k in zip(g_bc, g_sm, g_kappa, strict=True)]
+        kappa_norm = norm(g_kappa)
+        shares["grad_share_kappa"] = kappa_norm / (norm(rest) + kappa_norm).clamp(min=tiny)
+    return shares
 
 
 Objective = MLE | BC | SequenceMatch | Mixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -85,12 +86,20 @@ class TrainConfig:
 
     # SequenceMatch (METHOD.md §3-4)
     divergence: str = "chi2_mixture"
+    """chi2_mixture, chi2, kl, reverse_kl, js, hellinger, tv or linear."""
     c: float = 0.25
-    """Coefficient of the chi^2 terms."""
+    """Coefficient of the chi^2 terms (chi2_mixture; chi2 has a fixed 1/4). For chi2_mixture,
+    chi2 and linear only kappa = c * alpha moves the fixed point: 0.25 is biased toward never
+    ending and runaway backspacing, 0.025 leaves a small bias, <= 0.0025 lands on the target."""
+    alpha: float = 0.01
+    """Soft-Q temperature of SequenceMatch: Q = alpha * logits, V = alpha * logsumexp (0.01,
+    our reading of the paper's alpha). Not the sampling --temperature of the rollouts."""
     gamma: float = 0.998
+    """Discount of SequenceMatch (0.998 in the paper)."""
     eta: float = 0.1
-    """Weight of SequenceMatch in (1 - eta) * BC + eta * SM after the warm start; 0.1 from the
-    sweep in benchmarks/README.md (0.5 and 0.9 lost accuracy to runaway backspacing)."""
+    """Weight of SequenceMatch in (1 - eta) * BC + eta * SM / alpha after the warm start; 0.1
+    from the sweep in benchmarks/README.md, run at alpha = 1 and c = 0.25 (0.5 and 0.9 lost
+    accuracy to runaway backspacing)."""
     value_source: str = "mix"
     """Trajectories of the value term: mix, data or model."""
     sm_warmup: int = 200
@@ -102,7 +111,7 @@ class TrainConfig:
     buffer_size: int = 512
     """Capacity of the FIFO replay buffer (trajectories)."""
     temperature: float = 1.0
-    """Sampling temperature of the rollouts."""
+    """Sampling temperature of the rollouts (not the soft-Q temperature --alpha)."""
 
     # Evaluation, logging, hardware
     eval_interval: int = 200
@@ -168,11 +177,14 @@ class TrainConfig:
             raise ValueError(f"--lr-schedule-steps must be >= 1, got {self.lr_schedule_steps}")
         if not self.temperature > 0.0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0.0):
+            raise ValueError(f"--alpha must be finite and > 0, got {self.alpha}")
         # The objective checks its own settings; building it here fails before any file exists.
         make_objective(
             "sequencematch",
             divergence=self.divergence,
             c=self.c,
+            alpha=self.alpha,
             gamma=self.gamma,
             value_source=self.value_source,
         )

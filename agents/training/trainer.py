@@ -7,7 +7,13 @@ One update, top to bottom (METHOD.md §4):
    trajectories from the current policy with KV-cache generation, into a FIFO replay buffer;
    draw this update's model batch from it.
 3. **loss**: MLE or BC during the warm start (``sm_warmup`` updates); then
-   ``(1 - eta) * BC + eta * SequenceMatch``.
+   ``(1 - eta) * BC + eta * SequenceMatch / alpha`` (``alpha`` the soft-Q temperature, so that
+   eta keeps its meaning at every alpha; see :mod:`agents.objectives`). At log intervals of
+   that phase, ``train/grad_share_sm`` and ``train/grad_share_kappa`` give the shares of the
+   gradient norm that come from SequenceMatch and from its chi^2 (kappa) terms
+   (:func:`agents.objectives.gradient_shares`; one process, not compiled, first micro-batch);
+   ``losses/sm/divergence`` is the divergence estimate d_hat = J + alpha H_hat and
+   ``losses/sm/neg_objective`` is -J.
 4. **step**: gradient accumulation, clipping, AdamW with warm-up and a cosine schedule.
 5. **log / eval / save** at their intervals: TensorBoard scalars, task score of greedy
    generations on held-out prompts, atomic checkpoints.
@@ -49,6 +55,7 @@ from agents.objectives import (
     Objective,
     ObjectiveBatch,
     SequenceMatch,
+    gradient_shares,
     make_objective,
 )
 from agents.training.checkpoint import (
@@ -174,6 +181,7 @@ class Trainer:
                 "sequencematch",
                 divergence=config.divergence,
                 c=config.c,
+                alpha=config.alpha,
                 gamma=config.gamma,
                 value_source=config.value_source,
                 **common,
@@ -267,6 +275,15 @@ class Trainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         micro = config.batch_size // config.grad_accum
+        # Gradient shares cost three extra backward passes: only on updates that get logged,
+        # and on the first micro-batch (shares are ratios, so grad_accum's 1/k cancels). Not
+        # under DDP: torch.autograd.grad bypasses its reducer, so each rank would see only its
+        # own slice; the shares would need an all-reduce of every part's gradient. Not under
+        # torch.compile: its backward donates buffers and refuses retain_graph=True.
+        logged = (self.step + 1) % config.log_interval == 0 or self.step + 1 == config.steps
+        measure_shares = (
+            model is not None and logged and not self.distributed and not config.compile
+        )
         for k in range(config.grad_accum):
             part = slice(k * micro, (k + 1) * micro)
             batch = ObjectiveBatch(
@@ -287,6 +304,10 @@ class Trainer:
                 ),
             ):
                 out: LossOutput = objective(self.policy_view, batch)
+            if measure_shares and k == 0:
+                shares = gradient_shares(out.parts, self.policy.parameters())
+                for key, value in shares.items():
+                    logger.record(f"train/{key}", value)
             (out.loss / config.grad_accum).backward()
             for key, value in out.metrics.items():
                 logger.record(f"losses/{key}", value)

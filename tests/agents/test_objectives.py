@@ -16,9 +16,11 @@ from agents.objectives import (
     BC,
     DIVERGENCES,
     MLE,
+    VALUE_SOURCES,
     Mixture,
     ObjectiveBatch,
     SequenceMatch,
+    gradient_shares,
     make_objective,
     phi,
 )
@@ -140,12 +142,18 @@ def test_reverse_kl_at_zero_and_below_is_finite() -> None:
 # The sanity identity of METHOD.md §3
 
 
+@pytest.mark.parametrize("alpha", [1.0, 0.01])
 @pytest.mark.parametrize("gamma", [1.0, 0.9, 0.998])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_linear_sequencematch_is_the_discounted_log_likelihood(
-    vocab: CharVocab, random_trajectory: Callable[..., Trajectory], gamma: float, seed: int
+    vocab: CharVocab,
+    random_trajectory: Callable[..., Trajectory],
+    gamma: float,
+    seed: int,
+    alpha: float,
 ) -> None:
-    """phi(x) = x, V(terminal) = 0, value term on the same data: J = sum_t gamma^t log pi(a_t|s_t).
+    """phi(x) = x, V(terminal) = 0, value term on the same data:
+    J = alpha sum_t gamma^t log pi(a_t|s_t) (every term of J carries the temperature alpha).
 
     The batch mixes terminated and truncated trajectories (V(s_N) bootstrapped for the latter:
     it enters r and the value term with opposite signs), with and without backspaces.
@@ -158,18 +166,19 @@ def test_linear_sequencematch_is_the_discounted_log_likelihood(
     policy = TableLogits(vocab.special, random_table(vocab.special, B, T, seed))
     L = 16
     objective = SequenceMatch(
-        divergence="linear", gamma=gamma, value_source="data", normaliser_length=L
+        divergence="linear", alpha=alpha, gamma=gamma, value_source="data", normaliser_length=L
     )
     out = objective(policy, ObjectiveBatch(batch))
 
     log_probs = reference_log_probs(policy.table.detach(), batch, trajectories)
-    expected = sum(gamma**t * lp for steps in log_probs for t, lp in enumerate(steps)) / (B * L)
+    log_likelihood = sum(gamma**t * lp for steps in log_probs for t, lp in enumerate(steps))
+    expected = alpha * log_likelihood / (B * L)
     J = -out.loss
-    torch.testing.assert_close(J, expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out.metrics["divergence"], -expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(J, expected, rtol=1e-5, atol=1e-5 * alpha)
+    torch.testing.assert_close(out.metrics["neg_objective"], -expected, rtol=1e-5, atol=1e-5)
     # The terms themselves are not trivial: r and the value term do not vanish separately.
-    assert abs(float(out.metrics["data_term"])) > 1e-3
-    assert abs(float(out.metrics["value_term"])) > 1e-3
+    assert abs(float(out.metrics["data_term"])) > 1e-3 * alpha
+    assert abs(float(out.metrics["value_term"])) > 1e-3 * alpha
 
 
 def one_step(vocab: CharVocab, action: int, terminated: bool) -> Trajectory:
@@ -183,7 +192,7 @@ def test_truncated_step_bootstraps_and_terminal_step_does_not() -> None:
     row1 = [0.0, 0.0, 0.0, 0.0]
     v0 = math.log(math.e + math.e**2 + math.e**3)
     gamma = 0.5
-    objective = SequenceMatch(divergence="linear", gamma=gamma, value_source="data")
+    objective = SequenceMatch(divergence="linear", alpha=1.0, gamma=gamma, value_source="data")
 
     # Truncated after appending b: r = Q(s0, b) - gamma V(s1), V(s1) = log 4 read at row 1.
     batch = collate([one_step(vocab, 1, terminated=False)])
@@ -215,7 +224,7 @@ def test_chi2_mixture_terms_by_hand() -> None:
     batch = collate([one_step(vocab, vocab.eos_id, terminated=True)])
     policy = TableLogits(vocab.special, torch.tensor([[[1.0, 2.0, 3.0, 5.0]]]))
     v0 = math.log(math.e + math.e**2 + math.e**3)
-    out = SequenceMatch(c=0.25, gamma=0.9)(policy, ObjectiveBatch(batch, batch))
+    out = SequenceMatch(c=0.25, alpha=1.0, gamma=0.9)(policy, ObjectiveBatch(batch, batch))
     torch.testing.assert_close(out.metrics["data_term"], torch.tensor(3.0 - 0.25 * 9))
     torch.testing.assert_close(out.metrics["model_term"], torch.tensor(0.25 * 9))
     torch.testing.assert_close(out.metrics["value_term"], torch.tensor(v0))
@@ -345,7 +354,7 @@ def test_chi2_mixture_with_c0_has_the_gradient_of_the_weighted_nll(
     batch = collate(trajectories)
     policy = tiny_policy(vocab).double()
     L = 16
-    sm = SequenceMatch(c=0.0, gamma=gamma, value_source="data", normaliser_length=L)
+    sm = SequenceMatch(c=0.0, alpha=1.0, gamma=gamma, value_source="data", normaliser_length=L)
     out = sm(policy, ObjectiveBatch(batch))  # no model batch needed: c = 0, data source
     reference = weighted_nll(policy, batch, trajectories, gamma, L)
     torch.testing.assert_close(out.loss, reference)
@@ -454,7 +463,7 @@ def test_mixture_combines_both_parts_with_one_pass_per_batch(
     mixture = Mixture(bc, sm, eta=0.1)
     out = mixture(policy, batch)
     assert policy.calls == 2  # data and model, once each
-    expected = 0.9 * bc(policy, batch).loss + 0.1 * sm(policy, batch).loss
+    expected = 0.9 * bc(policy, batch).loss + 0.1 * sm(policy, batch).loss / sm.alpha
     torch.testing.assert_close(out.loss, expected)
     assert {"loss", "bc/nll", "sm/divergence", "sm/r_data", "sm/r_model", "sm/value"} <= set(
         out.metrics
@@ -482,6 +491,10 @@ def test_make_objective() -> None:
     sm = make_objective("sequencematch", divergence="js", gamma=0.9, value_source="data")
     assert sm == SequenceMatch(divergence="js", gamma=0.9, value_source="data")
     assert SequenceMatch().divergence == "chi2_mixture" and SequenceMatch().gamma == 0.998
+    assert SequenceMatch().alpha == 0.01 and SequenceMatch().c == 0.25
+    assert SequenceMatch().kappa == pytest.approx(0.0025)
+    assert SequenceMatch(divergence="chi2", alpha=0.1).kappa == pytest.approx(0.025)
+    assert SequenceMatch(divergence="kl").kappa is None
 
 
 @pytest.mark.parametrize(
@@ -503,6 +516,10 @@ def test_make_objective() -> None:
         (lambda: phi("bogus", torch.zeros(1)), r"unknown divergence 'bogus'"),
         (lambda: SequenceMatch(gamma=0.0), r"gamma must be in \(0, 1\]"),
         (lambda: SequenceMatch(c=-1.0), r"c must be >= 0"),
+        (lambda: SequenceMatch(alpha=0.0), r"alpha must be finite and > 0, got 0.0"),
+        (lambda: SequenceMatch(alpha=-0.1), r"alpha must be finite and > 0"),
+        (lambda: SequenceMatch(alpha=math.inf), r"alpha must be finite and > 0, got inf"),
+        (lambda: SequenceMatch(alpha=math.nan), r"alpha must be finite and > 0, got nan"),
         (lambda: MLE(normaliser_length=0), r"normaliser_length must be >= 1"),
     ],
 )
@@ -556,3 +573,185 @@ def test_undone_on_random_trajectories(
         assert batch.undone[i, : trajectory.num_steps].tolist() == undone_reference(trajectory)
     moved = batch.to("cpu")
     assert torch.equal(moved.undone, batch.undone)
+
+
+# --------------------------------------------------------------------------------------------
+# The soft-Q temperature alpha (METHOD.md §2-§3)
+
+
+def alpha_batches(
+    vocab: CharVocab, random_trajectory: Callable[..., Trajectory], seed: int
+) -> tuple[ObjectiveBatch, TableLogits]:
+    """Random data and model trajectories (backspaces, terminated and truncated), random logits."""
+    data_trajectories = random_trajectories(random_trajectory, vocab, 8, seed)
+    model_trajectories = random_trajectories(random_trajectory, vocab, 7, seed + 100)
+    for trajectories in (data_trajectories, model_trajectories):
+        assert any(t.truncated for t in trajectories) and any(t.terminated for t in trajectories)
+        assert any(t.num_backspaces for t in trajectories)
+    batch = ObjectiveBatch(collate(data_trajectories), collate(model_trajectories))
+    assert batch.model is not None
+    T = max(batch.data.input_ids.shape[1], batch.model.input_ids.shape[1])
+    table = random_table(vocab.special, 8, T, seed=seed).double()
+    return batch, TableLogits(vocab.special, table)
+
+
+def objective_and_grad(
+    objective: SequenceMatch, policy: TableLogits, batch: ObjectiveBatch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    J = -objective(policy, batch).loss
+    (grad,) = torch.autograd.grad(J, policy.table)
+    return J.detach(), grad
+
+
+@pytest.mark.parametrize("value_source", VALUE_SOURCES)
+@pytest.mark.parametrize("alpha", [0.01, 0.3, 2.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_alpha_and_c_collapse_into_kappa_for_chi2_mixture_and_linear(
+    vocab: CharVocab,
+    random_trajectory: Callable[..., Trajectory],
+    value_source: str,
+    alpha: float,
+    seed: int,
+) -> None:
+    """J_{alpha,c}(l) = alpha J_{1,c alpha}(l), values and gradients in the logits."""
+    batch, policy = alpha_batches(vocab, random_trajectory, seed)
+    for divergence in ("chi2_mixture", "linear"):
+        common = {"divergence": divergence, "gamma": 0.9, "value_source": value_source}
+        hot = SequenceMatch(alpha=alpha, c=0.25, normaliser_length=20, **common)
+        cold = SequenceMatch(alpha=1.0, c=0.25 * alpha, normaliser_length=20, **common)
+        assert hot.kappa == pytest.approx(cold.kappa)
+        J_hot, grad_hot = objective_and_grad(hot, policy, batch)
+        J_cold, grad_cold = objective_and_grad(cold, policy, batch)
+        torch.testing.assert_close(J_hot, alpha * J_cold, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(grad_hot, alpha * grad_cold, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("alpha", [0.01, 0.3, 2.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_chi2_fixed_quarter_scales_with_alpha(
+    vocab: CharVocab, random_trajectory: Callable[..., Trajectory], alpha: float, seed: int
+) -> None:
+    """chi2 (phi = x - x^2/4) at alpha is alpha times the alpha = 1 objective with coefficient
+    alpha / 4 on the data only: chi2_mixture's data and value terms at c = alpha / 4."""
+    batch, policy = alpha_batches(vocab, random_trajectory, seed)
+    chi2 = SequenceMatch(divergence="chi2", alpha=alpha, gamma=0.9, normaliser_length=20)
+    assert chi2.kappa == pytest.approx(alpha / 4)
+    cold = SequenceMatch(c=alpha / 4, alpha=1.0, gamma=0.9, normaliser_length=20)(policy, batch)
+    J_cold = cold.metrics["data_term"] - cold.metrics["value_term"]
+    torch.testing.assert_close(
+        -chi2(policy, batch).loss.detach(), alpha * J_cold, rtol=1e-6, atol=1e-9
+    )
+
+
+def test_alpha_does_not_collapse_for_non_quadratic_phi(
+    vocab: CharVocab, random_trajectory: Callable[..., Trajectory]
+) -> None:
+    """The identity is special to quadratic phi: for kl, J at alpha is not alpha J at 1."""
+    batch, policy = alpha_batches(vocab, random_trajectory, 0)
+    hot = SequenceMatch(divergence="kl", alpha=0.1, normaliser_length=20)(policy, batch).loss
+    cold = SequenceMatch(divergence="kl", alpha=1.0, normaliser_length=20)(policy, batch).loss
+    assert abs(float((hot - 0.1 * cold).detach())) > 1e-3
+
+
+def test_mixture_divides_sequencematch_by_alpha(
+    vocab: CharVocab, random_trajectory: Callable[..., Trajectory]
+) -> None:
+    """(1 - eta) L_BC + eta L_SM / alpha; at alpha = 0.01, c = 1/4 it is the alpha = 1 mixture
+    at c = 0.0025 (the same kappa)."""
+    batch, policy = alpha_batches(vocab, random_trajectory, 3)
+    bc = BC(normaliser_length=20)
+    sm = SequenceMatch(alpha=0.01, c=0.25, normaliser_length=20)
+    out = Mixture(bc, sm, eta=0.3)(policy, batch)
+    L_bc, L_sm = bc(policy, batch).loss, sm(policy, batch).loss
+    torch.testing.assert_close(out.loss, 0.7 * L_bc + 0.3 * L_sm / 0.01)
+    torch.testing.assert_close(out.parts["bc"] + out.parts["sm"], out.loss)
+    torch.testing.assert_close(out.metrics["sm/loss"], L_sm.detach())  # J's units, undivided
+    same_kappa = SequenceMatch(alpha=1.0, c=0.0025, normaliser_length=20)
+    torch.testing.assert_close(
+        out.loss, Mixture(bc, same_kappa, eta=0.3)(policy, batch).loss, rtol=1e-6, atol=1e-9
+    )
+
+
+def test_divergence_estimate_adds_alpha_times_the_entropy_by_hand() -> None:
+    """Vocabulary "ab": a=0, b=1, <eos>=2, <bkspc>=3; prompt [a].
+
+    Data: [<eos>] at row 0. Model: [b, <eos>], s_0 at row 0 (<bkspc> masked: entropy over
+    logits [1, 2, 3]) and s_1 = [a b] at row 1 (all four actions allowed). gamma = 0.5, L = 2:
+    H_hat = (H(s_0) + 0.5 H(s_1)) / (1 x 2), and d_hat = J + alpha H_hat.
+    """
+    vocab = CharVocab("ab")
+    s = vocab.special
+    row0, row1 = [1.0, 2.0, 3.0, 5.0], [0.5, -1.0, 2.0, 1.0]
+
+    def entropy(logits: list[float]) -> float:
+        z = sum(math.exp(x) for x in logits)
+        return -sum(math.exp(x) / z * (x - math.log(z)) for x in logits)
+
+    h_hat = (entropy(row0[:3]) + 0.5 * entropy(row1)) / 2
+    data = collate([one_step(vocab, s.eos_id, terminated=True)])
+    model = collate([Trajectory([0], [1, s.eos_id], True, False, s)])
+    policy = TableLogits(s, torch.tensor([[row0, row1]], dtype=torch.float64))
+    alpha = 0.5
+    out = SequenceMatch(alpha=alpha, gamma=0.5)(policy, ObjectiveBatch(data, model))
+    J = -out.loss.detach()
+    torch.testing.assert_close(out.metrics["entropy_term"], torch.tensor(h_hat).double())
+    torch.testing.assert_close(out.metrics["divergence"], J + alpha * h_hat)
+    torch.testing.assert_close(out.metrics["neg_objective"], -J)
+    torch.testing.assert_close(
+        out.metrics["entropy"], torch.tensor((entropy(row0[:3]) + entropy(row1)) / 2).double()
+    )
+    # Without a model batch the entropy is read on the data's states: H(s_0) / (1 x 1).
+    alone = SequenceMatch(divergence="linear", alpha=alpha, value_source="data")
+    out = alone(policy, ObjectiveBatch(data))
+    torch.testing.assert_close(
+        out.metrics["entropy_term"], torch.tensor(entropy(row0[:3])).double()
+    )
+    torch.testing.assert_close(
+        out.metrics["divergence"], -out.loss.detach() + alpha * entropy(row0[:3])
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient shares
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.1, 0.5, 1.0])
+def test_gradient_shares(
+    vocab: CharVocab,
+    random_trajectory: Callable[..., Trajectory],
+    tiny_policy: Callable[..., TransformerPolicy],
+    eta: float,
+) -> None:
+    """In [0, 1]; the SequenceMatch share is 1 at eta = 1 and 0 at eta = 0; the graph survives
+    for the update's backward pass, and no .grad is written."""
+    batch = noisy_batches(vocab, random_trajectory, seed=5)
+    policy = tiny_policy(vocab).double().train()
+    objective = Mixture(BC(normaliser_length=20), SequenceMatch(normaliser_length=20), eta=eta)
+    out = objective(policy, batch)
+    shares = gradient_shares(out.parts, policy.parameters())
+    assert set(shares) == {"grad_share_sm", "grad_share_kappa"}
+    for value in shares.values():
+        assert 0.0 <= float(value) <= 1.0 and not value.requires_grad
+    assert all(p.grad is None for p in policy.parameters())
+    if eta == 0.0:
+        assert float(shares["grad_share_sm"]) == 0.0
+        assert float(shares["grad_share_kappa"]) == 0.0
+    elif eta == 1.0:
+        assert float(shares["grad_share_sm"]) == 1.0
+    else:
+        assert 0.0 < float(shares["grad_share_sm"]) < 1.0
+        assert 0.0 < float(shares["grad_share_kappa"]) < 1.0
+    out.loss.backward()  # retain_graph kept the graph
+    assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
+
+
+def test_gradient_shares_by_hand() -> None:
+    """One parameter w; parts bc = w, sm = 3 w, kappa = -w: |g_sm| / (|g_bc| + |g_sm|) = 3/4,
+    |g_kappa| / (|g_bc + g_sm - g_kappa| + |g_kappa|) = 1 / (5 + 1)."""
+    w = torch.tensor(2.0, requires_grad=True)
+    shares = gradient_shares({"bc": w, "sm": 3 * w, "kappa": -w}, [w])
+    torch.testing.assert_close(shares["grad_share_sm"], torch.tensor(0.75))
+    torch.testing.assert_close(shares["grad_share_kappa"], torch.tensor(1 / 6))
+    assert "grad_share_kappa" not in gradient_shares({"sm": w}, [w])
+    with pytest.raises(ValueError, match="'sm'"):
+        gradient_shares({"bc": w}, [w])
