@@ -25,6 +25,7 @@ from stable_baselines3.common.vec_env.base_vec_env import (
     VecEnvStepReturn,
 )
 
+from seqenv.devices import check_device
 from seqenv.env import RewardFn, episode_reward, resolve_reward, resolve_task
 from seqenv.mdp import SequenceMDP
 from seqenv.tasks import Task
@@ -69,7 +70,7 @@ class SequenceGenVectorEnv(VectorEnv):
         self.render_mode = render_mode
         self.copy = copy
         self.num_envs = num_envs
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.task = resolve_task(task, task_kwargs)
         self.vocab = self.task.vocab
         self.reward_fn = resolve_reward(reward)
