@@ -20,10 +20,11 @@ Shapes: B trajectories, T input rows (padded on the right), S steps (actions, pa
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from seqenv.trajectory import Trajectory
 
@@ -40,6 +41,9 @@ class RefeedMask:
     """
 
     alive_until: torch.Tensor
+    _block_masks: dict[int, BlockMask] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if self.alive_until.ndim != 2 or self.alive_until.dtype != torch.int64:
@@ -66,6 +70,33 @@ class RefeedMask:
             return (kv_idx <= q_idx) & (q_idx < alive_until[b, kv_idx])
 
         return refeed_mask
+
+    def block_mask(self, block_size: int = 128) -> BlockMask:
+        """The FlexAttention ``BlockMask`` of this mask, built once and then reused.
+
+        Every pass over the same batch (the forward, a second pass of an objective, the hidden
+        states) takes the same BlockMask. On CUDA it is built by a compiled kernel
+        (``_compile=True``); inside a compiled model it is built in the graph and not cached.
+        """
+        if torch.compiler.is_compiling():
+            return self._build_block_mask(block_size, compiled=False)
+        if block_size not in self._block_masks:
+            compiled = self.alive_until.device.type == "cuda"
+            self._block_masks[block_size] = self._build_block_mask(block_size, compiled)
+        return self._block_masks[block_size]
+
+    def _build_block_mask(self, block_size: int, compiled: bool) -> BlockMask:
+        B, T = self.alive_until.shape
+        return create_block_mask(
+            self.mask_mod(),
+            B,
+            None,
+            T,
+            T,
+            device=self.alive_until.device,
+            BLOCK_SIZE=block_size,
+            _compile=compiled,
+        )
 
     def to(self, device: torch.device | str) -> RefeedMask:
         return RefeedMask(self.alive_until.to(device))
@@ -110,6 +141,8 @@ class TrajectoryBatch:
     step_mask: torch.Tensor
     undone: torch.Tensor
     has_backspace: bool
+    # One mask object per batch, so the BlockMask it caches is built once for every pass.
+    _attention: RefeedMask = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         rows = ("input_ids", "position_ids", "alive_until", "row_mask")
@@ -133,11 +166,12 @@ class TrajectoryBatch:
         for name in ("row_mask", "terminal", "truncated", "step_mask", "undone"):
             if getattr(self, name).dtype != torch.bool:
                 raise ValueError(f"{name} must be bool, got {getattr(self, name).dtype}")
+        object.__setattr__(self, "_attention", RefeedMask(self.alive_until))
 
     @property
     def attention(self) -> RefeedMask:
-        """The attention structure of the batch."""
-        return RefeedMask(self.alive_until)
+        """The attention structure of the batch (the same object on every call)."""
+        return self._attention
 
     @property
     def forward_attention(self) -> RefeedMask | None:
@@ -157,6 +191,7 @@ class TrajectoryBatch:
             if isinstance(getattr(self, f.name), torch.Tensor)
             else getattr(self, f.name)
             for f in fields(self)
+            if f.init
         }
         return TrajectoryBatch(**moved)
 

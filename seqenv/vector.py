@@ -27,6 +27,7 @@ from stable_baselines3.common.vec_env.base_vec_env import (
     VecEnvStepReturn,
 )
 
+from seqenv.devices import check_device
 from seqenv.disturbance import KEY_BOUND, Disturbance, resolve_disturbance
 from seqenv.env import (
     RewardFn,
@@ -86,7 +87,7 @@ class SequenceGenVectorEnv(VectorEnv):
         self.render_mode = render_mode
         self.copy = copy
         self.num_envs = num_envs
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self.task = resolve_task(task, task_kwargs)
         self.vocab = self.task.vocab
         self.reward_fn = resolve_reward(reward)

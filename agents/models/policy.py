@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from agents.collate import RefeedMask, TrajectoryBatch
 from agents.models.interface import cache_visibility
@@ -252,14 +252,15 @@ class TransformerPolicy(nn.Module):
         """Turn a re-feed mask into what the backend runs on: a BlockMask or a dense mask.
 
         Call it outside a compiled model and pass the result to ``forward`` to keep the mask
-        construction out of the compiled graph. Dense masks (B, T, T) gain the head axis.
+        construction out of the compiled graph. A :class:`RefeedMask` caches its BlockMask, so
+        a batch's BlockMask is built once (:meth:`RefeedMask.block_mask`). Dense masks
+        (B, T, T) gain the head axis.
         """
         if isinstance(attention, RefeedMask):
             backend = self.config.attention_backend
             device = attention.alive_until.device
             if backend == "flex" or (backend == "auto" and device.type == "cuda"):
-                B, T = attention.alive_until.shape
-                return create_block_mask(attention.mask_mod(), B, None, T, T, device=device)
+                return attention.block_mask()  # built once per mask, reused by later passes
             attention = attention.dense()
         if isinstance(attention, torch.Tensor) and attention.ndim == 3:
             return attention[:, None]  # (B, 1, T, T)

@@ -217,6 +217,11 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda asked for, but no CUDA device is available")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:  # torch's message for a bad string spans several lines
         raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"--device {name} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
+        )
+    return device
