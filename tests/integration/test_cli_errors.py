@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from agents.cli import COMMANDS, main
-from agents.training.checkpoint import CheckpointError
+from agents.training.checkpoint import CheckpointError, resolve_checkpoint
 from tests.integration.conftest import TINY, run_cli, snapshot
 
 
@@ -41,31 +41,33 @@ def good_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _truncate(file: str, size: int) -> Callable[[Path], None]:
     def corrupt(checkpoint: Path) -> None:
-        data = (checkpoint / file).read_bytes()
-        (checkpoint / file).write_bytes(data[:size])
+        step = resolve_checkpoint(checkpoint)
+        data = (step / file).read_bytes()
+        (step / file).write_bytes(data[:size])
 
     return corrupt
 
 
 def _write(file: str, text: str) -> Callable[[Path], None]:
     def corrupt(checkpoint: Path) -> None:
-        (checkpoint / file).write_text(text)
+        (resolve_checkpoint(checkpoint) / file).write_text(text)
 
     return corrupt
 
 
 def _drop_key(key: str) -> Callable[[Path], None]:
     def corrupt(checkpoint: Path) -> None:
-        document = json.loads((checkpoint / "checkpoint.json").read_text())
+        file = resolve_checkpoint(checkpoint) / "checkpoint.json"
+        document = json.loads(file.read_text())
         del document[key]
-        (checkpoint / "checkpoint.json").write_text(json.dumps(document))
+        file.write_text(json.dumps(document))
 
     return corrupt
 
 
 def _delete(file: str) -> Callable[[Path], None]:
     def corrupt(checkpoint: Path) -> None:
-        (checkpoint / file).unlink()
+        (resolve_checkpoint(checkpoint) / file).unlink()
 
     return corrupt
 
@@ -97,7 +99,7 @@ CASES = {
         "no-such-folder: no such checkpoint",
     ),
     "checkpoint_is_a_file": Case(
-        ["eval", "--checkpoint", "CKPT/model.safetensors", "--json", "out/eval.json"],
+        ["eval", "--checkpoint", "CKPT/seqmatch-checkpoint", "--json", "out/eval.json"],
         "a checkpoint is a folder",
     ),
     "incomplete_checkpoint": Case(
@@ -185,6 +187,10 @@ def _setup(case: Case, root: Path, good: Path) -> list[str]:
     return [arg.replace("CKPT", str(checkpoint)) for arg in case.args]
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 def _check_one_line(stderr: str, case: Case, name: str) -> None:
     lines = stderr.splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got:\n{stderr}"
@@ -207,7 +213,7 @@ def test_bad_input_gives_one_line(
     args = _setup(case, tmp_path, good_checkpoint)
     monkeypatch.chdir(tmp_path)
     before = snapshot(tmp_path)
-    checkpoint_bytes = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    checkpoint_bytes = _files(tmp_path / "ckpt")
 
     assert main(args) == case.code
     err = capfd.readouterr().err
@@ -215,7 +221,7 @@ def test_bad_input_gives_one_line(
     # No partial files: no --json file, no --save folder, no TensorBoard run, no temporary
     # folders; the checkpoint read is untouched.
     assert snapshot(tmp_path) == before
-    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == checkpoint_bytes
+    assert _files(tmp_path / "ckpt") == checkpoint_bytes
 
 
 def test_debug_shows_the_traceback(
