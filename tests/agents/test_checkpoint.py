@@ -199,10 +199,10 @@ def test_check_save_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         check_save_target(".")
     with pytest.raises(FileExistsError, match="a file is there"):
         check_save_target("notes.txt")
-    with pytest.raises(NotADirectoryError, match="notes.txt is not a folder"):
+    with pytest.raises(NotADirectoryError, match=r"notes\.txt is not a folder"):
         check_save_target("notes.txt/ck")
     _save(tmp_path / "ck", 1)
-    with pytest.raises(FileExistsError, match="--resume .* --overwrite"):
+    with pytest.raises(FileExistsError, match=r"--resume .* --overwrite"):
         check_save_target("ck")
     check_save_target("ck", resume=True)
     check_save_target("ck", overwrite=True)
@@ -231,7 +231,7 @@ def test_negative_step_and_non_finite_weights_are_refused(tmp_path: Path) -> Non
     document.write_text(document.read_text().replace('"step": 5', '"step": -100'))
     with pytest.raises(CheckpointError, match="step -100"):
         read_metadata(path)
-    model, optimizer = _model(float("nan"))
+    model, _ = _model(float("nan"))
     save_checkpoint(tmp_path / "nan", model, None, {"step": 1})
     with pytest.raises(CheckpointError, match="non-finite weights"):
         load_weights(tmp_path / "nan", _model(0.0)[0])
@@ -248,5 +248,5 @@ def test_a_model_payload_of_plain_tensors(tmp_path: Path) -> None:
         "checkpoint.json",
     ]
     (folder / "adapter_model.safetensors").unlink()
-    with pytest.raises(CheckpointError, match="missing adapter_model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"missing adapter_model\.safetensors"):
         read_metadata(tmp_path / "ck")
