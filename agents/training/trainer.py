@@ -208,6 +208,7 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.autocast_dtype = torch.bfloat16 if config.bf16 and self.device.type == "cuda" else None
         self._first_step = 0  # the step this process started training from (set by train)
+        self._saved: tuple[int, dict[str, float]] | None = None  # (step, eval) of the last save
 
     # -- schedule ----------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
@@ -418,6 +419,7 @@ class Trainer:
                     f"could not save the checkpoint of step {self.step} to {path} ({reason}); "
                     "the previous checkpoint there is intact"
                 ) from None
+        self._saved = (self.step, dict(self.last_eval))
         if self.distributed:
             dist.barrier()
 
@@ -522,7 +524,7 @@ class Trainer:
             ):
                 self.last_eval = self.evaluate(logger)
                 self.history.append({"step": self.step, **logger.dump(self.step)})
-            if config.save:
+            if config.save and self._saved != (self.step, self.last_eval):  # not saved just now
                 self.save(config.save)
         finally:
             bar.close()
