@@ -174,6 +174,15 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path / name
 
 
+def mark_checkpoint(path: str | Path) -> None:
+    """Make ``path`` (missing or an empty folder) a checkpoint folder with no step saved yet."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    # Its presence is what counts: a kill while writing it leaves a checkpoint folder without
+    # a pointer, which loads as "no complete checkpoint yet".
+    _write_bytes(path / MARKER, (json.dumps({"format": FORMAT}) + "\n").encode())
+
+
 # -- saving -----------------------------------------------------------------------------------
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split ``optimizer.state_dict()`` into named tensors and a JSON-able rest."""
@@ -267,10 +276,7 @@ def save_checkpoint(
     if path.exists() and not is_checkpoint(path) and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} exists and is not a seqmatch checkpoint")
     if not is_checkpoint(path):
-        path.mkdir(parents=True, exist_ok=True)
-        # Its presence is what counts: a kill while writing it leaves a checkpoint folder
-        # without a pointer, which loads as "no complete checkpoint yet".
-        _write_bytes(path / MARKER, (json.dumps({"format": FORMAT}) + "\n").encode())
+        mark_checkpoint(path)
     write_model = module_writer(model) if isinstance(model, torch.nn.Module) else model
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=path))
     try:

@@ -56,12 +56,15 @@ from agents.objectives import (
     make_objective,
 )
 from agents.training.checkpoint import (
+    MARKER,
     CheckpointError,
     check_save_target,
     check_writable_dir,
     first_missing,
+    is_checkpoint,
     load_training_state,
     load_weights,
+    mark_checkpoint,
     nearest_existing,
     read_metadata,
     resolve_checkpoint,
@@ -468,12 +471,23 @@ class Trainer:
             self.load(config.save)  # type: ignore[arg-type]
         logdir = Path(config.logdir) / config.run_name if config.logdir else None
         created = first_missing(logdir) if logdir is not None and self.is_main else None
+        # Claim the --save folder now (its marker), so that nothing this run writes (a logdir
+        # inside it) makes it look like a user's folder at the first save.
+        claimed = None
+        if config.save and self.is_main and not is_checkpoint(config.save):
+            claimed = first_missing(config.save) or Path(config.save) / MARKER
+            mark_checkpoint(config.save)
         with _stop_on_sigint() as stop:
             try:
                 return self._loop(logdir, stop)
             except BaseException:
                 if created is not None and self.step == self._first_step:
                     shutil.rmtree(created, ignore_errors=True)
+                if claimed is not None and self._saved is None:  # nothing saved: unclaim it
+                    if claimed.is_dir():
+                        shutil.rmtree(claimed, ignore_errors=True)
+                    else:
+                        claimed.unlink(missing_ok=True)
                 raise
 
     def _loop(self, logdir: Path | None, stop: threading.Event) -> dict[str, float]:

@@ -263,3 +263,32 @@ def test_overwrite_replaces_a_checkpoint_and_a_failed_start_leaves_nothing(
     assert main(args) == 1
     assert "cannot resume with different settings" in capsys.readouterr().err
     assert snapshot(tmp_path) == before
+
+
+def test_save_into_the_empty_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    """`--save .` in an empty folder: the TensorBoard run written inside does not make it a
+    user's folder at the save."""
+    monkeypatch.chdir(tmp_path)
+    args = ["train", *AGENTS["mle"], *COMMON, "--steps", "2", "--logdir", "runs", "--save", "."]
+    assert main(args) == 0
+    assert read_metadata(tmp_path)["step"] == 2
+
+
+def test_a_failure_before_any_save_leaves_no_files(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    one_thread: None,
+) -> None:
+    def nan_loss(self: MLE, policy: Any, batch: Any) -> LossOutput:
+        return LossOutput(torch.tensor(float("nan"), requires_grad=True), {})
+
+    monkeypatch.setattr(MLE, "__call__", nan_loss)
+    monkeypatch.chdir(tmp_path)
+    args = ["train", *AGENTS["mle"], *COMMON, "--steps", "4", "--logdir", "runs/deep"]
+    assert main([*args, "--save", "ck/new"]) == 1
+    err = capsys.readouterr().err
+    assert "update 1: non-finite loss" in err and "last good checkpoint: none was saved" in err
+    assert snapshot(tmp_path) == set()
