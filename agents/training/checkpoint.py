@@ -68,6 +68,12 @@ def _write_bytes(path: Path, data: bytes) -> None:
         os.fsync(file.fileno())
 
 
+def _fsync_file(path: Path) -> None:
+    """Flush a written file's contents to the disk."""
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
 def _fsync_dir(path: Path) -> None:
     """Make a rename inside ``path`` durable (no-op where folders cannot be opened)."""
     try:
@@ -292,6 +298,8 @@ def save_checkpoint(
         files += [*TRAINING_FILES, METADATA]
         document = {"format": FORMAT, **metadata, "optimizer": opt_rest, "files": files}
         _write_bytes(tmp / METADATA, (json.dumps(document, indent=1) + "\n").encode())
+        for name in files[:-1]:  # the tensor files (safetensors does not flush them)
+            _fsync_file(tmp / name)
         _fsync_dir(tmp)
         name = _step_name(path, step)
         os.rename(tmp, path / name)
