@@ -1,8 +1,9 @@
 """The `seqmatch` command: one typed config per subcommand, parsed by tyro.
 
 Errors from bad input print one line on stderr and exit non-zero (2 for a command line that does
-not parse, 1 for a value or file that is rejected); ``--debug`` (anywhere on the command line)
-shows the traceback, or tyro's full message, instead.
+not parse, 1 for a value or file that is rejected, 130 for Ctrl-C); ``--debug`` (anywhere on the
+command line) shows the traceback, or tyro's full message, instead. Anything else is a bug and
+shows its traceback.
 """
 
 from __future__ import annotations
@@ -11,30 +12,36 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, SupportsFloat
+from typing import Any, SupportsFloat, TypeVar
 
 import numpy as np
 import tyro
 
 from agents.experiments.compare import CompareConfig
-from agents.training.config import TrainConfig
+from agents.training.config import RunError, TrainConfig
 
-# Exceptions that mean "the input was bad", as opposed to a bug: reported in one line.
+# Exceptions that mean "the input was bad" or "the run cannot go on for a reason the user can
+# act on", as opposed to a bug (KeyError, TypeError, ...: those show their traceback).
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
+    RunError,
     FileNotFoundError,
+    FileExistsError,
     PermissionError,
     IsADirectoryError,
     NotADirectoryError,
-    KeyError,
-    TypeError,
 )
+
+MAX_SEQUENCES = 1_000_000
+T = TypeVar("T")
+"""The most episodes (eval) or samples (generate) one command takes; each is held in memory."""
 
 
 @dataclass
@@ -86,21 +93,51 @@ def show(config: ShowConfig) -> None:
     print(f"{end} after {demo.num_steps} steps ({demo.num_backspaces} backspaces), reward {reward}")
 
 
+def _check_json_target(path: str | None) -> None:
+    """Refuse, before any work, a ``--json`` path that cannot be written (one line)."""
+    if path is None:
+        return
+    from agents.training.checkpoint import check_writable_dir, nearest_existing
+
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"--json {path}: a folder is there")
+    existing = nearest_existing(target.parent)
+    if not existing.is_dir():
+        raise NotADirectoryError(f"--json {path}: {existing} is a file, not a folder")
+    check_writable_dir(existing, "--json")
+
+
 def _write_json(path: str | None, document: dict[str, Any]) -> None:
-    """Write ``document`` atomically (a temporary file, then a rename): never a partial file."""
+    """Write ``document`` atomically (a temporary file, then a rename): never a partial file.
+
+    Folders it creates and its temporary file are removed again if the write fails.
+    """
     if path is None:
         return
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    from agents.training.checkpoint import first_missing
+
+    created = first_missing(target.parent)
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(tmp, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(document, indent=2) + "\n")
+        os.replace(tmp, target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if created is not None:
+            import shutil
+
+            shutil.rmtree(created, ignore_errors=True)
+        raise RunError(f"could not write --json {path} ({err.strerror or err})") from None
 
 
 def train(config: TrainConfig) -> None:
     """Train an agent; print and optionally write the final evaluation."""
     from agents.training.trainer import Trainer
 
+    _check_json_target(config.json)
     trainer = Trainer(config)
     metrics = trainer.train()
     if trainer.is_main:
@@ -135,14 +172,20 @@ class EvalConfig:
 def evaluate(config: EvalConfig) -> None:
     from agents.evaluation.checkpoint import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(
-        config.checkpoint,
-        task=config.task,
-        task_args=config.task_args,
-        data=config.data,
-        episodes=config.episodes,
-        seed=config.seed,
-        device=config.device,
+    if config.episodes > MAX_SEQUENCES:
+        raise ValueError(f"--episodes must be <= {MAX_SEQUENCES}, got {config.episodes}")
+    _check_json_target(config.json)
+    _check_generation_memory(config.checkpoint, config.episodes, config.device)
+    metrics = _generation(
+        lambda: evaluate_checkpoint(
+            config.checkpoint,
+            task=config.task,
+            task_args=config.task_args,
+            data=config.data,
+            episodes=config.episodes,
+            seed=config.seed,
+            device=config.device,
+        )
     )
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}")
@@ -172,16 +215,27 @@ class GenerateConfig:
 def generate_text(config: GenerateConfig) -> None:
     from agents.evaluation.checkpoint import generate_from_checkpoint
 
-    pairs = generate_from_checkpoint(
-        config.checkpoint,
-        config.prompt,
-        num=config.num,
-        greedy=config.greedy,
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=config.top_p,
-        seed=config.seed,
-        device=config.device,
+    if config.num > MAX_SEQUENCES:
+        raise ValueError(f"--num must be <= {MAX_SEQUENCES}, got {config.num}")
+    if not (math.isfinite(config.temperature) and config.temperature > 0):
+        raise ValueError(f"--temperature must be finite and > 0, got {config.temperature}")
+    if config.top_k is not None and config.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {config.top_k}")
+    if config.top_p is not None and not 0.0 < config.top_p <= 1.0:
+        raise ValueError(f"--top-p must be in (0, 1], got {config.top_p}")
+    _check_generation_memory(config.checkpoint, config.num, config.device)
+    pairs = _generation(
+        lambda: generate_from_checkpoint(
+            config.checkpoint,
+            config.prompt,
+            num=config.num,
+            greedy=config.greedy,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            seed=config.seed,
+            device=config.device,
+        )
     )
     for text, trace in pairs:
         print(text)
@@ -189,11 +243,52 @@ def generate_text(config: GenerateConfig) -> None:
             print(f"  actions: {trace}")
 
 
+def _check_generation_memory(checkpoint: str, num_sequences: int, device: str) -> None:
+    """Refuse, before loading, a generation batch that cannot fit (a rough estimate).
+
+    A checkpoint whose sizes cannot be read passes here: loading it reports what is wrong.
+    """
+    from agents.training.checkpoint import CheckpointError, read_metadata
+    from agents.training.config import resolve_device
+    from agents.training.trainer import check_memory, policy_bytes
+    from seqenv.vocab import vocab_from_json
+
+    try:
+        metadata = read_metadata(checkpoint)
+        num_actions = vocab_from_json(metadata["vocab"]).special.num_actions
+        T = int(metadata["max_length"]) + int(metadata["max_steps"])
+        need = policy_bytes(metadata["model"], num_actions, num_sequences, T)
+    except (CheckpointError, KeyError, TypeError, ValueError, AttributeError):
+        return
+    check_memory(need, resolve_device(device), f"{num_sequences} sequences with this model")
+
+
+def _generation(run: Callable[[], T]) -> T:
+    """``run()``, with an allocation that fails anyway as a one-line RunError."""
+    import torch
+
+    try:
+        return run()
+    except (MemoryError, torch.OutOfMemoryError) as err:
+        raise RunError(f"out of memory while generating ({type(err).__name__}); ask for fewer "
+                       "samples") from None  # fmt: skip
+    except RuntimeError as err:  # torch's CPU allocator: "DefaultCPUAllocator: can't allocate"
+        if "can't allocate memory" not in str(err):
+            raise
+        raise RunError("out of memory while generating; ask for fewer samples") from None
+
+
 def compare(config: CompareConfig) -> None:
     """Run the comparison, print the table and say where the outputs are."""
     from agents.experiments.compare import run_compare
     from agents.experiments.report import table, verdicts
+    from agents.training.trainer import check_output_dir
 
+    if config.threads is not None and config.threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: torch's default), got {config.threads}")
+    if Path(config.out).exists() and not Path(config.out).is_dir():
+        raise NotADirectoryError(f"--out {config.out}: a file is there, not a folder")
+    check_output_dir(Path(config.out), "--out")
     results = run_compare(config)
     print(table(results))
     print("\n".join(verdicts(results)))
@@ -305,6 +400,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"seqmatch {name}: error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:  # Ctrl-C: the trainer saved a checkpoint if it could
+        if debug:
+            raise
+        message = str(err).strip() or "interrupted"
+        print(f"seqmatch {name}: {message}", file=sys.stderr)
+        return 130
     return 0
 
 

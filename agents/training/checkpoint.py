@@ -1,24 +1,39 @@
-"""Checkpoints: safetensors for tensors, JSON for everything else, written atomically.
+"""Checkpoints: safetensors for tensors, JSON for everything else, replaced atomically.
 
-A checkpoint is a folder::
+A checkpoint is a folder that holds one complete checkpoint per saved step and a pointer to the
+current one::
 
-    model.safetensors       the policy's weights
-    optimizer.safetensors   the optimizer's state tensors (AdamW moments, step counts)
-    rng.safetensors         torch's RNG states (CPU, and CUDA when used)
-    checkpoint.json         format, step, config, vocabulary, task, optimizer hyperparameters,
-                            numpy RNG state, replay buffer, last evaluation
+    CKPT/
+      seqmatch-checkpoint       marker: this folder is a seqmatch checkpoint (JSON: the format)
+      latest                    pointer: the name of the current step folder, e.g. step-000000120
+      step-000000120/           the current checkpoint
+        model.safetensors       the model payload (a policy's weights; another model kind writes
+                                its own files through the ``write_model`` hook)
+        optimizer.safetensors   the optimizer's state tensors (AdamW moments, step counts)
+        rng.safetensors         torch's RNG states (CPU, CUDA when used, the caller's generators)
+        checkpoint.json         format, step, config, vocabulary, task, optimizer hyperparameters,
+                                numpy RNG state, replay buffer, last evaluation, and ``files``:
+                                every file of the step folder (checked on loading)
 
-Nothing is ever unpickled: safetensors holds plain tensors and JSON holds the rest. The folder is
-written under a temporary name and renamed into place, so a crash never leaves a half-written
-checkpoint where a resume would find it.
+A save writes a new step folder under a hidden temporary name (``.tmp-*``) inside ``CKPT``,
+renames it to ``step-N``, then replaces ``latest`` (a temporary file, fsync, ``os.replace``), and
+only then removes older step folders and temporary folders left by an interrupted save. A kill
+at any point leaves ``latest`` naming a complete step folder (or no ``latest`` at all before the
+first save completes); what it leaks is removed by the next save. Loading follows ``latest``;
+a step folder may also be given directly. Nothing is ever unpickled.
+
+Saving into a folder that exists and is not a seqmatch checkpoint (no marker) is refused, so a
+user's folder is never touched.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +41,155 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-FORMAT = 1
-FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "checkpoint.json")
+FORMAT = 2
+MARKER = "seqmatch-checkpoint"
+"""The marker file's name: a folder holding it is a seqmatch checkpoint."""
+POINTER = "latest"
+"""The pointer file's name: it holds the name of the current step folder."""
+STEP_PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+METADATA = "checkpoint.json"
+TRAINING_FILES = ("optimizer.safetensors", "rng.safetensors")
+
+ModelWriter = Callable[[Path], Sequence[str]]
+"""Writes a model's payload into a folder; returns the names of the files it wrote."""
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, corrupt or does not fit what it is loaded into."""
 
 
+# -- file-system steps (each one a point where a save may be interrupted) ---------------------
+def _write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file and flush it to the disk."""
+    with open(path, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush a written file's contents to the disk."""
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- what a checkpoint folder is --------------------------------------------------------------
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a seqmatch checkpoint folder (it holds the marker file)."""
+    return (Path(path) / MARKER).is_file()
+
+
+def check_save_target(path: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Refuse, before any work, a ``--save`` folder that a run must not write into.
+
+    Like ``git clone``'s target: ``path`` must not exist (its nearest existing parent must be a
+    writable folder), be an empty folder, or be a seqmatch checkpoint named by ``resume`` or
+    ``overwrite``. Raises FileExistsError, NotADirectoryError or PermissionError in one line.
+    """
+    path = Path(path)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other")
+    if path.is_file() or (path.exists() and not path.is_dir()):
+        raise FileExistsError(f"--save {path}: a file is there (a checkpoint is a folder)")
+    if path.is_dir():
+        if is_checkpoint(path):
+            if not (resume or overwrite):
+                raise FileExistsError(
+                    f"--save {path}: a checkpoint is there; pass --resume to continue it "
+                    "or --overwrite to replace it"
+                )
+        elif any(path.iterdir()):
+            raise FileExistsError(
+                f"--save {path}: the folder exists and is not a seqmatch checkpoint "
+                "(refusing to write into it)"
+            )
+        check_writable_dir(path, "--save")
+        return
+    if resume:
+        raise CheckpointError(f"{path}: no such checkpoint")
+    parent = nearest_existing(path)
+    if not parent.is_dir():
+        raise NotADirectoryError(f"--save {path}: {parent} is not a folder")
+    check_writable_dir(parent, "--save")
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def first_missing(path: str | Path) -> Path | None:
+    """The outermost folder on the way to ``path`` that does not exist yet (None if it does);
+    removing it undoes a ``mkdir(parents=True)`` of ``path``."""
+    path = Path(os.path.abspath(path))
+    existing = nearest_existing(path)
+    if existing == path:
+        return None
+    return existing / path.relative_to(existing).parts[0]
+
+
+def check_writable_dir(folder: Path, option: str) -> None:
+    """Create and remove a probe file in ``folder``; one-line PermissionError if that fails."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise PermissionError(
+            f"{option} {folder}: cannot write there ({err.strerror or err})"
+        ) from None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The step folder that ``path`` means: the one ``latest`` names, or ``path`` itself."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: a checkpoint is a folder, this is a file")
+    if not is_checkpoint(path):
+        if (path / METADATA).is_file():  # a step folder given directly
+            return path
+        raise CheckpointError(f"{path}: not a seqmatch checkpoint (no {MARKER} file)")
+    try:
+        name = (path / POINTER).read_text().strip()
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path}: holds no complete checkpoint yet (its first save did not finish)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}/{POINTER} is unreadable ({err})") from None
+    if not name.startswith(STEP_PREFIX) or "/" in name or not (path / name).is_dir():
+        raise CheckpointError(f"{path}/{POINTER} is corrupt (names {name[:60]!r})")
+    return path / name
+
+
+def mark_checkpoint(path: str | Path) -> None:
+    """Make ``path`` (missing or an empty folder) a checkpoint folder with no step saved yet."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    # Its presence is what counts: a kill while writing it leaves a checkpoint folder without
+    # a pointer, which loads as "no complete checkpoint yet".
+    _write_bytes(path / MARKER, (json.dumps({"format": FORMAT}) + "\n").encode())
+
+
+# -- saving -----------------------------------------------------------------------------------
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Split ``optimizer.state_dict()`` into named tensors and a JSON-able rest."""
     tensors: dict[str, torch.Tensor] = {}
@@ -57,23 +213,80 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any])
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
+def module_writer(model: torch.nn.Module) -> ModelWriter:
+    """The model payload of a torch module: its weights as ``model.safetensors``."""
+
+    def write(folder: Path) -> list[str]:
+        save_model(model, str(folder / "model.safetensors"))
+        return ["model.safetensors"]
+
+    return write
+
+
+def tensors_writer(tensors_by_file: dict[str, dict[str, torch.Tensor]]) -> ModelWriter:
+    """A model payload given as plain tensors per file name (e.g. LoRA adapters)."""
+
+    def write(folder: Path) -> list[str]:
+        for name, tensors in tensors_by_file.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                      str(folder / name))  # fmt: skip
+        return list(tensors_by_file)
+
+    return write
+
+
+def _step_name(folder: Path, step: int) -> str:
+    """``step-N``, with a suffix when a folder of that step exists already (saved twice)."""
+    name = f"{STEP_PREFIX}{step:09d}"
+    suffix = 1
+    while (folder / name).exists():
+        suffix += 1
+        name = f"{STEP_PREFIX}{step:09d}.{suffix}"
+    return name
+
+
+def _prune(path: Path, keep: str) -> None:
+    """Remove every step folder but ``keep``, and temporary files left by interrupted saves."""
+    for entry in path.iterdir():
+        if entry.name == keep or not entry.name.startswith((STEP_PREFIX, TMP_PREFIX)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def save_checkpoint(
     path: str | Path,
-    model: torch.nn.Module,
+    model: torch.nn.Module | ModelWriter,
     optimizer: torch.optim.Optimizer | None,
     metadata: dict[str, Any],
     rng_states: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a checkpoint folder at ``path`` atomically (replacing an older one).
+    """Save a new current step folder in the checkpoint folder ``path``; return the step folder.
 
-    ``rng_states`` are the states of the caller's own ``torch.Generator``s, saved beside torch's
-    global ones.
+    Args:
+        path: the checkpoint folder; created if missing, refused if it exists and is not one.
+        model: a torch module (its weights go to ``model.safetensors``) or a :data:`ModelWriter`
+            that writes any other model payload into the step folder.
+        optimizer: its state goes to ``optimizer.safetensors`` (empty when ``None``).
+        metadata: JSON-able; needs ``step`` (an int >= 0) to name the step folder.
+        rng_states: the caller's own ``torch.Generator`` states, saved beside torch's global ones.
+
+    A failure (a full disk, an interrupt) leaves the previous step folder current.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    step = metadata.get("step")
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"metadata['step'] must be an int >= 0, got {step!r}")
+    if path.exists() and not is_checkpoint(path) and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not a seqmatch checkpoint")
+    if not is_checkpoint(path):
+        mark_checkpoint(path)
+    write_model = module_writer(model) if isinstance(model, torch.nn.Module) else model
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=path))
     try:
-        save_model(model, str(tmp / "model.safetensors"))
+        files = list(write_model(tmp))
         opt_tensors, opt_rest = (
             _flatten_optimizer(optimizer.state_dict()) if optimizer else ({}, {})
         )
@@ -82,21 +295,31 @@ def save_checkpoint(
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, str(tmp / "rng.safetensors"))
-        document = {"format": FORMAT, **metadata, "optimizer": opt_rest}
-        (tmp / "checkpoint.json").write_text(json.dumps(document, indent=1) + "\n")
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        files += [*TRAINING_FILES, METADATA]
+        document = {"format": FORMAT, **metadata, "optimizer": opt_rest, "files": files}
+        _write_bytes(tmp / METADATA, (json.dumps(document, indent=1) + "\n").encode())
+        for name in files[:-1]:  # the tensor files (safetensors does not flush them)
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+        name = _step_name(path, step)
+        os.rename(tmp, path / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
+    _fsync_dir(path)
+    _write_pointer(path, name)
+    _fsync_dir(path)
+    _prune(path, keep=name)
+    return path / name
 
 
+def _write_pointer(path: Path, name: str) -> None:
+    tmp = path / f"{TMP_PREFIX}{POINTER}"
+    _write_bytes(tmp, (name + "\n").encode())
+    os.replace(tmp, path / POINTER)
+
+
+# -- loading ----------------------------------------------------------------------------------
 def _one_line(err: BaseException, limit: int = 300) -> str:
     """An exception's message on one line (torch's load errors list every tensor, a line each)."""
     text = " ".join(str(err).split())
@@ -104,29 +327,33 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The JSON part of a checkpoint, after checking that the folder is complete."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: a checkpoint is a folder, this is a file")
-    missing = [name for name in FILES if not (path / name).is_file()]
-    if missing:
-        raise CheckpointError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
+    """The JSON part of a checkpoint's current step, after checking that its files are there."""
+    folder = resolve_checkpoint(path)
     try:
-        document = json.loads((path / "checkpoint.json").read_text())
+        document = json.loads((folder / METADATA).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: not a complete checkpoint (missing {METADATA})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}/checkpoint.json is corrupt ({err})") from None
+        raise CheckpointError(f"{folder}/{METADATA} is corrupt ({err})") from None
     if not isinstance(document, dict):
-        raise CheckpointError(f"{path}/checkpoint.json is corrupt (not a JSON object)")
+        raise CheckpointError(f"{folder}/{METADATA} is corrupt (not a JSON object)")
     if document.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown checkpoint format {document.get('format')!r}")
+        raise CheckpointError(f"{folder}: unknown checkpoint format {document.get('format')!r}")
+    files = document.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise CheckpointError(f"{folder}/{METADATA} is corrupt (no list of files)")
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{folder}: not a complete checkpoint (missing {', '.join(missing)})")
+    step = document.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{folder}/{METADATA} is corrupt (step {step!r})")
     return document
 
 
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
-    """Load ``model.safetensors`` into ``model`` (strict: every tensor must match)."""
-    file = Path(path) / "model.safetensors"
+    """Load ``model.safetensors`` into ``model`` (strict: every tensor must match and be finite)."""
+    file = resolve_checkpoint(path) / "model.safetensors"
     try:
         missing, unexpected = load_model(model, str(file), strict=False)
     except (SafetensorError, OSError, RuntimeError) as err:
@@ -138,23 +365,49 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
             f"{file} does not fit the model: missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}"
         )
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise CheckpointError(f"{file} holds non-finite weights ({', '.join(bad[:3])})")
 
 
 def load_training_state(
     path: str | Path, optimizer: torch.optim.Optimizer, metadata: dict[str, Any]
 ) -> dict[str, torch.Tensor]:
-    """Restore the optimizer and torch's RNG states; return every saved RNG state by name."""
-    path = Path(path)
+    """Restore the optimizer and torch's RNG states; return every saved RNG state by name.
+
+    The optimizer file must hold, for every parameter, the same state tensors with the
+    parameter's shape (an empty or mismatched file is refused, not silently reset).
+    """
+    folder = resolve_checkpoint(path)
     try:
-        tensors = load_file(str(path / "optimizer.safetensors"))
-        rng = load_file(str(path / "rng.safetensors"))
+        tensors = load_file(str(folder / "optimizer.safetensors"))
+        rng = load_file(str(folder / "rng.safetensors"))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(
-            f"{path}: corrupt optimizer or RNG state ({_one_line(err)})"
+            f"{folder}: corrupt optimizer or RNG state ({_one_line(err)})"
         ) from None
-    device = next(iter(optimizer.param_groups[0]["params"])).device
+    if "cpu" not in rng:
+        raise CheckpointError(f"{folder}/rng.safetensors is incomplete (no CPU state)")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if int(metadata.get("step", 0)) > 0:
+        for index, param in enumerate(params):
+            moments = [tensors.get(f"{index}.{n}") for n in ("exp_avg", "exp_avg_sq")]
+            if any(m is None or m.shape != param.shape for m in moments):
+                raise CheckpointError(
+                    f"{folder}/optimizer.safetensors does not fit the model "
+                    f"(parameter {index} of {len(params)}: missing or mismatched moments)"
+                )
+    if any(not math.isfinite(float(t.float().abs().max())) for t in tensors.values() if t.numel()):
+        raise CheckpointError(f"{folder}/optimizer.safetensors holds non-finite values")
+    device = params[0].device
     tensors = {k: v if v.ndim == 0 and "step" in k else v.to(device) for k, v in tensors.items()}
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, metadata["optimizer"]))
+    state = _unflatten_optimizer(tensors, metadata["optimizer"])  # KeyError: the caller's
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{folder}: the optimizer state does not fit ({_one_line(err)})"
+        ) from None
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])

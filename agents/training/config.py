@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -10,6 +11,12 @@ from typing import Any, Literal
 import torch
 
 from agents.objectives import make_objective
+
+
+class RunError(RuntimeError):
+    """A run refused or stopped for a reason the user can act on (memory, device, a diverged
+    loss, a full disk, an interrupt): reported in one line, like bad input."""
+
 
 Agent = Literal["mle", "bc", "sequencematch"]
 AGENTS = ("mle", "bc", "sequencematch")
@@ -37,6 +44,9 @@ class TrainConfig:
     """Checkpoint folder (written at save_interval and at the end); none if unset."""
     resume: bool = False
     """Continue from the checkpoint in --save, exactly where it stopped."""
+    overwrite: bool = False
+    """Replace the checkpoint in --save with this run's (its current step stays until the first
+    new save is complete). Without it or --resume, --save must name a new or empty folder."""
     json: str | None = None
     """Write the final metrics to this JSON file."""
 
@@ -135,6 +145,10 @@ class TrainConfig:
         """Raise ValueError naming the first bad field."""
         if self.agent not in AGENTS:
             raise ValueError(f"unknown agent {self.agent!r}; known agents: {', '.join(AGENTS)}")
+        for field in dataclasses.fields(self):  # nan and inf are never a setting
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{field.name.replace('_', '-')} must be finite, got {value}")
         for name in (
             "steps",
             "batch_size",
@@ -151,6 +165,11 @@ class TrainConfig:
             "heads",
         ):
             if getattr(self, name) < 1:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        for name in ("max_length", "max_steps"):  # unset (None) means the default; 0 is an error
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
@@ -179,6 +198,14 @@ class TrainConfig:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         if not (math.isfinite(self.alpha) and self.alpha > 0.0):
             raise ValueError(f"--alpha must be finite and > 0, got {self.alpha}")
+        if not self.grad_clip > 0.0:
+            raise ValueError(f"--grad-clip must be > 0, got {self.grad_clip}")
+        if not self.weight_decay >= 0.0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not self.c >= 0.0:
+            raise ValueError(f"--c must be >= 0, got {self.c}")
         # The objective checks its own settings; building it here fails before any file exists.
         make_objective(
             "sequencematch",
@@ -195,6 +222,10 @@ class TrainConfig:
             )
         if self.resume and not self.save:
             raise ValueError("--resume needs --save (the checkpoint folder to resume from)")
+        if self.overwrite and not self.save:
+            raise ValueError("--overwrite needs --save (the checkpoint folder to replace)")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
         self.task_kwargs()  # parses
 
     def task_kwargs(self) -> dict[str, Any]:
@@ -212,16 +243,24 @@ class TrainConfig:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device ``name`` means; ValueError (one line) if it is unknown or not here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA device is available")
     try:
         device = torch.device(name)
     except RuntimeError:  # torch's message for a bad string spans several lines
         raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ValueError(
-            f"--device {name} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
-        )
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but no CUDA device is available")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name} asked for, but only {torch.cuda.device_count()} CUDA device(s) "
+                "exist"
+            )
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError("--device mps asked for, but MPS is not available")
+    elif device.type != "cpu":  # torch knows the name (xla, meta, ...) but this build cannot run it
+        raise ValueError(f"--device {name}: not supported here; use auto, cpu, cuda or cuda:N")
     return device

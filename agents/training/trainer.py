@@ -28,9 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
+import shutil
+import signal
+import threading
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -59,13 +63,21 @@ from agents.objectives import (
     make_objective,
 )
 from agents.training.checkpoint import (
+    MARKER,
     CheckpointError,
+    check_save_target,
+    check_writable_dir,
+    first_missing,
+    is_checkpoint,
     load_training_state,
     load_weights,
+    mark_checkpoint,
+    nearest_existing,
     read_metadata,
+    resolve_checkpoint,
     save_checkpoint,
 )
-from agents.training.config import TrainConfig, resolve_device
+from agents.training.config import RunError, TrainConfig, resolve_device
 from agents.training.logger import Logger
 from seqenv.rules import step_budget
 from seqenv.tasks import Task, make_task
@@ -106,6 +118,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, task: Task | None = None) -> None:
         """``task``, if given, is used instead of building ``config.task`` (same name)."""
         config.validate()
+        check_outputs(config)
         self.config = config
         self.rank = int(os.environ.get("RANK", "0"))
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -129,6 +142,11 @@ class Trainer:
         self.special = self.vocab.special
         self.max_length = config.max_length or self.task.default_max_length
         self.max_steps = step_budget(self.max_length, config.max_steps)
+        check_memory(
+            training_bytes(config, self.special.num_actions, self.max_length, self.max_steps),
+            self.device,
+            "the model, its optimizer and a batch",
+        )
         self.demonstrations = self.task.demonstrations(
             "train", config.num_demonstrations, self.max_length, seed=config.seed
         )
@@ -198,6 +216,8 @@ class Trainer:
         self.history: list[dict[str, float]] = []  # the logged means, for learning curves
         self.last_eval: dict[str, float] = {}
         self.autocast_dtype = torch.bfloat16 if config.bf16 and self.device.type == "cuda" else None
+        self._first_step = 0  # the step this process started training from (set by train)
+        self._saved: tuple[int, dict[str, float]] | None = None  # (step, eval) of the last save
 
     # -- schedule ----------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
@@ -274,6 +294,7 @@ class Trainer:
             objective = self.sm_objective
 
         self.optimizer.zero_grad(set_to_none=True)
+        losses: list[torch.Tensor] = []
         micro = config.batch_size // config.grad_accum
         # Gradient shares cost three extra backward passes: only on updates that get logged,
         # and on the first micro-batch (shares are ratios, so grad_accum's 1/k cancels). Not
@@ -309,9 +330,11 @@ class Trainer:
                 for key, value in shares.items():
                     logger.record(f"train/{key}", value)
             (out.loss / config.grad_accum).backward()
+            losses.append(out.loss.detach())
             for key, value in out.metrics.items():
                 logger.record(f"losses/{key}", value)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), config.grad_clip)
+        self._check_finite(torch.stack(losses), grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]  # this update's (the scheduler moves on below)
         self.optimizer.step()
         self.scheduler.step()
@@ -330,6 +353,21 @@ class Trainer:
                 sum(t.num_backspaces for t in model) / sum(t.num_steps for t in model),
             )
             logger.record("rollout/terminated", sum(t.terminated for t in model) / len(model))
+
+    def _check_finite(self, losses: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Stop before a non-finite loss or gradient reaches the weights (one host sync per
+        update: a NaN must never be stepped into the weights, nor saved)."""
+        if bool(torch.isfinite(losses).all() & torch.isfinite(grad_norm)):
+            return
+        last = "none was saved"
+        if self.config.save:
+            with contextlib.suppress(CheckpointError):
+                last = f"{self.config.save} (step {read_metadata(self.config.save)['step']})"
+        raise RunError(
+            f"update {self.step + 1}: non-finite loss ({losses.max().item():.4g}) or gradient "
+            f"norm ({grad_norm.item():.4g}); training stopped, nothing saved; last good "
+            f"checkpoint: {last}"
+        )
 
     # -- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -382,23 +420,35 @@ class Trainer:
         }
 
     def save(self, path: str | Path) -> None:
+        """Save an atomic checkpoint (a failure leaves the previous one current)."""
         if self.is_main:
-            save_checkpoint(
-                path,
-                self.policy,
-                self.optimizer,
-                self.metadata(),
-                {"rollout": self.rollout_generator.get_state()},
-            )
+            try:
+                save_checkpoint(
+                    path,
+                    self.policy,
+                    self.optimizer,
+                    self.metadata(),
+                    {"rollout": self.rollout_generator.get_state()},
+                )
+            except OSError as err:
+                if isinstance(err, FileExistsError | NotADirectoryError | PermissionError):
+                    raise
+                reason = "the disk is full" if err.errno == errno.ENOSPC else _reason(err)
+                raise RunError(
+                    f"could not save the checkpoint of step {self.step} to {path} ({reason}); "
+                    "the previous checkpoint there is intact"
+                ) from None
+        self._saved = (self.step, dict(self.last_eval))
         if self.distributed:
             dist.barrier()
 
     def load(self, path: str | Path) -> None:
         """Restore everything a checkpoint holds, so training continues exactly."""
         metadata = read_metadata(path)
+        path = resolve_checkpoint(path)
         try:
             self._restore(path, metadata)
-        except (KeyError, TypeError) as err:  # a checkpoint.json with missing or odd entries
+        except (KeyError, TypeError, AttributeError) as err:  # missing or odd entries
             raise CheckpointError(
                 f"{path}/checkpoint.json is incomplete or corrupt ({type(err).__name__}: {err})"
             ) from None
@@ -426,11 +476,39 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
-        """Run until ``config.steps`` updates; return the final evaluation."""
+        """Run until ``config.steps`` updates; return the final evaluation.
+
+        Ctrl-C (SIGINT) stops after the update in progress, saves a checkpoint when ``--save``
+        is set and raises KeyboardInterrupt; a second Ctrl-C stops at once. A run that fails
+        before its first update removes the TensorBoard run folder it created.
+        """
         config = self.config
         if config.resume:
             self.load(config.save)  # type: ignore[arg-type]
         logdir = Path(config.logdir) / config.run_name if config.logdir else None
+        created = first_missing(logdir) if logdir is not None and self.is_main else None
+        # Claim the --save folder now (its marker), so that nothing this run writes (a logdir
+        # inside it) makes it look like a user's folder at the first save.
+        claimed = None
+        if config.save and self.is_main and not is_checkpoint(config.save):
+            claimed = first_missing(config.save) or Path(config.save) / MARKER
+            mark_checkpoint(config.save)
+        with _stop_on_sigint() as stop:
+            try:
+                return self._loop(logdir, stop)
+            except BaseException:
+                if created is not None and self.step == self._first_step:
+                    shutil.rmtree(created, ignore_errors=True)
+                if claimed is not None and self._saved is None:  # nothing saved: unclaim it
+                    if claimed.is_dir():
+                        shutil.rmtree(claimed, ignore_errors=True)
+                    else:
+                        claimed.unlink(missing_ok=True)
+                raise
+
+    def _loop(self, logdir: Path | None, stop: threading.Event) -> dict[str, float]:
+        config = self.config
+        self._first_step = self.step
         logger = Logger(logdir if self.is_main else None)
         if self.is_main and self.step == 0:
             logger.text(
@@ -449,6 +527,10 @@ class Trainer:
         start, start_step = time.perf_counter(), self.step
         try:
             while self.step < config.steps:
+                if stop.is_set():
+                    if config.save:
+                        self.save(config.save)
+                    raise KeyboardInterrupt(self._interrupt_message())
                 self.train_step(logger)
                 bar.update(1)
                 if self.step % config.log_interval == 0 or self.step == config.steps:
@@ -472,27 +554,137 @@ class Trainer:
             ):
                 self.last_eval = self.evaluate(logger)
                 self.history.append({"step": self.step, **logger.dump(self.step)})
-            if config.save:
+            if config.save and self._saved != (self.step, self.last_eval):  # not saved just now
                 self.save(config.save)
         finally:
             bar.close()
             logger.close()
         return self.last_eval
 
+    def _interrupt_message(self) -> str:
+        where = f"; checkpoint saved to {self.config.save} (--resume continues it)"
+        return f"interrupted after update {self.step}" + (where if self.config.save else "")
+
 
 # Settings that may change between a run and its resume (where things go, how they are shown).
-_RESUMABLE = {"resume", "json", "progress", "logdir", "name", "save", "steps", "device"}
+_RESUMABLE = {
+    "resume", "overwrite", "json", "progress", "logdir", "name", "save", "steps", "device",
+}  # fmt: skip
+
+
+def _reason(err: OSError) -> str:
+    return err.strerror or str(err) or type(err).__name__
+
+
+@contextlib.contextmanager
+def _stop_on_sigint() -> Any:
+    """Turn the first SIGINT into a flag the loop checks between updates (the state is then
+    consistent, so the checkpoint resumes exactly); a second SIGINT interrupts at once."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# -- checks before the work ------------------------------------------------------------------
+def check_outputs(config: TrainConfig) -> None:
+    """Refuse output paths a run could not write, or must not write into, before any work."""
+    if config.save:
+        check_save_target(config.save, resume=config.resume, overwrite=config.overwrite)
+    if config.logdir:
+        check_output_dir(Path(config.logdir) / config.run_name, "--logdir")
+
+
+def check_output_dir(path: Path, option: str) -> None:
+    """``path`` is a folder or can be made one: a writable folder is its nearest existing part."""
+    existing = nearest_existing(path)
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{option} {path}: {existing} is a file, not a folder")
+    check_writable_dir(existing, option)
+
+
+def _parameters(width: int, layers: int, num_embeddings: int, context: int) -> int:
+    """Parameters of a :class:`TransformerPolicy` (attention 4 w^2 + MLP 8 w^2 per layer)."""
+    return 12 * layers * width * width + (num_embeddings + context) * width
+
+
+def training_bytes(config: TrainConfig, num_actions: int, max_length: int, max_steps: int) -> int:
+    """A rough lower estimate of a run's memory: weights, gradients and AdamW moments (fp32),
+    the activations of one micro-batch, and the KV caches of a rollout or evaluation batch."""
+    width, layers = config.width, config.layers
+    params = _parameters(width, layers, num_actions + 4, max_length)
+    rows = config.batch_size // config.grad_accum * (2 if config.agent == "sequencematch" else 1)
+    T = max_length + max_steps
+    activations = rows * T * (layers * (16 * width + config.heads * T) + 3 * num_actions)
+    rollouts = max(config.rollouts, config.eval_episodes) * T * (2 * layers * width + num_actions)
+    return 4 * (4 * params + max(activations, rollouts))
+
+
+def policy_bytes(model: dict[str, Any], num_actions: int, num_sequences: int, T: int) -> int:
+    """A rough lower estimate of generating ``num_sequences`` with a policy of config ``model``."""
+    width, layers = int(model["width"]), int(model["num_layers"])
+    params = _parameters(width, layers, num_actions + 4, int(model["context_length"]))
+    return 4 * (params + num_sequences * T * (2 * layers * width + num_actions))
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for tensors on ``device``, or None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def check_memory(num_bytes: int, device: torch.device, what: str) -> None:
+    """RunError (one line) when ``num_bytes`` exceed what ``device`` has free."""
+    free = available_memory(device)
+    if free is not None and num_bytes > free:
+        raise RunError(
+            f"{what} need about {num_bytes / 2**30:.3g} GiB, {device.type} has "
+            f"{free / 2**30:.3g} GiB free: make the model, batch or sample count smaller"
+        )
 
 
 def load_policy(path: str | Path, device: str = "cpu") -> tuple[TransformerPolicy, dict[str, Any]]:
     """The policy of a checkpoint (for evaluation and generation) and its metadata."""
     metadata = read_metadata(path)
+    folder = resolve_checkpoint(path)
+    torch_device = resolve_device(device)
     try:
         vocab = vocab_from_json(metadata["vocab"])
         model_config = TransformerConfig(**metadata["model"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: checkpoint.json is incomplete or corrupt ({err})") from None
+        int(metadata["max_length"]), int(metadata["max_steps"])
+        metadata["task"]["name"], dict(metadata["task"]["kwargs"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(
+            f"{path}: checkpoint.json is incomplete or corrupt ({type(err).__name__}: {err})"
+        ) from None
+    # A tampered shape must not reach the allocator: the weights' size comes first.
+    check_memory(
+        policy_bytes(metadata["model"], vocab.special.num_actions, 1, 1),
+        torch.device("cpu"),
+        f"{path}: the checkpoint's model",
+    )
     policy = TransformerPolicy(vocab.special, model_config)
-    load_weights(path, policy)
-    policy.to(resolve_device(device)).eval()
+    load_weights(folder, policy)
+    policy.to(torch_device).eval()
     return policy, metadata

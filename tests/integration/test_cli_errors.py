@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from agents.cli import COMMANDS, main
-from agents.training.checkpoint import CheckpointError
+from agents.training.checkpoint import CheckpointError, resolve_checkpoint
 from tests.integration.conftest import TINY, run_cli, snapshot
 
 
@@ -41,33 +42,71 @@ def good_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _truncate(file: str, size: int) -> Callable[[Path], None]:
     def corrupt(checkpoint: Path) -> None:
-        data = (checkpoint / file).read_bytes()
-        (checkpoint / file).write_bytes(data[:size])
+        step = resolve_checkpoint(checkpoint)
+        data = (step / file).read_bytes()
+        (step / file).write_bytes(data[:size])
 
     return corrupt
 
 
 def _write(file: str, text: str) -> Callable[[Path], None]:
     def corrupt(checkpoint: Path) -> None:
-        (checkpoint / file).write_text(text)
+        (resolve_checkpoint(checkpoint) / file).write_text(text)
 
     return corrupt
 
 
 def _drop_key(key: str) -> Callable[[Path], None]:
     def corrupt(checkpoint: Path) -> None:
-        document = json.loads((checkpoint / "checkpoint.json").read_text())
+        file = resolve_checkpoint(checkpoint) / "checkpoint.json"
+        document = json.loads(file.read_text())
         del document[key]
-        (checkpoint / "checkpoint.json").write_text(json.dumps(document))
+        file.write_text(json.dumps(document))
 
     return corrupt
 
 
 def _delete(file: str) -> Callable[[Path], None]:
     def corrupt(checkpoint: Path) -> None:
-        (checkpoint / file).unlink()
+        (resolve_checkpoint(checkpoint) / file).unlink()
 
     return corrupt
+
+
+def _set(key: str, value: object, inner: str | None = None) -> Callable[[Path], None]:
+    def corrupt(checkpoint: Path) -> None:
+        file = resolve_checkpoint(checkpoint) / "checkpoint.json"
+        document = json.loads(file.read_text())
+        if inner is None:
+            document[key] = value
+        else:
+            document[key][inner] = value
+        file.write_text(json.dumps(document))
+
+    return corrupt
+
+
+def _empty_optimizer(checkpoint: Path) -> None:
+    save_file({}, str(resolve_checkpoint(checkpoint) / "optimizer.safetensors"))
+
+
+def _nan_weights(checkpoint: Path) -> None:
+    file = resolve_checkpoint(checkpoint) / "model.safetensors"
+    tensors = load_file(str(file))
+    save_file({k: torch.full_like(v, float("nan")) for k, v in tensors.items()}, str(file))
+
+
+def _users_folder(root: Path) -> None:
+    (root / "mine").mkdir()
+    (root / "mine" / "thesis.tex").write_text("precious")
+
+
+def _a_file(root: Path) -> None:
+    (root / "afile").write_text("precious")
+
+
+def _an_out_folder(root: Path) -> None:
+    (root / "out").mkdir()
 
 
 def _malformed_data(root: Path) -> None:
@@ -97,7 +136,7 @@ CASES = {
         "no-such-folder: no such checkpoint",
     ),
     "checkpoint_is_a_file": Case(
-        ["eval", "--checkpoint", "CKPT/model.safetensors", "--json", "out/eval.json"],
+        ["eval", "--checkpoint", "CKPT/seqmatch-checkpoint", "--json", "out/eval.json"],
         "a checkpoint is a folder",
     ),
     "incomplete_checkpoint": Case(
@@ -171,7 +210,83 @@ CASES = {
     "unknown_option": Case([*TRAIN, "--stepz", "3"], "Unrecognized options: --stepz", code=2),
     "missing_required_option": Case(["eval", "--episodes", "2"], "--checkpoint", code=2),
     "unknown_command": Case(["fit", "--steps", "2"], "unknown command 'fit'", code=2),
+    # Output paths: a user's data is never moved, overwritten or deleted.
+    "save_into_a_users_folder": Case(
+        [*TRAIN[:-4], "--save", "mine", "--logdir", "runs", "--json", "out/train.json"],
+        "not a seqmatch checkpoint", prepare=_users_folder,
+    ),
+    "save_onto_a_file": Case(
+        [*TRAIN[:-4], "--save", "afile", "--logdir", "runs"], "a file is there", prepare=_a_file,
+    ),
+    "save_into_the_current_folder": Case(
+        [*TRAIN[:-4], "--save", ".", "--logdir", "runs"], "not a seqmatch checkpoint",
+    ),
+    "save_under_a_file": Case(
+        [*TRAIN[:-4], "--save", "afile/ck", "--logdir", "runs"], "afile is not a folder",
+        prepare=_a_file,
+    ),
+    "save_onto_a_checkpoint_without_resume": Case(
+        [*TRAIN[:-4], "--save", "CKPT", "--logdir", "runs"], "pass --resume to continue it",
+    ),
+    "resume_and_overwrite": Case(
+        [*TRAIN[:-4], "--save", "CKPT", "--resume", "--overwrite"], "exclude each other",
+    ),
+    "json_under_a_file": Case(
+        [*TRAIN, "--json", "afile/train.json"], "afile is a file", prepare=_a_file,
+    ),
+    "json_is_a_folder": Case(
+        [*TRAIN, "--json", "out"], "--json out: a folder is there", prepare=_an_out_folder,
+    ),
+    "eval_json_under_a_file": Case(
+        [*EVAL, "--json", "afile/eval.json"], "afile is a file", prepare=_a_file,
+    ),
+    "logdir_under_a_file": Case([*TRAIN[:-2], "--logdir", "afile"], "afile is a file",
+                                prepare=_a_file),
+    "compare_out_is_a_file": Case(
+        ["compare", "--out", "afile"], "a file is there", prepare=_a_file,
+    ),
+    "compare_negative_threads": Case(
+        ["compare", "--out", "cmp", "--threads", "-1"], "--threads must be >= 0",
+    ),
+    # Numbers: out of range or not finite is refused, never silently replaced by a default.
+    "negative_grad_clip": Case([*TRAIN, "--grad-clip", "-1"], "--grad-clip must be > 0"),
+    "nan_grad_clip": Case([*TRAIN, "--grad-clip", "nan"], "--grad-clip must be finite"),
+    "infinite_lr": Case([*TRAIN, "--lr", "inf"], "--lr must be finite"),
+    "nan_c": Case([*TRAIN, "--c", "nan"], "--c must be finite"),
+    "nan_dropout": Case([*TRAIN, "--dropout", "nan"], "--dropout must be finite"),
+    "zero_max_length": Case([*TRAIN, "--max-length", "0"], "--max-length must be >= 1"),
+    "zero_max_steps": Case([*TRAIN, "--max-steps", "0"], "--max-steps must be >= 1"),
+    "nan_generate_temperature": Case(
+        [*GENERATE, "--temperature", "nan"], "--temperature must be finite",
+    ),
+    # Devices and memory: refused before anything is allocated.
+    "device_xla": Case([*TRAIN[:-4], "--device", "xla"], "--device xla: not supported here"),
+    "huge_width": Case([*TRAIN, "--width", "1000000"], "need about"),
+    "huge_batch": Case([*TRAIN, "--batch-size", "1000000000000"], "need about"),
+    "huge_eval": Case([*EVAL, "--episodes", "1000000000000"], "--episodes must be <= 1000000"),
+    "huge_generate": Case([*GENERATE, "--num", "1000000000000"], "--num must be <= 1000000"),
+    "generate_many_with_a_tampered_width": Case(
+        GENERATE, "need about", _set("model", 10_000_000, inner="width"),
+    ),
+    # Checkpoints that are wrong in their content.
+    "resume_from_a_negative_step": Case(
+        ["train", "--agent", "mle", *TINY, "--steps", "4", "--eval-episodes", "2",
+         "--save", "CKPT", "--resume", "--logdir", "runs"],
+        "corrupt (step -100)", _set("step", -100),
+    ),
+    "resume_from_an_empty_optimizer": Case(
+        ["train", "--agent", "mle", *TINY, "--steps", "4", "--eval-episodes", "2",
+         "--save", "CKPT", "--resume", "--logdir", "runs"],
+        "optimizer.safetensors does not fit the model", _empty_optimizer,
+    ),
+    "vocab_is_a_list": Case(GENERATE, "incomplete or corrupt", _set("vocab", [1, 2])),
+    "vocab_is_a_list_eval": Case(EVAL, "incomplete or corrupt", _set("vocab", [1, 2])),
+    "generate_from_nan_weights": Case(GENERATE, "non-finite weights", _nan_weights),
 }  # fmt: skip
+if not torch.cuda.is_available():
+    CASES["device_cuda_without_cuda"] = Case(
+        [*TRAIN[:-4], "--device", "cuda"], "no CUDA device is available"
+    )
 
 
 def _setup(case: Case, root: Path, good: Path) -> list[str]:
@@ -183,6 +298,10 @@ def _setup(case: Case, root: Path, good: Path) -> list[str]:
     if case.prepare is not None:
         case.prepare(root)
     return [arg.replace("CKPT", str(checkpoint)) for arg in case.args]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def _check_one_line(stderr: str, case: Case, name: str) -> None:
@@ -207,7 +326,7 @@ def test_bad_input_gives_one_line(
     args = _setup(case, tmp_path, good_checkpoint)
     monkeypatch.chdir(tmp_path)
     before = snapshot(tmp_path)
-    checkpoint_bytes = {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()}
+    checkpoint_bytes = _files(tmp_path / "ckpt")
 
     assert main(args) == case.code
     err = capfd.readouterr().err
@@ -215,7 +334,7 @@ def test_bad_input_gives_one_line(
     # No partial files: no --json file, no --save folder, no TensorBoard run, no temporary
     # folders; the checkpoint read is untouched.
     assert snapshot(tmp_path) == before
-    assert {p.name: p.read_bytes() for p in (tmp_path / "ckpt").iterdir()} == checkpoint_bytes
+    assert _files(tmp_path / "ckpt") == checkpoint_bytes
 
 
 def test_debug_shows_the_traceback(

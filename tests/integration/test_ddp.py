@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from agents.cli import main
+from agents.training.checkpoint import resolve_checkpoint
 from tests.integration.conftest import TINY, check_ok, cli_env, free_port
 
 STEPS = 10
@@ -65,8 +66,8 @@ def _compare(root: Path, agent_args: list[str], batch: int, ddp_extra: list[str]
     )  # fmt: skip
 
     one, two = (
-        load_file(str(root / "one" / "model.safetensors")),
-        load_file(str(root / "two" / "model.safetensors")),
+        load_file(str(resolve_checkpoint(root / "one") / "model.safetensors")),
+        load_file(str(resolve_checkpoint(root / "two") / "model.safetensors")),
     )
     assert one.keys() == two.keys()
     for key in one:

@@ -11,14 +11,24 @@ global RNG) and gradient accumulation.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import agents.training.checkpoint as checkpoint_module
+import agents.training.trainer as trainer_module
 from agents.cli import main
+from agents.objectives import MLE, LossOutput
+from agents.training.checkpoint import read_metadata, resolve_checkpoint
+from agents.training.trainer import Trainer
 from tests.integration.conftest import TINY, snapshot
 
 N = 12
@@ -57,13 +67,18 @@ def _assert_same_tensors(file: str, a: Path, b: Path) -> None:
 def test_resume_is_bit_for_bit(agent: str, tmp_path: Path, one_thread: None) -> None:
     _train(tmp_path, agent, "straight", 2 * N)
     _train(tmp_path, agent, "resumed", N)
-    halfway = json.loads((tmp_path / "resumed" / "checkpoint.json").read_text())
+    halfway = read_metadata(tmp_path / "resumed")
     assert halfway["step"] == N
     if agent == "sequencematch":
         assert halfway["config"]["sm_warmup"] < N and len(halfway["buffer"]) == 12
     _train(tmp_path, agent, "resumed", 2 * N, "--resume")
+    assert read_metadata(tmp_path / "resumed")["step"] == 2 * N
+    assert_same_checkpoint(tmp_path / "straight", tmp_path / "resumed")
 
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+
+def assert_same_checkpoint(straight: Path, resumed: Path) -> None:
+    """The current steps of two checkpoints hold the same tensors and training state."""
+    straight, resumed = resolve_checkpoint(straight), resolve_checkpoint(resumed)
     _assert_same_tensors("model.safetensors", straight, resumed)
     _assert_same_tensors("optimizer.safetensors", straight, resumed)
     _assert_same_tensors("rng.safetensors", straight, resumed)
@@ -71,7 +86,6 @@ def test_resume_is_bit_for_bit(agent: str, tmp_path: Path, one_thread: None) -> 
     b = json.loads((resumed / "checkpoint.json").read_text())
     for key in ("step", "num_timesteps", "data_rng", "buffer", "optimizer", "eval"):
         assert a.get(key) == b.get(key), f"checkpoint.json: {key} differs after the resume"
-    assert a["step"] == 2 * N
 
 
 def test_resume_refuses_changed_settings(
@@ -80,7 +94,7 @@ def test_resume_refuses_changed_settings(
     _train(tmp_path, "mle", "run", 2)
     capsys.readouterr()
     before = snapshot(tmp_path)
-    checkpoint = (tmp_path / "run" / "model.safetensors").read_bytes()
+    checkpoint = (resolve_checkpoint(tmp_path / "run") / "model.safetensors").read_bytes()
     args = ["train", *AGENTS["mle"], *COMMON, "--steps", "4", "--lr", "0.01", "--resume"]
     args += ["--logdir", str(tmp_path / "runs"), "--name", "run", "--save", str(tmp_path / "run")]
     assert main(args) == 1
@@ -88,4 +102,193 @@ def test_resume_refuses_changed_settings(
     assert len(err.splitlines()) == 1 and "cannot resume with different settings" in err
     assert "lr" in err
     assert snapshot(tmp_path) == before
-    assert (tmp_path / "run" / "model.safetensors").read_bytes() == checkpoint
+    assert (resolve_checkpoint(tmp_path / "run") / "model.safetensors").read_bytes() == checkpoint
+
+
+# -- interruptions: a kill during a save, Ctrl-C, a full disk, a diverged loss ------------------
+class Killed(BaseException):
+    """The process died here (nothing catches it as an error, nothing cleans up after it)."""
+
+
+@pytest.fixture(scope="module")
+def straight_mle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted MLE run of 2N updates that the interrupted ones must match."""
+    root = tmp_path_factory.mktemp("straight")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train(root, "mle", "straight", 2 * N)
+    finally:
+        torch.set_num_threads(before)
+    return root / "straight"
+
+
+@pytest.mark.parametrize(
+    ("operation", "survivor"),
+    [("rename", 4), ("replace", 4), ("rmtree", 8)],  # before / at / after the pointer moves
+)
+def test_a_kill_during_a_save_resumes_exactly(
+    operation: str,
+    survivor: int,
+    straight_mle: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    one_thread: None,
+) -> None:
+    """The save of update 8 dies at one file-system step; the last complete checkpoint loads
+    and ``--resume`` from it ends, bit for bit, where the uninterrupted run ends."""
+    saves = 0
+    real_save = trainer_module.save_checkpoint
+
+    def dying_save(*args: Any, **kwargs: Any) -> Any:
+        nonlocal saves
+        saves += 1
+        if saves != 2:
+            return real_save(*args, **kwargs)
+        owner = shutil if operation == "rmtree" else os
+        real_op = getattr(owner, operation)
+
+        def die(*a: Any, **k: Any) -> Any:
+            raise Killed(operation)
+
+        monkeypatch.setattr(owner, operation, die)
+        try:
+            return real_save(*args, **kwargs)
+        finally:
+            monkeypatch.setattr(owner, operation, real_op)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", dying_save)
+    with pytest.raises(Killed):
+        _train(tmp_path, "mle", "resumed", 2 * N, "--save-interval", "4")
+    monkeypatch.undo()
+    assert read_metadata(tmp_path / "resumed")["step"] == survivor
+    _train(tmp_path, "mle", "resumed", 2 * N, "--save-interval", "4", "--resume")
+    assert_same_checkpoint(straight_mle, tmp_path / "resumed")
+    # The next saves removed what the kill left behind.
+    names = {p.name for p in (tmp_path / "resumed").iterdir()}
+    assert names == {"seqmatch-checkpoint", "latest", f"step-{2 * N:09d}"}
+
+
+def test_ctrl_c_saves_and_resumes_exactly(
+    straight_mle: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    one_thread: None,
+) -> None:
+    real_step = Trainer.train_step
+
+    def step_then_ctrl_c(self: Trainer, logger: Any) -> None:
+        real_step(self, logger)
+        if self.step == 5:  # in the middle of a run, off every interval
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_ctrl_c)
+    args = ["train", *AGENTS["mle"], *COMMON, "--steps", str(2 * N), "--name", "resumed"]
+    args += ["--logdir", str(tmp_path / "runs"), "--save", str(tmp_path / "resumed")]
+    capsys.readouterr()
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"seqmatch train: interrupted after update 5; checkpoint saved to {tmp_path / 'resumed'}"
+        " (--resume continues it)"
+    ]
+    assert read_metadata(tmp_path / "resumed")["step"] == 5
+    monkeypatch.undo()
+    _train(tmp_path, "mle", "resumed", 2 * N, "--resume")
+    assert_same_checkpoint(straight_mle, tmp_path / "resumed")
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_checkpoint(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    one_thread: None,
+) -> None:
+    _train(tmp_path, "mle", "run", 2)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", full)
+    capsys.readouterr()
+    args = ["train", *AGENTS["mle"], *COMMON, "--steps", "3", "--overwrite", "--name", "run"]
+    args += ["--logdir", str(tmp_path / "runs"), "--save", str(tmp_path / "run")]
+    assert main(args) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "the disk is full" in err[0] and "previous checkpoint" in err[0]
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+def test_a_non_finite_loss_stops_before_the_weights(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    one_thread: None,
+) -> None:
+    real_call = MLE.__call__
+    calls = 0
+
+    def nan_from_update_4(self: MLE, policy: Any, batch: Any) -> LossOutput:
+        nonlocal calls
+        calls += 1
+        out = real_call(self, policy, batch)
+        return LossOutput(out.loss * float("nan"), out.metrics) if calls >= 4 else out
+
+    monkeypatch.setattr(MLE, "__call__", nan_from_update_4)
+    capsys.readouterr()
+    args = ["train", *AGENTS["mle"], *COMMON, "--steps", "8", "--save-interval", "2"]
+    args += ["--logdir", str(tmp_path / "runs"), "--save", str(tmp_path / "run")]
+    assert main(args) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1, err
+    assert "update 4: non-finite loss" in err[0]
+    assert f"last good checkpoint: {tmp_path / 'run'} (step 2)" in err[0]
+    assert read_metadata(tmp_path / "run")["step"] == 2
+    weights = load_file(str(resolve_checkpoint(tmp_path / "run") / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_overwrite_replaces_a_checkpoint_and_a_failed_start_leaves_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
+    _train(tmp_path, "mle", "run", 2)
+    _train(tmp_path, "mle", "run", 3, "--overwrite")
+    assert read_metadata(tmp_path / "run")["step"] == 3
+    # A run refused at its start (a resume that does not fit) creates no TensorBoard run.
+    before = snapshot(tmp_path)
+    args = ["train", *AGENTS["mle"], *COMMON, "--steps", "4", "--width", "64", "--resume"]
+    args += ["--logdir", str(tmp_path / "new-runs"), "--name", "x", "--save", str(tmp_path / "run")]
+    assert main(args) == 1
+    assert "cannot resume with different settings" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before
+
+
+def test_save_into_the_empty_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    """`--save .` in an empty folder: the TensorBoard run written inside does not make it a
+    user's folder at the save."""
+    monkeypatch.chdir(tmp_path)
+    args = ["train", *AGENTS["mle"], *COMMON, "--steps", "2", "--logdir", "runs", "--save", "."]
+    assert main(args) == 0
+    assert read_metadata(tmp_path)["step"] == 2
+
+
+def test_a_failure_before_any_save_leaves_no_files(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    one_thread: None,
+) -> None:
+    def nan_loss(self: MLE, policy: Any, batch: Any) -> LossOutput:
+        return LossOutput(torch.tensor(float("nan"), requires_grad=True), {})
+
+    monkeypatch.setattr(MLE, "__call__", nan_loss)
+    monkeypatch.chdir(tmp_path)
+    args = ["train", *AGENTS["mle"], *COMMON, "--steps", "4", "--logdir", "runs/deep"]
+    assert main([*args, "--save", "ck/new"]) == 1
+    err = capsys.readouterr().err
+    assert "update 1: non-finite loss" in err and "last good checkpoint: none was saved" in err
+    assert snapshot(tmp_path) == set()

@@ -110,11 +110,15 @@ def test_train_json_and_checkpoint(trained: TrainedRun) -> None:
     assert document["step"] == STEPS
     assert {"eval/invalid_rate", "eval/backspace_rate"} <= set(document["metrics"])
     assert document["config"]["agent"] == "sequencematch"
-    files = sorted(p.name for p in trained.checkpoint.iterdir())
+    step = f"step-{STEPS:09d}"
+    assert sorted(p.name for p in trained.checkpoint.iterdir()) == sorted(
+        ["seqmatch-checkpoint", "latest", step]
+    )
+    files = sorted(p.name for p in (trained.checkpoint / step).iterdir())
     assert files == sorted(
         ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "checkpoint.json"]
     )
-    assert json.loads((trained.checkpoint / "checkpoint.json").read_text())["step"] == STEPS
+    assert json.loads((trained.checkpoint / step / "checkpoint.json").read_text())["step"] == STEPS
     # Atomic writes leave no temporary files or folders behind.
     assert not [p for p in trained.root.rglob(".*") if "tmp" in p.name or "old" in p.name]
 
