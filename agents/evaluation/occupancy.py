@@ -31,6 +31,20 @@ The formulation (discounted and budget-free):
 :func:`exact_divergences` compares the data's measure and a model's on the union of both parts
 (``absorbing=True``), or on the live parts alone, each normalised to sum 1 (``absorbing=False``).
 
+**Disturbance** (METHOD.md §5; :class:`DisturbanceKernel`). With probability p the environment
+replaces an ordinary token action, before it runs, by a noise token that differs from it
+(``random``: uniform over the other ordinary tokens; or any per-state noise distribution, e.g. the
+task's ``ground_truth`` mistake). ``<eos>``, ``<bkspc>`` and an append that fills the buffer are
+never disturbed. The policy's actions are its *intended* ones: ρ(s, a) is over intended actions,
+and the transitions are the clean MDP's run on the *executed* action distribution
+``Σ_a π(a|s) K(b | s, a)``. A noise token lands on the same length as the intended append, so the
+ending pairs, and the absorbing states, are the same as without disturbance.
+
+The solver works on a :class:`Chain`, a Markov chain over states that each map to a text state:
+for a Markov policy the chain is the text states themselves; for an expert that remembers its
+disturbances (:mod:`agents.evaluation.exact`), several chain states share one text, and the
+occupancy is summed over them (marginalised onto the text).
+
 Shapes: N live states, A = num_actions.
 """
 
@@ -39,7 +53,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -186,28 +200,172 @@ class Occupancy:
         return self.rho.ravel() / total if total > 0 else self.rho.ravel()
 
 
-def occupancy_measure(space: StateSpace, probs: np.ndarray, gamma: float) -> Occupancy:
-    """Solve ``d = (1 - γ) ρ0 + γ P_πᵀ d`` exactly (a sparse LU solve) and return ρ = d π.
+NoiseProbs = Callable[[tuple[int, ...], int], np.ndarray]
+"""``noise_probs(generated, intended) -> (A,)``: where a disturbed ``intended`` token goes after
+``generated``; a distribution over the ordinary tokens with zero on ``intended``."""
+
+
+@dataclass(frozen=True)
+class DisturbanceKernel:
+    """The environment's disturbance on a :class:`StateSpace`: K(b | s, a), executed given intended.
+
+    Build it with :func:`disturbance_kernel`.
+
+    Attributes:
+        space: the states.
+        p: the probability that a disturbable action is replaced, in [0, 1].
+        disturbable: (N, A) bool, the pairs that can be disturbed: an ordinary token whose append
+            does not fill the buffer.
+        noise: (N, A, A) float64, the noise token's distribution for each disturbable pair; None
+            for ``random`` noise (uniform over the other ordinary tokens), kept implicit because
+            it is the same in every state.
+    """
+
+    space: StateSpace
+    p: float
+    disturbable: np.ndarray
+    noise: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p <= 1.0:
+            raise ValueError(f"disturbance p must be in [0, 1], got {self.p}")
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """(A,) bool, the ordinary tokens."""
+        special = self.space.special
+        return np.array([special.is_token(a) for a in range(special.num_actions)])
+
+    def row(self, state: int, action: int) -> np.ndarray:
+        """(A,) the executed action's distribution when ``action`` is intended in ``state``."""
+        A = self.space.special.num_actions
+        out = np.zeros(A)
+        out[action] = 1.0
+        if self.p == 0.0 or not self.disturbable[state, action]:
+            return out
+        out[action] = 1.0 - self.p
+        if self.noise is None:
+            others = self.tokens.copy()
+            others[action] = False
+            out[others] += self.p / others.sum()
+        else:
+            out += self.p * self.noise[state, action]
+        return out
+
+    def dense(self) -> np.ndarray:
+        """(N, A, A) K[s, a, b] = P(executed b | intended a in s); identity where undisturbed."""
+        N, A = self.space.next_state.shape
+        K = np.broadcast_to(np.eye(A), (N, A, A)).copy()
+        if self.p == 0.0:
+            return K
+        s, a = np.nonzero(self.disturbable)
+        if self.noise is None:
+            tokens = self.tokens
+            noise = np.where(tokens, 1.0, 0.0)[None, :] * np.ones((len(s), 1))
+            noise[np.arange(len(s)), a] = 0.0
+            noise /= tokens.sum() - 1
+        else:
+            noise = self.noise[s, a]
+        K[s, a] = (1.0 - self.p) * K[s, a] + self.p * noise
+        return K
+
+    def executed_probs(self, probs: np.ndarray) -> np.ndarray:
+        """(N, A) the executed action distribution ``Σ_a π(a|s) K(b|s, a)`` of ``probs``."""
+        if self.p == 0.0:
+            return probs
+        moved = np.where(self.disturbable, probs, 0.0)  # (N, A) intended mass that can be replaced
+        out = probs - self.p * moved
+        if self.noise is None:
+            # Uniform over the other tokens: token b receives the replaced mass of every a != b.
+            tokens = self.tokens
+            total = moved.sum(axis=1, keepdims=True)  # (N, 1)
+            out = out + self.p * np.where(tokens, total - moved, 0.0) / (tokens.sum() - 1)
+        else:
+            out = out + self.p * np.einsum("sa,sab->sb", moved, self.noise)
+        return out
+
+
+def random_noise_probs(special: SpecialIds) -> NoiseProbs:
+    """``random`` noise as a :data:`NoiseProbs`: uniform over the other ordinary tokens."""
+    tokens = np.array([special.is_token(a) for a in range(special.num_actions)], dtype=np.float64)
+
+    def noise_probs(generated: tuple[int, ...], intended: int) -> np.ndarray:
+        out = tokens.copy()
+        out[intended] = 0.0
+        return out / out.sum()
+
+    return noise_probs
+
+
+def disturbance_kernel(
+    space: StateSpace, p: float, noise_probs: NoiseProbs | None = None
+) -> DisturbanceKernel:
+    """The disturbance of probability ``p`` on ``space``.
 
     Args:
         space: the states.
-        probs: (N, A) the policy's action probabilities in each state. A row of zeros marks a
-            state the policy never reaches (an invalid prefix for a grammar); it is checked to
-            get no mass.
-        gamma: the discount, in (0, 1).
+        p: probability that a disturbable token action is replaced.
+        noise_probs: the noise distribution of each (state, intended token); None for ``random``
+            noise (stored implicitly, so large spaces cost nothing extra).
 
     Raises:
-        ValueError: for probabilities of the wrong shape, negative, or with rows that sum
-            neither to 1 nor to 0, and for mass reaching a state whose row is zero.
+        ValueError: if ``p`` is outside [0, 1], the vocabulary has a single ordinary token (no
+            other token to be replaced by), or a noise row is not a distribution over the other
+            tokens.
     """
+    special = space.special
+    tokens = np.array([special.is_token(a) for a in range(special.num_actions)])
+    if p > 0.0 and tokens.sum() < 2:
+        raise ValueError("a disturbance needs at least two ordinary tokens")
+    disturbable = tokens[None, :] & (space.next_state >= 0)
+    noise = None
+    if noise_probs is not None and p > 0.0:
+        noise = np.zeros((*space.next_state.shape, special.num_actions))
+        for s, a in zip(*np.nonzero(disturbable), strict=True):
+            row = np.asarray(noise_probs(space.generated[s], int(a)), dtype=np.float64)
+            if (
+                row.shape != (special.num_actions,)
+                or (row < 0).any()
+                or abs(row.sum() - 1.0) > _ROW_TOLERANCE
+                or row[~tokens].any()
+                or row[a] > 0
+            ):
+                raise ValueError(
+                    f"noise for token {a} after {space.generated[s]} is not a distribution over "
+                    "the other ordinary tokens"
+                )
+            noise[s, a] = row
+    return DisturbanceKernel(space, float(p), disturbable, noise)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A Markov chain over policy states, each mapped to a text state of a :class:`StateSpace`.
+
+    Attributes:
+        text: (M,) int64, the text state (index into the space) of each chain state; chain state
+            0 is the start.
+        probs: (M, A) float64, the intended-action distribution of each chain state.
+        transitions: (M, M) scipy sparse, P[x, y] = probability of the step from x to y, over
+            the steps that stay live (rows sum to 1 minus the probability of ending).
+    """
+
+    text: np.ndarray
+    probs: np.ndarray
+    transitions: Any  # a scipy.sparse matrix; scipy is imported lazily
+
+
+def _scipy_sparse() -> tuple[Any, Any]:
+    """scipy.sparse and spsolve, imported on first use (scipy is an optional dependency)."""
     try:
         import scipy.sparse as sp
         from scipy.sparse.linalg import spsolve
     except ImportError as err:
         raise ImportError("exact occupancy measures need scipy: pip install scipy") from err
+    return sp, spsolve
 
-    if not 0.0 < gamma < 1.0:
-        raise ValueError(f"gamma must be in (0, 1), got {gamma}")
+
+def _check_probs(space: StateSpace, probs: np.ndarray) -> np.ndarray:
     N, A = space.next_state.shape
     probs = np.asarray(probs, dtype=np.float64)
     if probs.shape != (N, A):
@@ -215,29 +373,106 @@ def occupancy_measure(space: StateSpace, probs: np.ndarray, gamma: float) -> Occ
     if not np.isfinite(probs).all() or (probs < 0).any():
         raise ValueError("policy probabilities must be finite and non-negative")
     totals = probs.sum(axis=1)
-    unreached = totals == 0.0
-    bad = ~unreached & (np.abs(totals - 1.0) > _ROW_TOLERANCE)
+    bad = (totals != 0.0) & (np.abs(totals - 1.0) > _ROW_TOLERANCE)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(f"policy probabilities of state {i} sum to {totals[i]}, not 1")
+    return probs
 
-    # P_π[s, s'] = Σ_a π(a|s) [next(s, a) = s'] over the transitions that stay live.
-    flow = (space.next_state >= 0) & (probs > 0)
-    rows = np.broadcast_to(np.arange(N)[:, None], (N, A))[flow]
-    P = sp.csr_matrix((probs[flow], (rows, space.next_state[flow])), shape=(N, N))
-    system = (sp.identity(N, format="csc") - gamma * P.T).tocsc()
-    start = np.zeros(N)
-    start[0] = 1.0 - gamma
-    d = np.maximum(spsolve(system, start), 0.0)  # clip the solver's rounding below zero
+
+def policy_chain(
+    space: StateSpace, probs: np.ndarray, kernel: DisturbanceKernel | None = None
+) -> Chain:
+    """The chain of a Markov policy over the text states, in the clean or disturbed MDP.
+
+    Args:
+        space: the states.
+        probs: (N, A) the policy's intended-action probabilities; a row of zeros marks a state
+            the policy never reaches.
+        kernel: the disturbance; None for the clean MDP.
+    """
+    sp, _ = _scipy_sparse()
+    probs = _check_probs(space, probs)
+    N = space.num_states
+    executed = probs if kernel is None else kernel.executed_probs(probs)
+    # P[s, s'] = Σ_b executed(b|s) [next(s, b) = s'] over the transitions that stay live.
+    flow = (space.next_state >= 0) & (executed > 0)
+    rows = np.broadcast_to(np.arange(N)[:, None], executed.shape)[flow]
+    P = sp.csr_matrix((executed[flow], (rows, space.next_state[flow])), shape=(N, N))
+    return Chain(np.arange(N), probs, P)
+
+
+def visits(chain: Chain, gamma: float) -> np.ndarray:
+    """(M,) Σ_t γ^t P(x_t = x) from chain state 0: a sparse LU solve of (I - γ Pᵀ) v = e_0.
+
+    ``gamma = 1`` gives the expected number of visits per episode; it needs every episode to end
+    with probability 1.
+
+    Raises:
+        ValueError: if the solution is not finite (a policy that can loop for ever at γ = 1).
+    """
+    sp, spsolve = _scipy_sparse()
+    M = len(chain.text)
+    system = (sp.identity(M, format="csc") - gamma * chain.transitions.T).tocsc()
+    start = np.zeros(M)
+    start[0] = 1.0
+    with np.errstate(all="ignore"):
+        v = np.atleast_1d(spsolve(system, start))
+    if not np.isfinite(v).all():
+        raise ValueError(f"the visit counts at gamma={gamma} diverge: some episodes never end")
+    return np.maximum(v, 0.0)  # clip the solver's rounding below zero
+
+
+def chain_occupancy(space: StateSpace, chain: Chain, gamma: float) -> Occupancy:
+    """The occupancy measure of ``chain`` marginalised onto the text states of ``space``.
+
+    ``ρ(s, a) = (1 - γ) Σ_{x: text(x) = s} v(x) π_x(a)``, with ``v`` the discounted visits.
+
+    Raises:
+        ValueError: for γ outside (0, 1), and for mass reaching a chain state without actions.
+    """
+    if not 0.0 < gamma < 1.0:
+        raise ValueError(f"gamma must be in (0, 1), got {gamma}")
+    d = (1.0 - gamma) * visits(chain, gamma)
+    unreached = chain.probs.sum(axis=1) == 0.0
     if (d[unreached] > 1e-12).any():
-        i = int(np.flatnonzero(unreached & (d > 1e-12))[0])
+        x = int(np.flatnonzero(unreached & (d > 1e-12))[0])
+        s = int(chain.text[x])
         raise ValueError(
-            f"state {i} ({space.generated[i]}) gets mass {d[i]:.3g} but the policy has no "
+            f"state {s} ({space.generated[s]}) gets mass {d[x]:.3g} but the policy has no "
             "action there"
         )
-    rho = d[:, None] * probs
+    rho = np.zeros(space.next_state.shape)
+    np.add.at(rho, chain.text, d[:, None] * chain.probs)
+    # An ending pair's executed action is the intended one (see the module docs): the absorbing
+    # state it enters holds γ/(1 - γ) of the pair's occupancy.
     absorbing = np.where(space.ending, rho * gamma / (1.0 - gamma), 0.0)
     return Occupancy(space, float(gamma), rho, absorbing)
+
+
+def occupancy_measure(
+    space: StateSpace,
+    probs: np.ndarray,
+    gamma: float,
+    kernel: DisturbanceKernel | None = None,
+) -> Occupancy:
+    """Solve ``d = (1 - γ) ρ0 + γ P_πᵀ d`` exactly (a sparse LU solve) and return ρ = d π.
+
+    Args:
+        space: the states.
+        probs: (N, A) the policy's (intended) action probabilities in each state. A row of
+            zeros marks a state the policy never reaches (an invalid prefix for a grammar); it
+            is checked to get no mass.
+        gamma: the discount, in (0, 1).
+        kernel: the environment's disturbance (:func:`disturbance_kernel`); None: none.
+
+    Raises:
+        ValueError: for probabilities of the wrong shape, negative, or with rows that sum
+            neither to 1 nor to 0, and for mass reaching a state whose row is zero.
+    """
+    if not 0.0 < gamma < 1.0:
+        raise ValueError(f"gamma must be in (0, 1), got {gamma}")
+    return chain_occupancy(space, policy_chain(space, probs, kernel), gamma)
 
 
 def data_policy_probs(task: GrammarTask, space: StateSpace) -> np.ndarray:
@@ -259,6 +494,7 @@ def policy_probs_from_model(
     *,
     prompt_length: int = 1,
     batch_size: int = 1024,
+    allow_backspace: bool = True,
 ) -> PolicyProbs:
     """A :data:`PolicyProbs` that runs states through ``model``'s plain causal forward pass.
 
@@ -273,6 +509,8 @@ def policy_probs_from_model(
         device: where the model's weights are.
         prompt_length: the length of the prompt every state starts with (1 for dyck's ``^``).
         batch_size: states per forward pass.
+        allow_backspace: False masks ``<bkspc>`` everywhere, as the no-backspace ablation
+            trains and samples its policy (the softmax renormalises over the other actions).
     """
     device = torch.device(device)
 
@@ -289,7 +527,7 @@ def policy_probs_from_model(
             positions = torch.arange(T, device=device).expand(len(chunk), T)  # (B, T)
             logits = model(ids.to(device), positions, None)  # (B, T, A)
             last = logits[torch.arange(len(chunk), device=device), lengths - 1].double()  # (B, A)
-            allowed = allowed_actions(lengths > prompt_length, special)  # (B, A)
+            allowed = allowed_actions(lengths > prompt_length, special, allow_backspace)  # (B, A)
             out[begin : begin + len(chunk)] = (
                 mask_logits(last, allowed).softmax(dim=-1).cpu().numpy()
             )
@@ -378,15 +616,23 @@ def exact_divergences(
 
 __all__ = [
     "MAX_STATES",
+    "Chain",
+    "DisturbanceKernel",
     "GrammarTask",
+    "NoiseProbs",
     "Occupancy",
     "PolicyProbs",
     "StateSpace",
+    "chain_occupancy",
     "count_states",
     "data_policy_probs",
+    "disturbance_kernel",
     "divergences",
     "enumerate_states",
     "exact_divergences",
     "occupancy_measure",
+    "policy_chain",
     "policy_probs_from_model",
+    "random_noise_probs",
+    "visits",
 ]

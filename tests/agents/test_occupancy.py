@@ -12,11 +12,13 @@ import torch
 
 from agents.evaluation.occupancy import (
     data_policy_probs,
+    disturbance_kernel,
     divergences,
     enumerate_states,
     exact_divergences,
     occupancy_measure,
     policy_probs_from_model,
+    random_noise_probs,
 )
 from seqenv.tasks.dyck import DyckTask
 
@@ -255,6 +257,65 @@ def test_policy_probs_from_model(tiny_dyck: DyckTask, tiny_policy) -> None:
             if len(state) == 1:
                 logits[BKSP] = -math.inf
             np.testing.assert_allclose(row, logits.softmax(-1).numpy(), atol=1e-6)
+    no_backspace = policy_probs_from_model(model, special, "cpu", allow_backspace=False)(states)
+    assert (no_backspace[:, BKSP] == 0).all()
+    np.testing.assert_allclose(no_backspace.sum(axis=1), 1.0, atol=1e-12)
     got = exact_divergences(tiny_dyck, policy_probs, 0.9, max_length=5)
     assert 0.0 < got["tv"] < 1.0 and 0.0 < got["chi2_mixture"] < 1.0
     assert 0.0 < got["kl"] < math.inf  # a softmax puts mass everywhere
+
+
+# --------------------------------------------------------------------------------------------
+# The disturbed MDP
+
+
+def test_disturbed_random_kernel_by_hand() -> None:
+    task = DyckTask(num_types=1, max_depth=1, min_brackets=0, max_brackets=4)
+    space = enumerate_states(task.vocab.special, (START,), max_length=4)
+    kernel = disturbance_kernel(space, 0.2)
+    index = {g: i for i, g in enumerate(space.generated)}
+    root, full = index[()], index[(OPEN, CLOSE)]
+    # A disturbed "(" runs as itself w.p. 0.8, else as ^ or ) (uniform over the other tokens).
+    np.testing.assert_allclose(kernel.row(root, OPEN), [0.1, 0.8, 0.1, 0, 0])
+    np.testing.assert_allclose(kernel.row(root, EOS), [0, 0, 0, 1, 0])  # never disturbed
+    np.testing.assert_allclose(kernel.row(root, BKSP), [0, 0, 0, 0, 1])
+    np.testing.assert_allclose(kernel.row(full, OPEN), [0, 1, 0, 0, 0])  # it fills the buffer
+    dense = kernel.dense()
+    for s in (root, full):
+        for a in range(A):
+            np.testing.assert_allclose(dense[s, a], kernel.row(s, a))
+    probs = np.tile([0.1, 0.5, 0.2, 0.15, 0.05], (space.num_states, 1))
+    np.testing.assert_allclose(
+        kernel.executed_probs(probs), np.einsum("sa,sab->sb", probs, dense), atol=1e-15
+    )
+    same = disturbance_kernel(space, 0.2, random_noise_probs(task.vocab.special))
+    np.testing.assert_allclose(same.dense(), dense, atol=1e-15)
+
+
+def test_disturbed_occupancy_matches_brute_force(tiny_dyck: DyckTask) -> None:
+    gamma, max_length, p = 0.8, 5, 0.3
+    space = enumerate_states(tiny_dyck.vocab.special, (START,), max_length)
+    kernel = disturbance_kernel(space, p)
+    occupancy = occupancy_measure(space, as_policy(wrong_probs)(space.states()), gamma, kernel)
+    # Brute force: the distribution of s_t, with the disturbance written out again.
+    rho: dict[tuple, float] = defaultdict(float)
+    dist: dict[tuple[int, ...], float] = {(): 1.0}
+    for t in range(150):
+        nxt: dict[tuple[int, ...], float] = defaultdict(float)
+        for state, p_state in dist.items():
+            probs = wrong_probs(state)
+            for a in np.flatnonzero(probs):
+                q = p_state * probs[a]
+                rho[(state, int(a))] += (1 - gamma) * gamma**t * q
+                if a == EOS or (1 + len(state) + 1 >= max_length and a != BKSP):
+                    continue  # ended (a filling append is never disturbed)
+                if a == BKSP:
+                    nxt[state[:-1]] += q
+                    continue
+                nxt[(*state, int(a))] += q * (1 - p)
+                for b in {START, OPEN, CLOSE} - {int(a)}:
+                    nxt[(*state, b)] += q * p / 2
+        dist = nxt
+    for (g, a), value in rho.items():
+        assert occupancy.rho[space.generated.index(g), a] == pytest.approx(value, abs=1e-12)
+    assert occupancy.rho.sum() + occupancy.absorbing.sum() == pytest.approx(1.0, abs=1e-12)
