@@ -46,51 +46,58 @@ T = TypeVar("T")
 
 @dataclass
 class ShowConfig:
-    """Play one expert demonstration of a task, with noise and backspaces, via SequenceGen-v0."""
+    """Play the expert of a task in the disturbed environment (SequenceGen-v0), step by step."""
 
     task: str = "arithmetic"
-    """Task name: arithmetic, dyck or text."""
+    """Task: arithmetic, dyck, text, a registered name or module:Class."""
     seed: int = 0
-    """Seed of the prompt and of the noise."""
+    """Seed of the prompt and of the disturbance."""
     noise: float = 0.3
-    """Noise level p: probability of a mistake (then a backspace) before each expert action."""
-    corpus: str | None = None
-    """Text file or folder, for the text task."""
+    """Disturbance p: the environment replaces a token action by a noise token with this
+    chance; the expert then backspaces it and tries again."""
 
 
 def show(config: ShowConfig) -> None:
-    """Print each state of an augmented demonstration as the environment steps through it."""
+    """Print each step of the expert acting in the disturbed environment."""
     import gymnasium as gym
 
     import seqenv
     from seqenv.env import SequenceGenEnv
-    from seqenv.trajectory import augment, random_noise
 
-    kwargs: dict[str, Any] = {"corpus": config.corpus} if config.corpus else {}
-    env = gym.make(seqenv.ENV_ID, task=config.task, **kwargs)
+    if not 0.0 <= config.noise <= 1.0:
+        raise ValueError(f"--noise must be in [0, 1], got {config.noise}")
+    env = gym.make(seqenv.ENV_ID, task=config.task, disturbance=config.noise)
     base = env.unwrapped
     assert isinstance(base, SequenceGenEnv)
-    rng = np.random.default_rng(config.seed)
-    example = base.task.sample(rng)
-    demo = augment(
-        base.task.demonstration(example, base.max_length),
-        random_noise(base.vocab.special),
-        p=config.noise,
-        rng=rng,
-        max_length=base.max_length,
-        max_steps=base.max_steps,
-    )
-    _, info = env.reset(seed=config.seed, options={"prompt": list(demo.prompt)})
+    vocab = base.vocab
+    example = base.task.sample(np.random.default_rng(config.seed))
+    plan = [*example.completion, *([vocab.eos_id] if example.terminal else [])]
+    _, info = env.reset(seed=config.seed, options={"prompt": list(example.prompt)})
     print(f"prompt: {info['text']!r}")
+
+    def name(action: int) -> str:
+        special = {vocab.eos_id: "<eos>", vocab.backspace_id: "<bkspc>"}
+        return special.get(action, repr(vocab.decode([action])))
+
     reward: SupportsFloat = 0.0
-    for action in demo.actions.tolist():
+    terminated = truncated = False
+    steps = backspaces = 0
+    while plan and not (terminated or truncated):
+        action = int(plan[0])
         _, reward, terminated, truncated, info = env.step(action)
-        name = {base.vocab.eos_id: "<eos>", base.vocab.backspace_id: "<bkspc>"}.get(
-            action, repr(base.vocab.decode([action]))
-        )
-        print(f"  {name:>9} -> {info['generated']!r}")
+        steps += 1
+        executed = int(info["executed_action"])
+        note = f"  (disturbed: {name(executed)} ran)" if executed != action else ""
+        print(f"  {name(action):>9} -> {info['generated']!r}{note}")
+        if executed != action and not (terminated or truncated):
+            _, reward, terminated, truncated, info = env.step(vocab.backspace_id)
+            steps += 1
+            backspaces += 1
+            print(f"  {'<bkspc>':>9} -> {info['generated']!r}")
+            continue  # the expert tries the same token again
+        plan.pop(0)
     end = "terminated" if terminated else "truncated" if truncated else "running"
-    print(f"{end} after {demo.num_steps} steps ({demo.num_backspaces} backspaces), reward {reward}")
+    print(f"{end} after {steps} steps ({backspaces} backspaces), reward {reward}")
 
 
 def _check_json_target(path: str | None) -> None:

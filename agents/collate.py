@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
-from seqenv.trajectory import Trajectory
+from seqenv.trajectory import LabelKind, Trajectory
 
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """FlexAttention's ``mask_mod(b, h, q_idx, kv_idx) -> bool``."""
@@ -107,7 +107,7 @@ class TrajectoryBatch:
     """Trajectories as one padded batch of re-feed inputs, with per-step indices into its rows.
 
     Read the logits ``(B, T, A)`` of one forward pass with: Q(s_t, a_t) =
-    ``logits[b, state_rows[b, t], actions[b, t]]``; V(s_t) = logsumexp of ``logits[b,
+    ``logits[b, state_rows[b, t], labels[b, t]]``; V(s_t) = logsumexp of ``logits[b,
     state_rows[b, t]]``; V(s_{t+1}) the same at ``next_rows``, and 0 where ``terminal``.
 
     Attributes:
@@ -116,7 +116,11 @@ class TrajectoryBatch:
         alive_until: (B, T) int64, see :class:`RefeedMask`; T for padding.
         row_mask: (B, T) bool, true on real rows.
         state_rows: (B, S) int64, the row whose logits are those of s_t; 0 in padding.
-        actions: (B, S) int64, a_t; 0 in padding (a valid index, masked by ``step_mask``).
+        actions: (B, S) int64, a_t as executed (what the MDP ran; it decides the rows); 0 in
+            padding (a valid index, masked by ``step_mask``).
+        labels: (B, S) int64, the action a learner is trained on at s_t: the intended action
+            (the default, docs/method.md §5) or the executed one (the paper's noise scheme).
+            They differ only where a disturbance replaced a token; 0 in padding.
         next_rows: (B, S) int64, the row of s_{t+1}; equals ``state_rows`` where ``terminal``
             (there is no next state) and in padding.
         terminal: (B, S) bool, a_t is ``<eos>``: V(s_{t+1}) = 0.
@@ -134,6 +138,7 @@ class TrajectoryBatch:
     row_mask: torch.Tensor
     state_rows: torch.Tensor
     actions: torch.Tensor
+    labels: torch.Tensor
     next_rows: torch.Tensor
     terminal: torch.Tensor
     truncated: torch.Tensor
@@ -149,6 +154,7 @@ class TrajectoryBatch:
         steps = (
             "state_rows",
             "actions",
+            "labels",
             "next_rows",
             "terminal",
             "truncated",
@@ -256,11 +262,15 @@ def refeed_layout(trajectory: Trajectory) -> _Layout:
     )
 
 
-def collate(trajectories: Sequence[Trajectory], pad_to_multiple: int = 1) -> TrajectoryBatch:
+def collate(
+    trajectories: Sequence[Trajectory], pad_to_multiple: int = 1, labels: LabelKind = "intended"
+) -> TrajectoryBatch:
     """Build the re-feed batch of ``trajectories`` (on the CPU; move it with ``.to(device)``).
 
     Args:
         trajectories: episodes of one vocabulary.
+        labels: ``intended`` (learn the actions the agent chose; the default) or ``executed``
+            (learn what ran, noise tokens included: the paper's scheme, an ablation).
         pad_to_multiple: pad T up to a multiple of this (e.g. 128, FlexAttention's block size,
             or a fixed length to keep compiled shapes static).
     """
@@ -271,6 +281,8 @@ def collate(trajectories: Sequence[Trajectory], pad_to_multiple: int = 1) -> Tra
         raise ValueError("trajectories from different vocabularies cannot share a batch")
     if pad_to_multiple < 1:
         raise ValueError(f"pad_to_multiple must be >= 1, got {pad_to_multiple}")
+    if labels not in ("intended", "executed"):
+        raise ValueError(f"labels must be 'intended' or 'executed', got {labels!r}")
     layouts = [refeed_layout(t) for t in trajectories]
     B = len(trajectories)
     longest = max(len(layout.input_ids) for layout in layouts)
@@ -283,6 +295,7 @@ def collate(trajectories: Sequence[Trajectory], pad_to_multiple: int = 1) -> Tra
     row_mask = np.zeros((B, T), dtype=bool)
     state_rows = np.zeros((B, S), dtype=np.int64)
     actions = np.zeros((B, S), dtype=np.int64)
+    label_ids = np.zeros((B, S), dtype=np.int64)
     next_rows = np.zeros((B, S), dtype=np.int64)
     terminal = np.zeros((B, S), dtype=bool)
     truncated = np.zeros((B, S), dtype=bool)
@@ -299,6 +312,7 @@ def collate(trajectories: Sequence[Trajectory], pad_to_multiple: int = 1) -> Tra
         row_mask[b, :n] = True
         state_rows[b, :N] = layout.state_rows
         actions[b, :N] = trajectory.actions
+        label_ids[b, :N] = trajectory.labels(labels)
         next_rows[b, :N] = layout.next_rows
         terminal[b, :N] = trajectory.actions == special.eos_id
         truncated[b, N - 1] = trajectory.truncated
@@ -313,6 +327,7 @@ def collate(trajectories: Sequence[Trajectory], pad_to_multiple: int = 1) -> Tra
         row_mask=torch.from_numpy(row_mask),
         state_rows=torch.from_numpy(state_rows),
         actions=torch.from_numpy(actions),
+        labels=torch.from_numpy(label_ids),
         next_rows=torch.from_numpy(next_rows),
         terminal=torch.from_numpy(terminal),
         truncated=torch.from_numpy(truncated),

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from agents.models.interface import PolicyModel, mask_logits
+from seqenv.disturbance import KEY_BOUND, Disturbance, NoiseFn
 from seqenv.mdp import SequenceMDP
 from seqenv.rules import allowed_actions, last_live_index
 from seqenv.trajectory import Trajectory
@@ -114,6 +115,8 @@ def generate(
     return_logits: bool = False,
     allow_backspace: bool = True,
     prefixes: Sequence[Sequence[int]] | None = None,
+    disturbance: Disturbance | None = None,
+    noise_fn: NoiseFn | None = None,
 ) -> GenerationOutput:
     """Sample one episode of the backspace MDP per prompt, all rows in one batch.
 
@@ -130,6 +133,11 @@ def generate(
         prefixes: tokens already generated in each row's starting state (deletable, unlike the
             prompt), e.g. a wrong partial answer. A trajectory records them as its first actions
             (appends the policy did not choose), so that it replays to the same final state.
+        disturbance: the environment's disturbance (docs/method.md §5): a chosen token may be
+            replaced by a noise token before it runs. Each trajectory keeps both: ``actions``
+            are what ran, ``intended`` what the policy chose. None: no disturbance.
+        noise_fn: the noise of a ``ground_truth`` disturbance (the task's
+            ``ground_truth_noise``).
     """
     special = model.special
     if model.max_positions is not None and max_length > model.max_positions:
@@ -139,12 +147,28 @@ def generate(
     device = _device_of(model)
     B = len(prompts)
     mdp = SequenceMDP(
-        special, max_length=max_length, max_steps=max_steps, batch_size=B, device=device
+        special,
+        max_length=max_length,
+        max_steps=max_steps,
+        batch_size=B,
+        device=device,
+        disturbance=disturbance,
+        noise_fn=noise_fn,
     )
-    mdp.reset_rows(range(B), prompts, prefixes)
+    keys = None
+    if disturbance is not None and disturbance.active:  # drawn only then: p = 0 streams unchanged
+        keys = torch.randint(
+            0,
+            KEY_BOUND - 1,
+            (B,),
+            generator=generator,
+            device=generator.device if generator else None,
+        )
+    mdp.reset_rows(range(B), prompts, prefixes, keys=keys)
     S = mdp.max_steps
     rows = torch.arange(B, device=device)
     actions_taken = torch.full((B, S), special.eos_id, dtype=torch.int64, device=device)
+    executed_taken = actions_taken.clone()  # differs from actions_taken where disturbed
     step_logits = (
         torch.zeros((B, S, special.num_actions), dtype=torch.float32, device=device)
         if return_logits
@@ -175,7 +199,7 @@ def generate(
             generator=generator,
         )
         actions_taken[:, step] = actions  # kept up to each row's own step count
-        mdp.step(actions)
+        executed_taken[:, step] = mdp.step(actions).executed
         if bool(mdp.done.all()):
             break
         if cache is None:
@@ -188,19 +212,22 @@ def generate(
         logits = model.decode(mdp.tokens.gather(1, last), last, cache)[:, 0]  # (B, A)
 
     num_steps = mdp.num_steps.tolist()
-    taken = actions_taken.cpu().numpy()
+    chosen = actions_taken.cpu().numpy()
+    executed = executed_taken.cpu().numpy()
+    disturbed = keys is not None
+
+    def with_prefix(b: int, row: np.ndarray) -> np.ndarray:
+        prefix = np.asarray(prefixes[b] if prefixes else [], dtype=np.int64)
+        return np.concatenate([prefix, row[: num_steps[b]]])
+
     trajectories = [
         Trajectory(
             prompt=np.asarray(prompts[b], dtype=np.int64),
-            actions=np.concatenate(
-                [
-                    np.asarray(prefixes[b] if prefixes else [], dtype=np.int64),
-                    taken[b, : num_steps[b]],
-                ]
-            ),
+            actions=with_prefix(b, executed[b]),
             terminated=bool(mdp.terminated[b]),
             truncated=bool(mdp.truncated[b]),
             special=special,
+            intended=with_prefix(b, chosen[b]) if disturbed else None,
         )
         for b in range(B)
     ]

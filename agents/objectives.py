@@ -209,11 +209,11 @@ def step_values(
         entropy_rows = -torch.where(allowed, log_pi.exp() * log_pi, 0.0).sum(dim=-1)  # (B, T)
 
     rows = torch.arange(B, device=logits.device)[:, None]  # (B, 1)
-    q = logits[rows, batch.state_rows, batch.actions]  # (B, S)
+    q = logits[rows, batch.state_rows, batch.labels]  # (B, S): Q of the action learned at s_t
     v = v_rows.gather(1, batch.state_rows)  # (B, S)
     v_next = torch.where(batch.terminal, 0.0, v_rows.gather(1, batch.next_rows))  # (B, S)
-    backspace = batch.step_mask & (batch.actions == backspace_id)
-    action_allowed = allowed[rows, batch.state_rows, batch.actions]  # (B, S): a_t allowed in s_t
+    backspace = batch.step_mask & (batch.labels == backspace_id)
+    action_allowed = allowed[rows, batch.state_rows, batch.labels]  # (B, S): a_t allowed in s_t
     return StepValues(
         q=q,
         v=v,

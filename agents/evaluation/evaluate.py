@@ -14,8 +14,8 @@ are properties of the distribution the policy generates).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -31,7 +31,8 @@ from agents.evaluation.episodes import (
     recovery_metrics,
     recovery_starts,
 )
-from agents.evaluation.occupancy import GrammarTask, exact_divergences, policy_probs_from_model
+from agents.evaluation.exact import exact_report
+from agents.evaluation.occupancy import GrammarTask, enumerate_states, policy_probs_from_model
 from agents.evaluation.text import (
     continuation_texts,
     distinct_n,
@@ -43,6 +44,7 @@ from agents.evaluation.text import (
 from agents.generate import generate
 from agents.models.interface import PolicyModel
 from agents.objectives import step_values
+from seqenv.disturbance import Disturbance, NoiseFn
 from seqenv.tasks import Task
 from seqenv.trajectory import Trajectory
 
@@ -77,9 +79,19 @@ METRICS: dict[str, Metric] = {
     "invalid_rate": Metric("samples that are not valid complete sequences", False, UNIT),
     "true_logprob": Metric("mean log-probability of valid samples under the grammar", True),
     "length_tv": Metric("TV between sample and data length distributions", False, UNIT),
-    "exact_chi2_mixture": Metric("exact chi^2-mixture of occupancies to the data", False),
-    "exact_kl": Metric("exact KL of occupancies, data to policy", False, (0.0, np.inf)),
-    "exact_tv": Metric("exact TV of occupancies to the data", False, UNIT),
+    "exact_target_chi2": Metric(
+        "exact chi^2-mixture to the target (the marginalised expert, disturbed MDP, gamma 0.9)",
+        False,
+    ),
+    "exact_target_live_chi2": Metric(
+        "the same on live pairs only, at gamma 0.998 (end pairs hold ~99% of the measure)", False
+    ),
+    "exact_clean_chi2": Metric("exact chi^2-mixture to the clean grammar, clean MDP", False),
+    "exact_invalid": Metric("exact mass of invalid final texts, clean MDP", False, UNIT),
+    "exact_invalid_disturbed": Metric("exact mass of invalid final texts, disturbed", False, UNIT),
+    "exact_output_tv": Metric("exact TV of final texts to the grammar's, clean MDP", False, UNIT),
+    "exact_output_tv_disturbed": Metric("the same in the disturbed MDP", False, UNIT),
+    "exact_backspace_rate": Metric("exact backspaces / steps in the disturbed MDP", None, UNIT),
     # text
     "mauve": Metric("MAUVE of continuations against the held-out text", True, UNIT),
     "perplexity": Metric("held-out perplexity of demonstrations", False, (1.0, np.inf)),
@@ -95,9 +107,14 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
         "true_logprob",
         "length_tv",
         "backspace_rate",
-        "exact_chi2_mixture",
-        "exact_kl",
-        "exact_tv",
+        "exact_target_chi2",
+        "exact_target_live_chi2",
+        "exact_clean_chi2",
+        "exact_invalid",
+        "exact_invalid_disturbed",
+        "exact_output_tv",
+        "exact_output_tv_disturbed",
+        "exact_backspace_rate",
     ),
     "text": ("mauve", "perplexity", "distinct_2", "ngram_entropy", "repetition", "backspace_rate"),
 }
@@ -133,6 +150,7 @@ class Evaluation:
     prompts: list[list[int]]
     episodes: list[Trajectory]
     generated: list[list[int]]
+    exact: dict[str, float] = field(default_factory=dict)
 
 
 @torch.no_grad()
@@ -154,17 +172,50 @@ def heldout_nll(
     return total, count
 
 
-def _without_backspace(
-    probs: Callable[[list[list[int]]], np.ndarray], backspace_id: int
-) -> Callable[[list[list[int]]], np.ndarray]:
-    """The policy as the no-backspace ablation runs it: backspace masked, renormalised."""
+def exact_metrics(
+    policy: PolicyModel,
+    task: GrammarTask,
+    settings: dict[str, Any],
+    max_length: int,
+    allow_backspace: bool,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Exact occupancy metrics of ``policy`` on an enumerable grammar (docs/method.md §5).
 
-    def masked(states: list[list[int]]) -> np.ndarray:
-        p = probs(states).copy()
-        p[:, backspace_id] = 0.0
-        return p / p.sum(axis=1, keepdims=True)
+    Two :func:`agents.evaluation.exact.exact_report` calls: at ``gamma`` (0.9, the headline)
+    and at ``live_gamma`` (0.998, read on live pairs only, since the end pairs hold almost all
+    of that measure). The target is the expert marginalised over its knowledge of the
+    disturbance ``p``; the ``floor/`` keys of the raw report are what a policy that matches
+    the target exactly scores against the clean grammar.
 
-    return masked
+    Returns:
+        The headline metrics (names of :data:`METRICS`) and the raw reports, keys prefixed
+        ``g<gamma>/``.
+    """
+    gamma = float(settings.get("gamma", 0.9))
+    live_gamma = float(settings.get("live_gamma", 0.998))
+    p = float(settings.get("p", 0.0))
+    length = int(settings.get("max_length", max_length))
+    device = next(iter(policy.parameters())).device
+    prompt = task.sample(np.random.default_rng(0)).prompt
+    space = enumerate_states(task.vocab.special, prompt, length)
+    probs = policy_probs_from_model(
+        policy, task.vocab.special, device, allow_backspace=allow_backspace
+    )(space.states())
+    report = exact_report(task, space, probs, gamma, p)
+    live = exact_report(task, space, probs, live_gamma, p)
+    headline_metrics = {
+        "exact_target_chi2": report["disturbed/chi2_mixture"],
+        "exact_target_live_chi2": live["disturbed/live_chi2_mixture"],
+        "exact_clean_chi2": report["clean/chi2_mixture"],
+        "exact_invalid": report["clean/invalid"],
+        "exact_invalid_disturbed": report["disturbed/invalid"],
+        "exact_output_tv": report["clean/output_tv"],
+        "exact_output_tv_disturbed": report["disturbed/output_tv"],
+        "exact_backspace_rate": report["disturbed/backspace_rate"],
+    }
+    raw = {f"g{gamma}/{k}": v for k, v in report.items()}
+    raw.update({f"g{live_gamma}/{k}": v for k, v in live.items()})
+    return headline_metrics, raw
 
 
 def _words(vocab: Any, generated: Sequence[Sequence[int]]) -> list[str]:
@@ -190,6 +241,8 @@ def evaluate(
     exact: dict[str, Any] | None = None,
     mauve: bool = True,
     use_cache: bool = True,
+    disturbance: Disturbance | None = None,
+    noise_fn: NoiseFn | None = None,
 ) -> Evaluation:
     """Run ``episodes`` episodes of ``policy`` on held-out prompts of ``task`` and measure them.
 
@@ -204,10 +257,14 @@ def evaluate(
         seed: the sampling stream's seed (evaluating never touches training's streams).
         prompt_seed: chooses the held-out prompts; fixed so that every agent meets the same ones.
         full: also the expensive metrics (recovery, exact divergences, perplexity, MAUVE, n-grams).
-        exact: settings of the exact occupancy divergences (dyck): ``gamma``, ``max_length``;
-            None skips them.
+        exact: settings of the exact occupancy measures (a small dyck): ``gamma`` (0.9),
+            ``live_gamma`` (0.998), ``max_length``, and ``p``, the disturbance of the target
+            (the training disturbance); None skips them. See :func:`exact_metrics`.
         mauve: compute MAUVE on text (needs the ``text`` extra).
         use_cache: decode with the KV cache (False for policies without one).
+        disturbance: evaluate in the disturbed environment (docs/method.md §5): can the policy
+            repair errors it did not choose? None: the clean environment.
+        noise_fn: the noise of a ``ground_truth`` disturbance.
 
     Returns:
         The episodes and their metrics, named as in :data:`METRICS`.
@@ -234,6 +291,8 @@ def evaluate(
             use_cache=use_cache,
             allow_backspace=allow_backspace,
             prefixes=prefixes,
+            disturbance=disturbance,
+            noise_fn=noise_fn,
         )
         return out.trajectories, out.generated
 
@@ -258,17 +317,11 @@ def evaluate(
         metrics["true_logprob"] = dyck.get("mean_log_prob", float("nan"))
         metrics["length_tv"] = dyck.get("length_tv", float("nan"))
         if full and exact:
-            probs = policy_probs_from_model(policy, task.vocab.special, device)
-            if not allow_backspace:
-                probs = _without_backspace(probs, task.vocab.special.backspace_id)
-            divergences = exact_divergences(
-                cast(GrammarTask, task),
-                probs,
-                float(exact.get("gamma", 0.9)),
-                max_length=int(exact.get("max_length", max_length)),
+            headline_metrics, raw = exact_metrics(
+                policy, cast(GrammarTask, task), exact, max_length, allow_backspace
             )
-            for key in ("chi2_mixture", "kl", "tv"):
-                metrics[f"exact_{key}"] = divergences[key]
+            metrics.update(headline_metrics)
+            return Evaluation(metrics, prompts, trajectories, generated, raw)
     elif task.name == "text" and full:
         texts = _words(task.vocab, generated)
         metrics["distinct_2"] = distinct_n(texts, TEXT_NGRAM)

@@ -35,9 +35,10 @@ from agents.models.policy import TransformerPolicy
 from agents.objectives import Mixture, ObjectiveBatch, make_objective
 from agents.training.config import TrainConfig
 from agents.training.trainer import Trainer
+from seqenv.disturbance import Disturbance
 from seqenv.rules import step_budget
 from seqenv.tasks import make_task
-from seqenv.trajectory import Trajectory, augment, random_noise
+from seqenv.trajectory import Trajectory, disturbed_demonstrations
 
 TASK = "arithmetic"
 """The default task of the trainer and of `seqmatch compare`."""
@@ -53,12 +54,9 @@ def _update_batches(
     rng = np.random.default_rng(0)
     B = config.batch_size
     demos = task.demonstrations("train", 8 * B, max_length, seed=0)
-    noise = random_noise(task.vocab.special)
-    noisy = [
-        augment(d, noise, p=config.noise, k=config.noise_k, rng=rng, max_length=max_length,
-                max_steps=max_steps)
-        for d in demos[:B]
-    ]  # fmt: skip
+    noisy = disturbed_demonstrations(
+        demos[:B], Disturbance(config.noise), max_length, max_steps, rng=rng
+    )
     policy.eval()
     rollouts: list[Trajectory] = generate(
         policy, [d.prompt.tolist() for d in demos[B : 2 * B]], max_length=max_length,
@@ -113,7 +111,7 @@ def _measure_update(quick: bool, device: str, sync: Callable[[], None]) -> dict[
     bc = make_objective("bc", noise_targets=config.noise_targets, **common)
     sm_part = make_objective(
         "sequencematch", divergence=config.divergence, c=config.c, gamma=config.gamma,
-        value_source=config.value_source, **common,
+        alpha=config.alpha, value_source=config.value_source, **common,
     )  # fmt: skip
     objectives = {
         "sm": (Mixture(bc, sm_part, config.eta), sm_batch),  # type: ignore[arg-type]

@@ -1,12 +1,18 @@
 """`seqmatch compare`: imitation learning against MLE on a task, with seeds and intervals.
 
-The 2x2 ablation {MLE, SequenceMatch} x {with, without backspace}, and the RL peer:
+The 2x2 ablation {MLE, SequenceMatch} x {with, without backspace}, the two BC labellings of the
+disturbed demonstrations (docs/method.md §5), and the RL peer:
 
     mle                       teacher forcing on clean data; backspace never used
-    bc                        MLE with backspace: BC on noise-augmented data (MLE+<bkspc>)
-    sequencematch             SequenceMatch (chi^2-mixture) with backspace and noise augmentation
-    sequencematch_no_bkspc    SequenceMatch without backspace (no noise, backspace masked)
+    bc                        BC on the disturbed demonstrations, intended actions (MLE+<bkspc>)
+    bc_executed               the same demonstrations, executed actions as labels: noise tokens
+                              are targets (the paper's scheme)
+    sequencematch             SequenceMatch (chi^2-mixture) in the disturbed environment
+    sequencematch_no_bkspc    SequenceMatch without backspace (clean data, backspace masked)
     ppo                       stable-baselines3 PPO on the task reward (arithmetic, dyck only)
+
+Every metric is measured twice: in the clean environment, and under the training disturbance
+(``disturbed/<metric>``: can the agent repair errors it did not choose?).
 
 Every agent is trained with N seeds, then evaluated on held-out prompts with the task's metrics
 (:func:`agents.evaluation.evaluate.evaluate`); results are aggregated as mean and 95% interval
@@ -36,25 +42,28 @@ from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
-from agents.evaluation.evaluate import evaluate, headline, human_text_metrics
+from agents.evaluation.evaluate import evaluate, exact_metrics, headline, human_text_metrics
+from agents.evaluation.occupancy import GrammarTask
 from agents.evaluation.stats import mean_ci95
 from agents.experiments.ppo import train_ppo
 from agents.experiments.report import write_outputs
 from agents.training.config import TrainConfig, resolve_device
 from agents.training.trainer import Trainer
+from seqenv.disturbance import Disturbance
 from seqenv.rules import step_budget
 from seqenv.tasks import Task, make_task
 
-AGENT_NAMES = ("mle", "bc", "sequencematch", "sequencematch_no_bkspc", "ppo")
+AGENT_NAMES = ("mle", "bc", "bc_executed", "sequencematch", "sequencematch_no_bkspc", "ppo")
 # How each agent maps onto the trainer; `backspace=False` masks it in training and generation.
 AGENT_TRAIN: dict[str, dict[str, Any]] = {
     "mle": {"agent": "mle", "backspace": False},
     "bc": {"agent": "bc"},
+    "bc_executed": {"agent": "bc", "labels": "executed"},
     "sequencematch": {"agent": "sequencematch"},
     "sequencematch_no_bkspc": {"agent": "sequencematch", "backspace": False},
 }
@@ -242,29 +251,63 @@ def run_one(
         max_length = policy.max_length
         max_steps = step_budget(max_length)
         allow_backspace, use_cache = True, False
+    evaluation = config.get("eval", {})
+    disturbance = _disturbance(config)
+    exact = evaluation.get("exact")
+    if exact is not None:
+        exact = {"p": disturbance.p if disturbance else 0.0, **exact}
+    warm_start: dict[str, Any] = {}
+    if agent == "ppo":
+        torch_device = resolve_device(device)
+        policy, history = train_ppo(config, task, seed, out, torch_device)
+        max_length = policy.max_length
+        max_steps = step_budget(max_length)
+        allow_backspace, use_cache = True, False
     else:
         train = train_config(config, agent, seed, out, device, progress, **overrides)
+        full_steps = train.steps
+        two_phase = exact is not None and train.agent == "sequencematch" and train.sm_warmup > 0
+        if two_phase:  # the schedule must not depend on where training pauses
+            train.lr_schedule_steps = train.lr_schedule_steps or full_steps
         trainer = Trainer(train, task=task)
+        if two_phase:
+            assert exact is not None
+            # The warm start's own exact metrics, so the SequenceMatch phase is seen to keep or
+            # improve them. Training pauses at the warm start's end and continues; evaluating
+            # never touches training's random streams.
+            trainer.config.steps = min(train.sm_warmup, full_steps)
+            trainer.train()
+            trainer.policy.eval()
+            warm_start = exact_metrics(
+                trainer.policy, cast(GrammarTask, task), exact, trainer.max_length,
+                train.backspace,
+            )[0]  # fmt: skip
+            trainer.policy.train()
+            trainer.config.steps = full_steps
         trainer.train()
         policy, history = trainer.policy, trainer.history
         policy.eval()
         max_length, max_steps = trainer.max_length, trainer.max_steps
         allow_backspace, use_cache = train.backspace, True
     train_seconds = time.perf_counter() - start
-    evaluation = config.get("eval", {})
-    metrics = evaluate(
-        policy,
-        task,
-        max_length=max_length,
-        max_steps=max_steps,
-        allow_backspace=allow_backspace,
-        episodes=int(evaluation.get("episodes", 200)),
-        seed=10_000 + seed,
-        full=True,
-        exact=evaluation.get("exact"),
-        mauve=bool(evaluation.get("mauve", True)),
-        use_cache=use_cache,
-    ).metrics
+    settings: dict[str, Any] = {
+        "max_length": max_length,
+        "max_steps": max_steps,
+        "allow_backspace": allow_backspace,
+        "episodes": int(evaluation.get("episodes", 200)),
+        "seed": 10_000 + seed,
+        "full": True,
+        "mauve": bool(evaluation.get("mauve", True)),
+        "use_cache": use_cache,
+    }
+    clean = evaluate(policy, task, **settings, exact=exact)
+    metrics = dict(clean.metrics)
+    if disturbance is not None:
+        noise_fn = task.ground_truth_noise if disturbance.kind == "ground_truth" else None
+        disturbed = evaluate(
+            policy, task, **settings, disturbance=disturbance, noise_fn=noise_fn
+        ).metrics
+        metrics.update({f"disturbed/{k}": v for k, v in disturbed.items()})
     curves = [
         {
             k: v
@@ -277,11 +320,21 @@ def run_one(
         "agent": agent,
         "seed": seed,
         "metrics": metrics,
+        "exact": clean.exact,
+        "warm_start": warm_start,
         "curves": curves,
         "train_seconds": train_seconds,
         "eval_seconds": time.perf_counter() - start - train_seconds,
         **overrides,
     }
+
+
+def _disturbance(config: dict[str, Any]) -> Disturbance | None:
+    """The training disturbance of a comparison (its ``train`` block), or None."""
+    train = config.get("train", {})
+    p = float(train.get("noise", TrainConfig.noise))
+    kind = train.get("noise_type", TrainConfig.noise_type)
+    return Disturbance(p, kind) if p > 0 else None
 
 
 def aggregate(runs: Sequence[dict[str, Any]], key: str = "agent") -> dict[str, Any]:

@@ -12,7 +12,8 @@ from agents.evaluation.evaluate import METRICS, TASK_METRICS, headline
 
 AGENT_LABELS = {
     "mle": "MLE",
-    "bc": "BC (MLE + backspace, noise)",
+    "bc": "BC (intended actions, disturbed data)",
+    "bc_executed": "BC (executed actions: noise as targets, the paper's)",
     "sequencematch": "SequenceMatch",
     "sequencematch_no_bkspc": "SequenceMatch, no backspace",
     "ppo": "PPO (task reward)",

@@ -62,15 +62,19 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per update; batch_size must be a multiple of it."""
 
-    # Noise augmentation (METHOD.md §5); bc and sequencematch only
+    # Disturbance (docs/method.md §5); bc and sequencematch only
     noise: float = 0.1
-    """Noise level p: chance of k wrong tokens then k backspaces before each expert action."""
-    noise_k: int = 1
-    """Wrong tokens inserted per noise event (k)."""
+    """Disturbance p: the environment replaces a token action by a noise token with this
+    chance, in the demonstrations (the expert then backspaces it), the rollouts and the
+    disturbed evaluation."""
     noise_type: str = "random"
     """random (uniform tokens) or ground_truth (the task's plausible mistakes)."""
+    labels: str = "intended"
+    """Actions learned from: intended (what the agent chose; noise is never a target) or
+    executed (what ran, noise tokens included: the paper's scheme, an ablation)."""
     noise_targets: bool = True
-    """BC also learns to emit the noise tokens (as the paper does); False: only their undoing."""
+    """With executed labels, the noise tokens are BC targets (the paper); False: only their
+    undoing."""
     backspace: bool = True
     """Allow the backspace action; False gives the no-backspace ablation (and no noise)."""
 
@@ -154,7 +158,6 @@ class TrainConfig:
             "batch_size",
             "grad_accum",
             "num_demonstrations",
-            "noise_k",
             "k_sample",
             "rollouts",
             "buffer_size",
@@ -216,6 +219,8 @@ class TrainConfig:
             value_source=self.value_source,
         )
         resolve_device(self.device)
+        if self.labels not in ("intended", "executed"):
+            raise ValueError(f"--labels must be intended or executed, got {self.labels!r}")
         if self.noise_type not in ("random", "ground_truth"):
             raise ValueError(
                 f"--noise-type must be random or ground_truth, got {self.noise_type!r}"

@@ -38,7 +38,7 @@ import threading
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -79,9 +79,10 @@ from agents.training.checkpoint import (
 )
 from agents.training.config import RunError, TrainConfig, resolve_device
 from agents.training.logger import Logger
+from seqenv.disturbance import KEY_BOUND, Disturbance
 from seqenv.rules import step_budget
 from seqenv.tasks import Task, make_task
-from seqenv.trajectory import Trajectory, augment, random_noise
+from seqenv.trajectory import LabelKind, Trajectory, disturbed_demonstrations
 from seqenv.vocab import vocab_from_json
 
 
@@ -151,12 +152,17 @@ class Trainer:
             "train", config.num_demonstrations, self.max_length, seed=config.seed
         )
         self.eval_key = f"eval/{headline(self.task.name)}"  # shown beside the progress bar
-        self.noise_fn = (
-            random_noise(self.special)
-            if config.noise_type == "random"
-            else self.task.ground_truth_noise
+        # The environment's disturbance (docs/method.md §5): demonstrations, rollouts and the
+        # disturbed evaluation share it. MLE and the no-backspace ablation learn clean data.
+        uses_disturbance = config.agent != "mle" and config.backspace and config.noise > 0
+        self.disturbance = (
+            Disturbance(config.noise, config.noise_type)  # type: ignore[arg-type]
+            if uses_disturbance
+            else None
         )
-        self.use_noise = config.agent != "mle" and config.backspace and config.noise > 0
+        self.noise_fn = (
+            self.task.ground_truth_noise if config.noise_type == "ground_truth" else None
+        )
 
         # Policy, optimizer, schedule.
         torch.manual_seed(config.seed)
@@ -235,27 +241,24 @@ class Trainer:
 
     # -- data --------------------------------------------------------------------------------
     def _data_batch(self) -> list[Trajectory]:
-        """This rank's slice of the global batch of (noise-augmented) demonstrations."""
+        """This rank's slice of the global batch of demonstrations: the expert acting in the
+        disturbed environment (it backspaces each disturbance), or clean ones without it."""
         config = self.config
         total = config.batch_size * self.world_size
         index = self.data_rng.integers(0, len(self.demonstrations), size=total)
-        noise_seeds = self.data_rng.integers(0, 2**63, size=total)
+        keys = self.data_rng.integers(0, KEY_BOUND, size=total)  # each episode's noise stream
         mine = slice(self.rank * config.batch_size, (self.rank + 1) * config.batch_size)
-        batch = []
-        for i, seed in zip(index[mine], noise_seeds[mine], strict=True):
-            demo = self.demonstrations[int(i)]
-            if self.use_noise:
-                demo = augment(
-                    demo,
-                    self.noise_fn,
-                    p=config.noise,
-                    k=config.noise_k,
-                    rng=np.random.default_rng(int(seed)),
-                    max_length=self.max_length,
-                    max_steps=self.max_steps,
-                )
-            batch.append(demo)
-        return batch
+        clean = [self.demonstrations[int(i)] for i in index[mine]]
+        if self.disturbance is None:
+            return clean
+        return disturbed_demonstrations(
+            clean,
+            self.disturbance,
+            self.max_length,
+            self.max_steps,
+            noise_fn=self.noise_fn,
+            keys=keys[mine].tolist(),
+        )
 
     def _rollouts(self, prompts: list[list[int]]) -> list[Trajectory]:
         self.policy.eval()
@@ -267,6 +270,8 @@ class Trainer:
             temperature=self.config.temperature,
             generator=self.rollout_generator,
             allow_backspace=self.config.backspace,
+            disturbance=self.disturbance,
+            noise_fn=self.noise_fn,
         )
         self.policy.train()
         return out.trajectories
@@ -305,11 +310,16 @@ class Trainer:
         measure_shares = (
             model is not None and logged and not self.distributed and not config.compile
         )
+        labels = cast(LabelKind, config.labels)
         for k in range(config.grad_accum):
             part = slice(k * micro, (k + 1) * micro)
             batch = ObjectiveBatch(
-                data=collate(data[part]).to(self.device),
-                model=collate(model[part]).to(self.device) if model is not None else None,
+                data=collate(data[part], labels=labels).to(self.device),
+                model=(
+                    collate(model[part], labels=labels).to(self.device)
+                    if model is not None
+                    else None
+                ),
             )
             last = k == config.grad_accum - 1
             ddp = self.batch_forward
@@ -377,23 +387,33 @@ class Trainer:
         Sampled episodes draw from their own seeded stream, so evaluating never changes the
         course of training (and a resumed run stays exact).
         """
+        settings: dict[str, Any] = {
+            "max_length": self.max_length,
+            "max_steps": self.max_steps,
+            "allow_backspace": self.config.backspace,
+            "greedy": self.config.eval_greedy,
+            "temperature": self.config.temperature,
+            "episodes": self.config.eval_episodes,
+            "seed": self.config.seed + 3,
+            "prompt_seed": self.config.seed,
+        }
         self.policy.eval()
         try:
-            result = evaluate(
-                self.policy,
-                self.task,
-                max_length=self.max_length,
-                max_steps=self.max_steps,
-                allow_backspace=self.config.backspace,
-                greedy=self.config.eval_greedy,
-                temperature=self.config.temperature,
-                episodes=self.config.eval_episodes,
-                seed=self.config.seed + 3,
-                prompt_seed=self.config.seed,
-            )
+            result = evaluate(self.policy, self.task, **settings)
+            disturbed = None
+            if self.disturbance is not None:  # robustness: repairing errors it did not choose
+                disturbed = evaluate(
+                    self.policy,
+                    self.task,
+                    **settings,
+                    disturbance=self.disturbance,
+                    noise_fn=self.noise_fn,
+                )
         finally:
             self.policy.train()
         metrics = {f"eval/{key}": value for key, value in result.metrics.items()}
+        if disturbed is not None:
+            metrics.update({f"eval/disturbed/{k}": v for k, v in disturbed.metrics.items()})
         if logger is not None:
             for key, value in metrics.items():
                 logger.record(key, value)
