@@ -439,7 +439,7 @@ def test_a_backspace_with_nothing_generated_is_left_out() -> None:
     batch = collate([Trajectory([0], [1, s.eos_id], True, False, s)])
     actions = batch.actions.clone()
     actions[0, 0] = s.backspace_id
-    noop = dataclasses.replace(batch, actions=actions)
+    noop = dataclasses.replace(batch, actions=actions, labels=actions)
     policy = TableLogits(s, torch.zeros(1, 2, s.num_actions))
     out = MLE(normaliser_length=1)(policy, ObjectiveBatch(noop))
     torch.testing.assert_close(out.metrics["num_targets"], torch.tensor(1.0))
