@@ -127,3 +127,33 @@ def test_errors(vocab: CharVocab) -> None:
         collate(mixed)
     with pytest.raises(ValueError, match="int64"):
         RefeedMask(torch.zeros(2, 3))
+
+
+def test_intended_and_executed_labels_through_collate() -> None:
+    """A disturbed step: the layout follows what ran, the labels what the learner is taught.
+
+    Prompt [p]; the agent intends x, the environment runs y instead; the expert deletes it
+    (<bkspc>), intends x again (it runs), then <eos>.
+    """
+    vocab = CharVocab(["p", "x", "y"])
+    s = vocab.special
+    p, x, y = vocab.encode("pxy")
+    executed = [y, s.backspace_id, x, s.eos_id]
+    intended = [x, s.backspace_id, x, s.eos_id]
+    trajectory = Trajectory([p], executed, True, False, s, intended=intended)
+    by_intent = collate([trajectory])  # the default
+    by_execution = collate([trajectory], labels="executed")
+    for batch in (by_intent, by_execution):
+        assert batch.actions[0].tolist() == executed  # the rows are those of what ran
+        assert batch.input_ids[0].tolist() == [p, y, p, x]  # y fed, then p re-fed after <bkspc>
+    assert by_intent.labels[0].tolist() == intended
+    assert by_execution.labels[0].tolist() == executed
+    with pytest.raises(ValueError, match="labels must be"):
+        collate([trajectory], labels="chosen")  # type: ignore[arg-type]
+    # Undisturbed trajectories: both labellings are the actions.
+    clean = Trajectory([p], [x, s.eos_id], True, False, s)
+    assert (
+        collate([clean]).labels[0].tolist()
+        == collate([clean], labels="executed").labels[0].tolist()
+        == [x, s.eos_id]
+    )

@@ -208,3 +208,35 @@ def test_sampling_follows_the_policy(
     frequencies = torch.bincount(first, minlength=vocab.num_actions).float() / 4000
     assert frequencies[vocab.backspace_id] == 0
     torch.testing.assert_close(frequencies, expected, atol=0.03, rtol=0)
+
+
+def test_disturbed_generation_keeps_intended_and_executed(policy: TransformerPolicy) -> None:
+    """Under a disturbance the trajectory's actions are what ran, ``intended`` what was chosen;
+    the two differ only at ordinary tokens, and the run replays to the MDP's final state."""
+    from seqenv.disturbance import Disturbance
+    from seqenv.trajectory import replay
+
+    special = policy.special
+    prompts = [[0]] * 64
+    generator = torch.Generator().manual_seed(0)
+    out = generate(policy, prompts, max_length=8, generator=generator, disturbance=Disturbance(0.5))
+    disturbed = sum(t.num_disturbances for t in out.trajectories)
+    tokens = sum(
+        int(special.is_token(int(a))) for t in out.trajectories for a in t.intended_actions
+    )
+    assert 0.3 < disturbed / tokens < 0.7  # p = 0.5 (filling appends are never disturbed)
+    for t in out.trajectories:
+        differ = t.actions != t.intended_actions
+        assert all(special.is_token(int(a)) for a in t.actions[differ])
+        assert all(special.is_token(int(a)) for a in t.intended_actions[differ])
+    assert replay(out.trajectories) == out.generated
+    # Without a disturbance nothing is recorded twice, and the random stream is unchanged.
+    plain = generate(policy, prompts, max_length=8, generator=torch.Generator().manual_seed(0))
+    again = generate(
+        policy, prompts, max_length=8, generator=torch.Generator().manual_seed(0),
+        disturbance=Disturbance(0.0),
+    )  # fmt: skip
+    assert all(t.intended is None for t in plain.trajectories)
+    assert [t.actions.tolist() for t in plain.trajectories] == [
+        t.actions.tolist() for t in again.trajectories
+    ]
