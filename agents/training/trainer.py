@@ -152,6 +152,9 @@ class Trainer:
             "train", config.num_demonstrations, self.max_length, seed=config.seed
         )
         self.eval_key = f"eval/{headline(self.task.name)}"  # shown beside the progress bar
+        self.heldout = self.task.demonstrations(
+            "test", config.eval_episodes, self.max_length, seed=config.seed
+        )
         # The environment's disturbance (docs/method.md §5): demonstrations, rollouts and the
         # disturbed evaluation share it. MLE and the no-backspace ablation learn clean data.
         uses_disturbance = config.agent != "mle" and config.backspace and config.noise > 0
@@ -212,6 +215,18 @@ class Trainer:
             )
             assert isinstance(self.warm_objective, MLE | BC) and isinstance(sm, SequenceMatch)
             self.sm_objective = Mixture(self.warm_objective, sm, config.eta)
+        # Every agent's occupancy-divergence estimate d_hat = J + alpha H, measured the same way
+        # at eval intervals (held-out demonstrations against the agent's own evaluation
+        # episodes), so that the curves of MLE, BC and SequenceMatch overlay.
+        self.divergence_probe = make_objective(
+            "sequencematch",
+            divergence=config.divergence,
+            c=config.c,
+            alpha=config.alpha,
+            gamma=config.gamma,
+            value_source="mix",
+            **common,
+        )
 
         # Random streams: data order and noise (numpy, shared by every rank), rollouts (torch).
         self.data_rng = np.random.default_rng([config.seed, 1])
@@ -414,11 +429,37 @@ class Trainer:
         metrics = {f"eval/{key}": value for key, value in result.metrics.items()}
         if disturbed is not None:
             metrics.update({f"eval/disturbed/{k}": v for k, v in disturbed.metrics.items()})
+        metrics["eval/divergence"] = self._divergence_estimate((disturbed or result).episodes)
         if logger is not None:
             for key, value in metrics.items():
                 logger.record(key, value)
             logger.text("eval/samples", sample_lines(self.vocab, result), self.step)
         return metrics
+
+    @torch.no_grad()
+    def _divergence_estimate(self, episodes: list[Trajectory]) -> float:
+        """d_hat of the agent's own evaluation ``episodes`` against the held-out demonstrations,
+        both in the agent's environment (disturbed when it trains with a disturbance)."""
+        demos = self.heldout
+        if self.disturbance is not None:  # fixed keys: the same demonstrations at every eval
+            keys = np.random.default_rng([self.config.seed, 4]).integers(0, KEY_BOUND, len(demos))
+            demos = disturbed_demonstrations(
+                demos,
+                self.disturbance,
+                self.max_length,
+                self.max_steps,
+                noise_fn=self.noise_fn,
+                keys=keys.tolist(),
+            )
+        batch = ObjectiveBatch(
+            data=collate(demos).to(self.device), model=collate(episodes).to(self.device)
+        )
+        self.policy.eval()
+        try:
+            out = self.divergence_probe(self.policy, batch)
+        finally:
+            self.policy.train()
+        return float(out.metrics["divergence"])
 
     # -- checkpoints -------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:

@@ -68,6 +68,7 @@ def test_train_writes_scalars_in_every_namespace(trained: TrainedRun) -> None:
         "losses/sm/r_data", "losses/sm/r_model", "losses/backspace_rate_model",
         "train/lr", "train/grad_norm", "train/sequencematch_active", "train/updates_per_s",
         "eval/invalid_rate", "eval/backspace_rate", "eval/termination_rate", "eval/length",
+        "eval/divergence", "eval/disturbed/invalid_rate", "train/grad_share_sm",
         "rollout/backspace_rate", "rollout/terminated",
     }  # fmt: skip
     assert expected <= tags, f"missing: {sorted(expected - tags)}"
