@@ -7,11 +7,15 @@ same generation and :func:`agents.evaluation.evaluate.evaluate` measure it like 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
+from stable_baselines3.common.callbacks import BaseCallback
 from torch import nn
 
+from agents.evaluation.evaluate import evaluate
+from agents.models.interface import PolicyModel
+from seqenv.rules import step_budget
 from seqenv.tasks import Task
 
 
@@ -84,6 +88,57 @@ def train_ppo(
             },
         },
     )
-    model.learn(settings["timesteps"], tb_log_name=f"ppo-s{seed}")
+    history: list[dict[str, float]] = []
+    evaluation = _EvalCallback(
+        task,
+        max_length,
+        every=int(settings.get("eval_interval", max(1, settings["timesteps"] // 4))),
+        episodes=int(config["train"].get("eval_episodes", 100)),
+        seed=seed,
+        history=history,
+    )
+    model.learn(settings["timesteps"], tb_log_name=f"ppo-s{seed}", callback=evaluation)
     model.policy.set_training_mode(False)
-    return PPOPolicyModel(model.policy, task.vocab.special, max_length), []
+    return PPOPolicyModel(model.policy, task.vocab.special, max_length), history
+
+
+class _EvalCallback(BaseCallback):
+    """Every ``every`` timesteps, the imitation agents' evaluation, logged under the same
+    ``eval/`` keys (into SB3's TensorBoard run) and kept as a learning curve."""
+
+    def __init__(
+        self,
+        task: Task,
+        max_length: int,
+        every: int,
+        episodes: int,
+        seed: int,
+        history: list[dict[str, float]],
+    ) -> None:
+        super().__init__()
+        self.task, self.max_length, self.every = task, max_length, every
+        self.episodes, self.seed, self.history = episodes, seed, history
+        self.next_eval = every
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps < self.next_eval:
+            return True
+        self.next_eval += self.every
+        self.model.policy.set_training_mode(False)
+        policy = PPOPolicyModel(self.model.policy, self.task.vocab.special, self.max_length)
+        result = evaluate(
+            cast(PolicyModel, policy),  # a policy without a cache: use_cache=False below
+            self.task,
+            max_length=self.max_length,
+            max_steps=step_budget(self.max_length),
+            episodes=self.episodes,
+            seed=self.seed + 3,
+            prompt_seed=self.seed,
+            use_cache=False,
+        )
+        self.model.policy.set_training_mode(True)
+        row = {f"eval/{key}": value for key, value in result.metrics.items()}
+        for key, value in row.items():
+            self.logger.record(key, value)
+        self.history.append({"step": float(self.num_timesteps), **row})
+        return True
