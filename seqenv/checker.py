@@ -133,7 +133,7 @@ def check_invariants(env: gym.Env, seed: int = 0, num_episodes: int = 20) -> Non
 
 
 def check_sequence_env(env: gym.Env, seed: int = 0, num_episodes: int = 20) -> None:
-    """gymnasium's ``check_env``, SB3's ``check_env`` and :func:`check_invariants`."""
+    """Gymnasium's ``check_env``, SB3's ``check_env`` and :func:`check_invariants`."""
     from gymnasium.utils.env_checker import check_env as gymnasium_check_env
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
 

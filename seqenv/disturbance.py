@@ -62,7 +62,7 @@ class Disturbance:
 
     @property
     def threshold(self) -> int:
-        """p scaled to 32 bits: a step is disturbed when the top 32 bits of its hash are below."""
+        """``p`` scaled to 2**32: a step is disturbed when the top 32 bits of its hash are below."""
         return min(round(self.p * 2**32), 2**32)
 
 

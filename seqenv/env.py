@@ -32,6 +32,7 @@ def resolve_task(task: str | Task, task_kwargs: dict[str, Any]) -> Task:
 
 
 def resolve_reward(reward: str | RewardFn) -> str | RewardFn:
+    """Check ``reward``: ``"task"``, ``"none"`` or a callable; raises ValueError otherwise."""
     if callable(reward) or reward in ("task", "none"):
         return reward
     raise ValueError(f"reward must be 'task', 'none' or a callable, got {reward!r}")
@@ -203,6 +204,10 @@ class SequenceGenEnv(gym.Env[np.ndarray, np.int64]):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Start an episode; ``options`` may set ``"prompt"``, ``"generated"`` and ``"split"``.
+
+        See the class docstring for the options. Returns the observation and the info dict.
+        """
         super().reset(seed=seed)
         options = check_options(options, ("prompt", "generated", "split"))
         split = options.get("split", "train")
@@ -220,6 +225,11 @@ class SequenceGenEnv(gym.Env[np.ndarray, np.int64]):
         return self._obs(), self._info()
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Apply one action; the reward is paid at the end of the episode.
+
+        Raises:
+            RuntimeError: before :meth:`reset`, or after the episode ended.
+        """
         if self._needs_reset:
             raise RuntimeError("call reset() before step() (and after an episode ends)")
         result = self.mdp.step(torch.tensor([as_action_id(action)]))

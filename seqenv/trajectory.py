@@ -110,10 +110,12 @@ class Trajectory:
 
     @property
     def num_steps(self) -> int:
+        """Number of actions taken."""
         return len(self.actions)
 
     @property
     def num_backspaces(self) -> int:
+        """Number of executed backspaces."""
         return int((self.actions == self.special.backspace_id).sum())
 
     @property
@@ -128,6 +130,7 @@ class Trajectory:
 
     @property
     def num_disturbances(self) -> int:
+        """Number of steps the disturbance changed."""
         return int(self.disturbed.sum())
 
     def labels(self, kind: LabelKind = "executed") -> np.ndarray:
@@ -513,9 +516,9 @@ def _json_depth(line: str) -> int:
 
 
 def _file_records(f: IO[bytes], path: Path, fmt: Format) -> Iterator[tuple[str, dict]]:
-    """Yield (where, record) pairs from a text or JSONL file, one line at a time.
+    r"""Yield (where, record) pairs from a text or JSONL file, one line at a time.
 
-    Lines end at ``\\n`` only (a U+2028 or U+0085 inside a JSON string is part of its line).
+    Lines end at ``\n`` only (a U+2028 or U+0085 inside a JSON string is part of its line).
     """
     number = 0
     while raw := f.readline(MAX_LINE_BYTES + 1):

@@ -142,6 +142,16 @@ class SequenceGenVectorEnv(VectorEnv):
         seed: int | Sequence[int | None] | None = None,
         options: dict[str, Any] | None = None,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Reset every row, or only the rows of ``options["reset_mask"]``, to a fresh prompt.
+
+        Args:
+            seed: one int (row ``i`` gets ``seed + i``), one per row, or None to keep each
+                row's random stream going.
+            options: only ``"reset_mask"``, an (N,) bool mask of the rows to reset.
+
+        Returns:
+            The (N, max_length) int64 observations and ``{"action_mask": (N, num_actions) bool}``.
+        """
         options = check_options(options, ("reset_mask",))
         self._seed_rows(seed)
         if "reset_mask" in options:
@@ -167,6 +177,16 @@ class SequenceGenVectorEnv(VectorEnv):
     def step(
         self, actions: Any
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Apply one (N,) integer action per row; rows due for autoreset are reset instead.
+
+        Returns:
+            Observations, rewards, ``terminated``, ``truncated`` and ``info``, as in the class
+            docstring.
+
+        Raises:
+            RuntimeError: before :meth:`reset`, or with ``DISABLED`` autoreset once a row ended.
+            InvalidActionError: the actions are not integers (or not valid ids).
+        """
         if not self._started:
             raise RuntimeError("call reset() before step()")
         actions = torch.as_tensor(np.asarray(actions) if not torch.is_tensor(actions) else actions)
@@ -246,15 +266,18 @@ class SB3VecEnv(VecEnv):
         self._actions: np.ndarray | None = None
 
     def reset(self) -> VecEnvObs:
+        """Reset every row, with the seeds given to ``seed()`` if any; (N, max_length) int64."""
         seeds = self._seeds if any(s is not None for s in self._seeds) else None
         obs, _ = self.env.reset(seed=seeds)
         self._reset_seeds()
         return obs.cpu().numpy()
 
     def step_async(self, actions: np.ndarray) -> None:
+        """Store the (N,) actions for :meth:`step_wait`."""
         self._actions = np.asarray(actions)
 
     def step_wait(self) -> VecEnvStepReturn:
+        """Step every row, resetting the rows that end; infos as in the class docstring."""
         obs, rewards, terminated, truncated, step_info = self.env.step(self._actions)
         dones = terminated | truncated
         obs_np = obs.cpu().numpy()
@@ -276,15 +299,19 @@ class SB3VecEnv(VecEnv):
         return obs_np, rewards.cpu().numpy(), dones.cpu().numpy(), infos
 
     def action_masks(self) -> np.ndarray:
+        """The (N, num_actions) bool masks of valid actions."""
         return self.env.mdp.action_mask().cpu().numpy()
 
     def close(self) -> None:
+        """Close the underlying vector env."""
         self.env.close()
 
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        """The vector env's attribute, once per requested row (the rows share it)."""
         return [getattr(self.env, attr_name) for _ in self._get_indices(indices)]
 
     def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        """Set an attribute of the vector env (for every row; ``indices`` is ignored)."""
         setattr(self.env, attr_name, value)
 
     def env_method(
@@ -294,6 +321,7 @@ class SB3VecEnv(VecEnv):
         indices: VecEnvIndices = None,
         **method_kwargs: Any,
     ) -> list[Any]:
+        """Call a method of the vector env once per requested row; ``action_masks`` per row."""
         if method_name == "action_masks":
             masks = self.action_masks()
             return [masks[i] for i in self._get_indices(indices)]
@@ -301,4 +329,5 @@ class SB3VecEnv(VecEnv):
         return [method(*method_args, **method_kwargs) for _ in self._get_indices(indices)]
 
     def env_is_wrapped(self, wrapper_class: type, indices: VecEnvIndices = None) -> list[bool]:
+        """False for every row: the rows are not gymnasium envs and have no wrappers."""
         return [False for _ in self._get_indices(indices)]

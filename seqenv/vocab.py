@@ -73,25 +73,49 @@ class Vocab(Protocol):
     """What the environment, the agents and the metrics need of a vocabulary."""
 
     @property
-    def special(self) -> SpecialIds: ...
+    def special(self) -> SpecialIds:
+        """The special ids and the size of the action space."""
+        ...
 
     @property
-    def eos_id(self) -> int: ...
+    def eos_id(self) -> int:
+        """The terminating action."""
+        ...
 
     @property
-    def backspace_id(self) -> int: ...
+    def backspace_id(self) -> int:
+        """The deleting action."""
+        ...
 
     @property
-    def pad_id(self) -> int: ...
+    def pad_id(self) -> int:
+        """The id that pads observations and batches; never an action."""
+        ...
 
     @property
-    def num_actions(self) -> int: ...
+    def num_actions(self) -> int:
+        """Size of the action space."""
+        ...
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str) -> list[int]:
+        """Ids of the ordinary tokens of ``text``.
 
-    def decode(self, ids: Iterable[int]) -> str: ...
+        Raises:
+            VocabularyError: ``text`` cannot be represented.
+        """
+        ...
 
-    def to_json(self) -> dict: ...
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of an action trace: ``<bkspc>`` rendered by name, ``<eos>`` and pad dropped.
+
+        Raises:
+            VocabularyError: an id is outside the vocabulary.
+        """
+        ...
+
+    def to_json(self) -> dict:
+        """A JSON-serialisable description; :func:`vocab_from_json` inverts it."""
+        ...
 
 
 class SpecialIdsMixin:
@@ -101,18 +125,22 @@ class SpecialIdsMixin:
 
     @property
     def eos_id(self) -> int:
+        """The terminating action."""
         return self.special.eos_id
 
     @property
     def backspace_id(self) -> int:
+        """The deleting action."""
         return self.special.backspace_id
 
     @property
     def pad_id(self) -> int:
+        """The id that pads observations and batches."""
         return self.special.pad_id
 
     @property
     def num_actions(self) -> int:
+        """Size of the action space."""
         return self.special.num_actions
 
 
@@ -137,6 +165,11 @@ class CharVocab(SpecialIdsMixin):
         self.special = SpecialIds(num_actions=n + 2, eos_id=n, backspace_id=n + 1, pad_id=n + 2)
 
     def encode(self, text: str) -> list[int]:
+        """One id per character of ``text``.
+
+        Raises:
+            VocabularyError: a character is not in the vocabulary.
+        """
         try:
             return [self._index[c] for c in text]
         except KeyError as err:
@@ -146,6 +179,11 @@ class CharVocab(SpecialIdsMixin):
             ) from None
 
     def decode(self, ids: Iterable[int]) -> str:
+        """Characters of ``ids``, ``<bkspc>`` by name, ``<eos>`` and pad dropped.
+
+        Raises:
+            VocabularyError: an id is outside the vocabulary.
+        """
         out = []
         for i in ids:
             i = int(i)
@@ -160,6 +198,7 @@ class CharVocab(SpecialIdsMixin):
         return "".join(out)
 
     def to_json(self) -> dict:
+        """``{"kind": "char", "chars": ...}``."""
         return {"kind": "char", "chars": "".join(self.chars)}
 
     def __eq__(self, other: object) -> bool:
@@ -188,15 +227,19 @@ class TokenizerVocab(SpecialIdsMixin):
 
     @classmethod
     def from_file(cls, path: str | Path) -> TokenizerVocab:
+        """Load from a ``tokenizer.json`` file."""
         return cls(Path(path).read_text(encoding="utf-8"))
 
     def encode(self, text: str) -> list[int]:
+        """The tokenizer's ids for ``text``."""
         return list(self.tokenizer.encode(text).ids)
 
     def decode(self, ids: Iterable[int]) -> str:
+        """Text of an action trace; see :func:`decode_with`."""
         return decode_with(self.tokenizer.decode, ids, self.special)
 
     def to_json(self) -> dict:
+        """``{"kind": "tokenizer", "tokenizer": ...}`` with the tokenizer's own JSON."""
         return {"kind": "tokenizer", "tokenizer": json.loads(self.tokenizer_json)}
 
     def __eq__(self, other: object) -> bool:
@@ -209,9 +252,11 @@ class TokenizerVocab(SpecialIdsMixin):
 def decode_with(
     decode_tokens: Callable[[list[int]], str], ids: Iterable[int], special: SpecialIds
 ) -> str:
-    """Text of an action trace over a subword tokenizer: runs of ordinary tokens go through
-    ``decode_tokens`` together (subwords join up), ``<bkspc>`` is rendered by name, ``<eos>``
-    and pad are dropped."""
+    """Text of an action trace over a subword tokenizer.
+
+    Runs of ordinary tokens go through ``decode_tokens`` together (subwords join up),
+    ``<bkspc>`` is rendered by name, ``<eos>`` and pad are dropped.
+    """
     pieces: list[str] = []
     run: list[int] = []
     for i in (int(i) for i in ids):

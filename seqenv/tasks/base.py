@@ -63,6 +63,7 @@ class Task(ABC):
     def demonstrations(
         self, split: Split, num: int, max_length: int, seed: int = 0
     ) -> list[Trajectory]:
+        """The expert's episodes for ``num`` examples of ``split`` drawn with ``seed``."""
         return [self.demonstration(e, max_length) for e in self.examples(split, num, seed)]
 
     @abstractmethod

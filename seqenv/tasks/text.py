@@ -109,8 +109,10 @@ def train_tokenizer(paragraphs: Sequence[str], vocab_size: int) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename it into place, so that a reader
-    (another process building the same task) never sees a half-written tokenizer."""
+    """Write via a temporary file in the same folder and rename it into place.
+
+    A reader (another process building the same task) never sees a half-written tokenizer.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -412,6 +414,7 @@ class TextTask(Task):
         return int(rng.choice(others))
 
     def config(self) -> dict:
+        """The keyword arguments that rebuild this task."""
         return {
             "corpus": str(self.corpus),
             "vocab_size": self.vocab_size,
