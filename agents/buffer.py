@@ -34,6 +34,7 @@ class ReplayBuffer:
         return len(self._items)
 
     def add(self, trajectories: Iterable[Trajectory]) -> None:
+        """Append trajectories (the newest last)."""
         self._items.extend(trajectories)
 
     def sample(self, num: int, rng: np.random.Generator) -> list[Trajectory]:
@@ -48,5 +49,6 @@ class ReplayBuffer:
         return [t.to_json() for t in self._items]
 
     def load_json(self, items: Sequence[dict], special: SpecialIds) -> None:
+        """Replace the contents with those :meth:`to_json` saved."""
         self._items.clear()
         self._items.extend(Trajectory.from_json(item, special) for item in items)

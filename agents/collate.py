@@ -99,6 +99,7 @@ class RefeedMask:
         )
 
     def to(self, device: torch.device | str) -> RefeedMask:
+        """The same mask on ``device`` (its cached BlockMasks are not carried over)."""
         return RefeedMask(self.alive_until.to(device))
 
 
@@ -181,8 +182,11 @@ class TrajectoryBatch:
 
     @property
     def forward_attention(self) -> RefeedMask | None:
-        """What a policy's forward pass takes: the re-feed mask, or None (plain causal attention,
-        the fast path) for a batch in which no backspace deletes anything."""
+        """What a policy's forward pass takes: the re-feed mask, or None.
+
+        None (plain causal attention, the fast path) for a batch in which no backspace deletes
+        anything.
+        """
         return self.attention if self.has_backspace else None
 
     @property

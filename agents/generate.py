@@ -125,7 +125,12 @@ def generate(
         prompts: token ids, one prompt per row; lengths may differ.
         max_length: the MDP's buffer size, prompt included (also the cache's capacity).
         max_steps: the step budget (backspaces count); ``None``: the MDP's default.
-        greedy, temperature, top_k, top_p, generator: see :func:`select_actions`.
+        greedy: take the most likely allowed action (see :func:`select_actions`).
+        temperature: divides the logits when sampling; > 0.
+        top_k: when sampling, keep only the k most likely allowed actions.
+        top_p: when sampling, keep the smallest set of most likely actions whose probability
+            reaches top_p.
+        generator: the random stream of the draws.
         use_cache: decode with the KV cache; False recomputes every live state from scratch at
             each step (the reference the cache is tested against, and the slow baseline).
         return_logits: keep the raw logits of every visited state in the output.

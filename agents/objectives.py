@@ -95,7 +95,9 @@ class BatchPolicy(Protocol):
 
     special: SpecialIds
 
-    def forward_batch(self, batch: TrajectoryBatch) -> torch.Tensor: ...
+    def forward_batch(self, batch: TrajectoryBatch) -> torch.Tensor:
+        """Logits (B, T, A) of a re-feed batch."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -166,10 +168,12 @@ class StepValues:
 
     @property
     def num_sequences(self) -> int:
+        """B, the number of sequences."""
         return self.q.shape[0]
 
     @property
     def num_steps(self) -> int:
+        """S, the padded step count."""
         return self.q.shape[1]
 
     @property
@@ -259,7 +263,7 @@ def _tangent_below(
 def phi(
     divergence: str, x: torch.Tensor, *, c: float = 0.25, max_slope: float = 1e3
 ) -> torch.Tensor:
-    """phi(x) of ``divergence``, elementwise, on the data samples.
+    """The phi of ``divergence`` at ``x``, elementwise, on the data samples.
 
     For ``chi2_mixture`` this is the data part, x - c x^2 (the model part, -c r^2, is separate).
     ``kl``, ``reverse_kl``, ``js`` and ``hellinger`` are continued by their tangent line below the
@@ -374,6 +378,7 @@ class MLE(_Objective):
         _check_normaliser(self.normaliser_length)
 
     def from_values(self, data: StepValues, model: StepValues | None) -> LossOutput:
+        """The loss on the data batch's step values; ``model`` is not read."""
         return _cross_entropy(data, data.valid, self.normaliser_length)
 
 
@@ -398,6 +403,7 @@ class BC(_Objective):
         _check_normaliser(self.normaliser_length)
 
     def from_values(self, data: StepValues, model: StepValues | None) -> LossOutput:
+        """The loss on the data batch's step values; ``model`` is not read."""
         targets = data.valid if self.noise_targets else data.valid & ~data.undone
         return _cross_entropy(data, targets, self.normaliser_length)
 
@@ -466,26 +472,37 @@ class SequenceMatch(_Objective):
 
     @property
     def has_model_term(self) -> bool:
+        """Whether the loss has a term on model samples (``chi2_mixture`` with c != 0)."""
         return self.divergence == "chi2_mixture" and self.c != 0
 
     @property
     def needs_model(self) -> bool:
+        """Whether the loss reads the model batch: a model term, or values estimated on it."""
         return self.has_model_term or self.value_source != "data"
 
     @property
     def chi2_coefficient(self) -> float | None:
-        """The coefficient of the r^2 terms in Q units: c, 1/4 for ``chi2``, 0 for ``linear``;
-        None for the divergences whose phi is not quadratic."""
+        """The coefficient of the r^2 terms in Q units.
+
+        c, 1/4 for ``chi2``, 0 for ``linear``; None for the divergences whose phi is not quadratic.
+        """
         return {"chi2_mixture": self.c, "chi2": 0.25, "linear": 0.0}.get(self.divergence)
 
     @property
     def kappa(self) -> float | None:
-        """kappa = chi^2 coefficient x alpha, the one knob of the quadratic divergences:
-        J_{alpha,c}(l) = alpha J_{1,kappa}(l). None for the other divergences."""
+        """The one knob of the quadratic divergences: kappa = chi^2 coefficient x alpha.
+
+        J_{alpha,c}(l) = alpha J_{1,kappa}(l). None for the other divergences.
+        """
         coefficient = self.chi2_coefficient
         return None if coefficient is None else coefficient * self.alpha
 
     def from_values(self, data: StepValues, model: StepValues | None) -> LossOutput:
+        """The loss from the data (and, if :attr:`needs_model`, the model) step values.
+
+        Raises:
+            ValueError: the configuration needs ``model`` and it is None.
+        """
         if self.needs_model and model is None:
             raise ValueError("SequenceMatch with this configuration needs model step values")
         alpha, gamma = self.alpha, self.gamma
@@ -590,9 +607,11 @@ class Mixture(_Objective):
 
     @property
     def needs_model(self) -> bool:
+        """Whether either part reads the model batch."""
         return self.bc.needs_model or self.sm.needs_model
 
     def from_values(self, data: StepValues, model: StepValues | None) -> LossOutput:
+        """(1 - eta) L_BC + eta L_SM / alpha; both parts' metrics, prefixed ``bc/`` and ``sm/``."""
         bc = self.bc.from_values(data, model)
         sm = self.sm.from_values(data, model)
         sm_weight = self.eta / self.sm.alpha
@@ -606,6 +625,7 @@ class Mixture(_Objective):
         return LossOutput(loss, metrics, parts)
 
     def __call__(self, policy: BatchPolicy, batch: ObjectiveBatch) -> LossOutput:
+        """The loss of ``policy`` on ``batch``, one forward pass per batch for both parts."""
         return _run(self, [self.bc, self.sm], policy, batch)
 
 

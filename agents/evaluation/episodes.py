@@ -106,8 +106,10 @@ def backspace_stats(trajectories: Sequence[Trajectory]) -> dict[str, float]:
 
 
 def accuracy(task: Task, trajectories: Sequence[Trajectory]) -> float:
-    """Mean of ``task.score`` over the episodes' final texts: for arithmetic, the fraction
-    that terminated with exactly the right answer."""
+    """Mean of ``task.score`` over the episodes' final texts.
+
+    For arithmetic, the fraction that terminated with exactly the right answer.
+    """
     if not trajectories:
         raise ValueError("accuracy needs at least one trajectory")
     return float(np.mean(episode_scores(task, trajectories)))
@@ -126,8 +128,10 @@ def episode_scores(
 
 @dataclass(frozen=True)
 class RecoveryStart:
-    """The start of a recovery episode: a prompt, then a wrong partial answer that the policy
-    may delete (it sits in the generated part of the state, not in the prompt).
+    """The start of a recovery episode: a prompt, then a wrong partial answer.
+
+    The policy may delete the partial answer (it sits in the generated part of the state, not in
+    the prompt).
 
     Attributes:
         prompt: the question's ids.
@@ -142,8 +146,11 @@ class RecoveryStart:
     def trajectory(
         self, actions: Sequence[int], terminated: bool, special: SpecialIds
     ) -> Trajectory:
-        """The episode as :func:`recovery_metrics` expects it: the prefix, written as the first
-        actions, then the policy's own ``actions`` from the starting state."""
+        """The episode as :func:`recovery_metrics` expects it.
+
+        The prefix, written as the first actions, then the policy's own ``actions`` from the
+        starting state.
+        """
         return Trajectory(
             prompt=np.asarray(self.prompt, dtype=np.int64),
             actions=np.asarray([*self.prefix, *actions], dtype=np.int64),
@@ -245,14 +252,20 @@ def recovery_metrics(
 class Grammar(Protocol):
     """What the dyck metrics need of a task (:class:`seqenv.tasks.dyck.DyckTask`)."""
 
-    def log_prob(self, generated_ids: Sequence[int], terminated: bool = True) -> float: ...
+    def log_prob(self, generated_ids: Sequence[int], terminated: bool = True) -> float:
+        """Exact log-probability of a sequence, with its final ``<eos>`` when ``terminated``."""
+        ...
 
-    def is_valid(self, generated_ids: Sequence[int]) -> bool: ...
+    def is_valid(self, generated_ids: Sequence[int]) -> bool:
+        """Whether a complete sequence has nonzero probability."""
+        ...
 
 
 def validity_rate(task: Grammar, samples: Sequence[Sample]) -> float:
-    """Fraction of samples that are valid complete sequences (``task.is_valid``); a truncated
-    episode is never valid."""
+    """Fraction of samples that are valid complete sequences (``task.is_valid``).
+
+    A truncated episode is never valid.
+    """
     finals = _finals(samples)
     if not finals:
         raise ValueError("validity_rate needs at least one sample")

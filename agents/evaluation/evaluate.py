@@ -249,10 +249,14 @@ def evaluate(
     Args:
         policy: the policy network (put it in eval mode first).
         task: the task; its ``test`` split gives the prompts.
-        max_length, max_steps: the MDP the policy was trained in.
+        max_length: the buffer size of the MDP the policy was trained in.
+        max_steps: the step budget of the MDP the policy was trained in.
         allow_backspace: False masks ``<bkspc>`` (the no-backspace ablation).
         greedy: most likely actions; None: :func:`default_greedy` of the task.
-        temperature, top_k, top_p: sampling settings when not greedy.
+        temperature: divides the logits when not greedy.
+        top_k: when not greedy, sample among the k most likely allowed actions.
+        top_p: when not greedy, sample among the smallest set of most likely actions whose
+            probability reaches top_p.
         episodes: held-out prompts (one episode each).
         seed: the sampling stream's seed (evaluating never touches training's streams).
         prompt_seed: chooses the held-out prompts; fixed so that every agent meets the same ones.

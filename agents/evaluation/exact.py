@@ -154,8 +154,10 @@ def ending_probs(space: StateSpace, chain: Chain) -> np.ndarray:
 
 
 def valid_endings(task: GrammarTask, space: StateSpace) -> np.ndarray:
-    """(N, A) bool: the ending pairs whose final text is a complete sentence of the grammar
-    (``<eos>`` after a text the grammar can end; a truncated episode is never valid)."""
+    """(N, A) bool: the ending pairs whose final text is a complete sentence of the grammar.
+
+    ``<eos>`` after a text the grammar can end; a truncated episode is never valid.
+    """
     grammar = data_policy_probs(task, space)
     valid = np.zeros(space.next_state.shape, dtype=bool)
     valid[:, space.special.eos_id] = grammar[:, space.special.eos_id] > 0

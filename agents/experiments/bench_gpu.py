@@ -83,8 +83,11 @@ def gpu_shape(quick: bool, device: str) -> Shape:
 
 
 def model_flops_per_token(config: TransformerConfig, num_actions: int, rows: int) -> float:
-    """Training FLOPs per token: 6 per weight that multiplies it (blocks and head, not the
-    embeddings) plus causal attention's 6 * layers * rows * width (half of the full 12)."""
+    """Training FLOPs per token.
+
+    6 per weight that multiplies it (blocks and head, not the embeddings) plus causal
+    attention's 6 * layers * rows * width (half of the full 12).
+    """
     L, C = config.num_layers, config.width
     weights = 12 * L * C * C + C * num_actions  # attention 4 C^2 + MLP 8 C^2 per layer; head
     return 6.0 * weights + 6.0 * L * rows * C
@@ -249,7 +252,7 @@ def stage_generate(shape: Shape, device: str) -> dict[str, float]:
 
 
 def stage_hf_generate(shape: Shape, device: str) -> dict[str, float]:
-    """transformers' ``generate`` (sampling, default cache and attention) on the same prompts."""
+    """Transformers' ``generate`` (sampling, default cache and attention) on the same prompts."""
     model = _hf_gpt2(shape, device, "sdpa").eval()
     if shape.bf16:
         model = model.to(torch.bfloat16)
@@ -338,6 +341,7 @@ def _value(text: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the stages, print each figure and merge them (or ``--set`` notes) into ``--json``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="merge the figures into this file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -20,8 +20,11 @@ from seqenv.tasks import Task
 
 
 class PPOPolicyModel(nn.Module):
-    """An SB3 policy seen as a :class:`PolicyModel` (no cache): the logits of its action
-    distribution for each state, so that the same generation and metrics code evaluates it."""
+    """An SB3 policy seen as a :class:`PolicyModel` (no cache).
+
+    Its logits are those of the SB3 action distribution for each state, so that the same
+    generation and metrics code evaluates it.
+    """
 
     def __init__(self, sb3_policy: Any, special: Any, max_length: int) -> None:
         super().__init__()
@@ -31,11 +34,16 @@ class PPOPolicyModel(nn.Module):
 
     @property
     def max_positions(self) -> int | None:
+        """None: the SB3 policy reads whole observation rows, not positions."""
         return None
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention: Any = None
     ) -> torch.Tensor:
+        """Logits (B, T, A): each row is one state, so every position gets the row's logits.
+
+        ``position_ids`` and ``attention`` are ignored.
+        """
         B, T = input_ids.shape
         obs = torch.full((B, self.max_length), self.special.pad_id, device=input_ids.device)
         obs[:, :T] = input_ids
@@ -103,8 +111,10 @@ def train_ppo(
 
 
 class _EvalCallback(BaseCallback):
-    """Every ``every`` timesteps, the imitation agents' evaluation, logged under the same
-    ``eval/`` keys (into SB3's TensorBoard run) and kept as a learning curve."""
+    """Every ``every`` timesteps, the imitation agents' evaluation.
+
+    Logged under the same ``eval/`` keys (into SB3's TensorBoard run) and kept as a learning curve.
+    """
 
     def __init__(
         self,

@@ -66,6 +66,7 @@ def write_report(results: dict, out: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the sweep and write ``results.json`` and the report to ``--out``; returns 0."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="named config or path (default: embedded)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/sweep"))

@@ -37,6 +37,7 @@ def _measure(group: str, quick: bool, device: str) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measure the groups, print each figure and optionally write them to ``--json``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     parser.add_argument("--quick", action="store_true", help="short measurements (smoke runs)")

@@ -1,5 +1,7 @@
-"""Timing helpers shared by the throughput benchmarks: interleaved measurements, so that a change
-of load on a shared machine hits every side of a ratio alike."""
+"""Timing helpers shared by the throughput benchmarks: interleaved measurements.
+
+A change of load on a shared machine then hits every side of a ratio alike.
+"""
 
 from __future__ import annotations
 
@@ -29,8 +31,10 @@ def interleaved_fastest(
 def interleaved_rates(
     steppers: dict[str, Callable[[], int]], seconds: float, rounds: int = 20
 ) -> dict[str, float]:
-    """Steps per second of each stepper (which returns the steps it took), measured in
-    alternating slices of ``seconds / rounds``."""
+    """Steps per second of each stepper (which returns the steps it took).
+
+    Measured in alternating slices of ``seconds / rounds``.
+    """
     steps = dict.fromkeys(steppers, 0)
     elapsed = dict.fromkeys(steppers, 0.0)
     for _ in range(rounds):

@@ -35,9 +35,13 @@ class PolicyModel(Protocol):
     special: SpecialIds
 
     @property
-    def max_positions(self) -> int | None: ...
+    def max_positions(self) -> int | None:
+        """The largest position id the network accepts + 1; ``None`` for no limit."""
+        ...
 
-    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]: ...
+    def parameters(self, recurse: bool = True) -> Iterator[torch.nn.Parameter]:
+        """The trainable parameters, as ``nn.Module.parameters``."""
+        ...
 
     def __call__(
         self,

@@ -78,6 +78,7 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
+        """Number of positions the cache holds."""
         return self.keys[0].shape[2]
 
 
@@ -99,7 +100,7 @@ def _flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMa
 def rotary_angles(
     position_ids: torch.Tensor, head_size: int, base: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles, each (B, 1, T, D/2), in float32."""
+    """The cos and sin of the rotary angles, each (B, 1, T, D/2), in float32."""
     inv_freq = base ** (
         -torch.arange(0, head_size, 2, device=position_ids.device, dtype=torch.float32) / head_size
     )  # (D/2,)
@@ -134,6 +135,13 @@ class SelfAttention(nn.Module):
         position_ids: torch.Tensor | None = None,
         num_slots: int = 0,
     ) -> torch.Tensor:
+        """Attend over the positions ``attention`` allows; ``x`` and the result are (B, T, C).
+
+        ``attention`` comes from :meth:`TransformerPolicy.prepare_attention` (None: causal);
+        ``rotary`` is (cos, sin) from :func:`rotary_angles` (None with learned positions). With
+        ``cache``, this layer's (keys, values), this call's keys and values are written at
+        ``position_ids`` (B, T) and the first ``num_slots`` slots are attended over.
+        """
         B, T, C = x.shape
         H = self.num_heads
         q, k, v = self.c_attn(x).split(C, dim=2)  # (B, T, C) each
@@ -173,6 +181,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the network at every position of x (B, T, C)."""
         return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
 
 
@@ -195,6 +204,7 @@ class Block(nn.Module):
         position_ids: torch.Tensor | None = None,
         num_slots: int = 0,
     ) -> torch.Tensor:
+        """Apply the block to x (B, T, C); arguments as :meth:`SelfAttention.forward`."""
         x = x + self.attn(self.ln_1(x), attention, rotary, cache, position_ids, num_slots)
         return x + self.mlp(self.ln_2(x))
 
@@ -241,9 +251,11 @@ class TransformerPolicy(nn.Module):
 
     @property
     def max_positions(self) -> int | None:
+        """The context length with learned positions; None (no limit) with rotary ones."""
         return self.config.context_length if self.config.positions == "learned" else None
 
     def num_parameters(self) -> int:
+        """Number of parameters (tied ones counted once)."""
         return sum(p.numel() for p in self.parameters())
 
     def prepare_attention(

@@ -74,6 +74,7 @@ class SequenceFeaturesExtractor(BaseFeaturesExtractor):
         )
 
     def forward(self, observations: torch.Tensor) -> torch.Tensor:
+        """(B, width) features of (B, L) observations (SB3 passes them as floats)."""
         ids = observations.round().long()  # (B, L): SB3 passes the Box as floats
         B, L = ids.shape
         positions = torch.arange(L, device=ids.device).expand(B, L)  # (B, L)

@@ -50,10 +50,12 @@ class Logger:
         return means
 
     def text(self, key: str, text: str, step: int) -> None:
+        """Write a text (e.g. samples) at ``step`` right away; not averaged."""
         if self._writer is not None:
             self._writer.add_text(key, text, step)
             self._writer.flush()
 
     def close(self) -> None:
+        """Close the event file."""
         if self._writer is not None:
             self._writer.close()
