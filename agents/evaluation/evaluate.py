@@ -11,7 +11,7 @@ import torch
 from agents.evaluation.metrics import episode_metrics, final_generated
 from agents.generate import generate
 from agents.training.checkpoint import CheckpointError
-from agents.training.trainer import load_policy
+from agents.training.checkpoint import load_policy
 from seqenv.tasks import Task, make_task
 from seqenv.trajectory import load_demonstrations
 

@@ -15,6 +15,7 @@ checkpoint where a resume would find it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -73,7 +74,7 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        save_model(model, str(tmp / "model.safetensors"))
+        save_model_payload(tmp, model)
         opt_tensors, opt_rest = (
             _flatten_optimizer(optimizer.state_dict()) if optimizer else ({}, {})
         )
@@ -125,8 +126,22 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
-    """Load ``model.safetensors`` into ``model`` (strict: every tensor must match)."""
+    """Load ``model.safetensors`` into ``model`` (strict: every tensor must match; for a LoRA
+    policy, every trainable tensor: the frozen base is not in the file)."""
     file = Path(path) / "model.safetensors"
+    if getattr(model, "lora", None) is not None:
+        try:
+            tensors = load_file(str(file))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file} is corrupt ({_one_line(err)})") from None
+        expected = set(model.trainable_state())  # type: ignore[operator]
+        if set(tensors) != expected:
+            raise CheckpointError(
+                f"{file} does not fit the adapters: missing {sorted(expected - set(tensors))[:3]}"
+                f", unexpected {sorted(set(tensors) - expected)[:3]}"
+            )
+        model.load_state_dict(tensors, strict=False)
+        return
     try:
         missing, unexpected = load_model(model, str(file), strict=False)
     except (SafetensorError, OSError, RuntimeError) as err:
@@ -159,3 +174,64 @@ def load_training_state(
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return rng
+
+
+# --------------------------------------------------------------------------------------------
+# The model part of a checkpoint, one pair of functions for every kind of policy
+
+
+def save_model_payload(folder: str | Path, policy: torch.nn.Module) -> None:
+    """Write the policy's files into a checkpoint folder.
+
+    Our transformer: ``model.safetensors`` (every weight). A pretrained LM
+    (:class:`agents.models.hf.HFPolicy`): ``model.safetensors`` (every weight, or with LoRA the
+    adapters and the ``<bkspc>`` rows) and ``hf/`` (the model's config.json and the tokenizer's
+    files); :func:`model_metadata` says which.
+    """
+    folder = Path(folder)
+    if getattr(policy, "tokenizer", None) is not None or hasattr(policy, "trainable_state"):
+        from agents.models.hf import save_payload
+
+        save_payload(policy, folder)  # type: ignore[arg-type]
+    else:
+        save_model(policy, str(folder / "model.safetensors"))
+
+
+def model_metadata(policy: torch.nn.Module) -> dict[str, Any]:
+    """The ``model`` entry of ``checkpoint.json``: what rebuilds the policy around its files."""
+    if hasattr(policy, "trainable_state"):
+        from agents.models.hf import payload_metadata
+
+        return payload_metadata(policy)  # type: ignore[arg-type]
+    return dataclasses.asdict(policy.config)  # type: ignore[call-overload]
+
+
+def load_policy(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The policy of a checkpoint (for evaluation, generation, export) and its metadata.
+
+    Reads only the checkpoint (and, for LoRA adapters, their base model): never a task's data.
+    """
+    from agents.models.policy import TransformerConfig, TransformerPolicy
+    from agents.training.config import resolve_device
+    from seqenv.vocab import vocab_from_json
+
+    path = Path(path)
+    metadata = read_metadata(path)
+    try:
+        vocab = vocab_from_json(metadata["vocab"])
+        model = metadata["model"]
+        if model.get("kind") == "hf":
+            from agents.models.hf import load_payload
+
+            policy: torch.nn.Module = load_payload(path, model)
+            if policy.special != vocab.special:  # type: ignore[operator]
+                raise CheckpointError(f"{path}: the model's special ids differ from the vocabulary's")
+        else:
+            policy = TransformerPolicy(vocab.special, TransformerConfig(**model))
+            load_weights(path, policy)
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: checkpoint.json is incomplete or corrupt ({err})") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read the model ({_one_line(err)})") from None
+    policy.to(resolve_device(device)).eval()
+    return policy, metadata

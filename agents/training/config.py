@@ -63,6 +63,22 @@ class TrainConfig:
     backspace: bool = True
     """Allow the backspace action; False gives the no-backspace ablation (and no noise)."""
 
+    # Pretrained model (agents.models.hf)
+    model: str | None = None
+    """Fine-tune this pretrained causal LM (a local transformers folder or a .gguf file) instead
+    of training our own transformer; its tokenizer becomes the task's vocabulary."""
+    lora_r: int = 16
+    """LoRA rank with --model (adapters on every projection); 0: full fine-tuning."""
+    lora_alpha: float = 32.0
+    """LoRA scale numerator: the update is lora_alpha / lora_r * B @ A."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA adapters' input."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (--model only): less memory, ~30% slower."""
+    data: str | None = None
+    """Your demonstrations instead of the task's: a JSONL file of {"prompt", "completion"} or
+    {"text"} records, a text file (one passage a line), or a `datasets` save_to_disk folder."""
+
     # Model
     layers: int = 2
     width: int = 128
@@ -181,6 +197,18 @@ class TrainConfig:
             raise ValueError(
                 f"--noise-type must be random or ground_truth, got {self.noise_type!r}"
             )
+        if self.model is not None:
+            if self.lora_r < 0:
+                raise ValueError(f"--lora-r must be >= 0, got {self.lora_r}")
+            if not 0.0 <= self.lora_dropout < 1.0:
+                raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+            if self.task == "dyck":
+                raise ValueError(
+                    "task 'dyck' cannot use a pretrained model's tokenizer (subword tokens merge "
+                    "brackets); use arithmetic or text with --model"
+                )
+        elif self.gradient_checkpointing:
+            raise ValueError("--gradient-checkpointing applies to --model only")
         if self.resume and not self.save:
             raise ValueError("--resume needs --save (the checkpoint folder to resume from)")
         self.task_kwargs()  # parses

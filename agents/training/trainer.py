@@ -53,16 +53,18 @@ from agents.objectives import (
 )
 from agents.training.checkpoint import (
     CheckpointError,
+    load_policy,
     load_training_state,
     load_weights,
+    model_metadata,
     read_metadata,
     save_checkpoint,
 )
 from agents.training.config import TrainConfig, resolve_device
 from agents.training.logger import Logger
 from seqenv.tasks import Task, make_task
-from seqenv.trajectory import Trajectory, augment, random_noise
-from seqenv.vocab import vocab_from_json
+from seqenv.trajectory import Trajectory, augment, load_demonstrations, random_noise
+from seqenv.vocab import SpecialIds, Vocab
 
 
 class _BatchForward(nn.Module):
@@ -114,15 +116,31 @@ class Trainer:
         # Task, data and noise.
         if task is not None and task.name != config.task:
             raise ValueError(f"task object {task.name!r} given for config.task {config.task!r}")
-        self.task: Task = (
-            task if task is not None else make_task(config.task, **config.task_kwargs())
-        )
+        # With --model the task is built on the model's tokenizer, so ids agree everywhere.
+        model_vocab = model_vocabulary(config)
+        if task is None:
+            task = make_task(config.task, vocab=model_vocab, **config.task_kwargs())
+        elif model_vocab is not None and task.vocab.special != model_vocab.special:
+            raise ValueError(
+                f"the task's vocabulary is not the tokenizer of {config.model}: build the "
+                "environment on it (SequenceGenEnv(task=make_task(name, vocab=...)))"
+            )
+        self.task: Task = task
         self.vocab = self.task.vocab
         self.special = self.vocab.special
         self.max_length = config.max_length or self.task.default_max_length
         self.max_steps = config.max_steps or 2 * self.max_length
-        self.demonstrations = self.task.demonstrations(
-            "train", config.num_demonstrations, self.max_length, seed=config.seed
+        self.demonstrations = (
+            self.task.demonstrations(
+                "train", config.num_demonstrations, self.max_length, seed=config.seed
+            )
+            if config.data is None
+            else load_demonstrations(
+                config.data,
+                self.vocab,
+                self.max_length,
+                prompt_tokens=getattr(self.task, "prompt_tokens", None),
+            )
         )
         self.eval_prompts = [
             list(e.prompt)
@@ -137,17 +155,7 @@ class Trainer:
 
         # Policy, optimizer, schedule.
         torch.manual_seed(config.seed)
-        self.policy = TransformerPolicy(
-            self.special,
-            TransformerConfig(
-                num_layers=config.layers,
-                width=config.width,
-                num_heads=config.heads,
-                context_length=self.max_length,
-                dropout=config.dropout,
-                positions=config.positions,  # type: ignore[arg-type]
-            ),
-        ).to(self.device)
+        self.policy = build_policy(config, self.special, self.max_length).to(self.device)
         batch_forward: nn.Module = _BatchForward(self.policy)
         if config.compile:
             batch_forward = torch.compile(batch_forward)  # type: ignore[assignment]
@@ -156,7 +164,7 @@ class Trainer:
         self.batch_forward = batch_forward
         self.policy_view = _PolicyView(self.policy, batch_forward)
         self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(),
+            [p for p in self.policy.parameters() if p.requires_grad],  # LoRA: the adapters
             lr=config.lr,
             weight_decay=config.weight_decay,
             betas=(0.9, 0.95),
@@ -298,7 +306,9 @@ class Trainer:
             (out.loss / config.grad_accum).backward()
             for key, value in out.metrics.items():
                 logger.record(f"losses/{key}", value)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), config.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.policy.parameters() if p.requires_grad], config.grad_clip
+        )
         lr = self.optimizer.param_groups[0]["lr"]  # this update's (the scheduler moves on below)
         self.optimizer.step()
         self.scheduler.step()
@@ -357,7 +367,7 @@ class Trainer:
             "config": dataclasses.asdict(self.config),
             "vocab": self.vocab.to_json(),
             "task": {"name": self.task.name, "kwargs": self.task.config()},
-            "model": dataclasses.asdict(self.policy.config),
+            "model": model_metadata(self.policy),
             "max_length": self.max_length,
             "max_steps": self.max_steps,
             "data_rng": self.data_rng.bit_generator.state,
@@ -464,19 +474,50 @@ class Trainer:
         return self.last_eval
 
 
+__all__ = ["Trainer", "build_policy", "load_policy", "model_vocabulary"]
+
 # Settings that may change between a run and its resume (where things go, how they are shown).
 _RESUMABLE = {"resume", "json", "progress", "logdir", "name", "save", "steps", "device"}
 
 
-def load_policy(path: str | Path, device: str = "cpu") -> tuple[TransformerPolicy, dict[str, Any]]:
-    """The policy of a checkpoint (for evaluation and generation) and its metadata."""
-    metadata = read_metadata(path)
-    try:
-        vocab = vocab_from_json(metadata["vocab"])
-        model_config = TransformerConfig(**metadata["model"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: checkpoint.json is incomplete or corrupt ({err})") from None
-    policy = TransformerPolicy(vocab.special, model_config)
-    load_weights(path, policy)
-    policy.to(resolve_device(device)).eval()
-    return policy, metadata
+def model_vocabulary(config: TrainConfig) -> Vocab | None:
+    """The tokenizer vocabulary of ``config.model``; None without a pretrained model."""
+    if config.model is None:
+        return None
+    from agents.models.hf import load_hf_vocab
+
+    return load_hf_vocab(config.model)
+
+
+def build_policy(config: TrainConfig, special: SpecialIds, max_length: int) -> nn.Module:
+    """The policy a run trains: our transformer, or the pretrained LM of ``config.model``
+    (LoRA adapters when ``config.lora_r > 0``, all weights otherwise)."""
+    if config.model is None:
+        return TransformerPolicy(
+            special,
+            TransformerConfig(
+                num_layers=config.layers,
+                width=config.width,
+                num_heads=config.heads,
+                context_length=max_length,
+                dropout=config.dropout,
+                positions=config.positions,  # type: ignore[arg-type]
+            ),
+        )
+    from agents.models.hf import LoraSettings, load_hf
+
+    policy, _ = load_hf(config.model)
+    if policy.special != special:
+        raise ValueError(f"{config.model}: the model's special ids differ from the task's")
+    if policy.max_positions is not None and max_length > policy.max_positions:
+        raise ValueError(
+            f"--max-length {max_length} exceeds the model's {policy.max_positions} positions"
+        )
+    if config.lora_r > 0:
+        policy.enable_lora(LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout))
+    if config.gradient_checkpointing:
+        # Non-reentrant: works with a frozen embedding (no input needs a gradient).
+        policy.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    return policy

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from seqenv.tasks.base import Example, Split, Task
+from seqenv.vocab import Vocab
 
 
 class UnknownTaskError(ValueError):
@@ -22,11 +23,23 @@ def _registry() -> dict[str, type[Task]]:
 TASK_NAMES = ("arithmetic", "dyck", "text")
 
 
-def make_task(name: str, **kwargs: Any) -> Task:
-    """Build a task by name; keyword arguments go to its constructor."""
+def make_task(name: str, vocab: Vocab | None = None, **kwargs: Any) -> Task:
+    """Build a task by name; keyword arguments go to its constructor.
+
+    ``vocab``: build the task on this vocabulary (a pretrained model's tokenizer) instead of
+    its own; the arithmetic and text tasks accept one. Dyck does not: it needs one token per
+    bracket, and subword tokenizers merge brackets.
+    """
     registry = _registry()
     if name not in registry:
         raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(sorted(registry))}")
+    if vocab is not None:
+        if name == "dyck":
+            raise ValueError(
+                "task 'dyck' cannot use a pretrained model's tokenizer (subword tokens merge "
+                "brackets); use arithmetic or text with --model"
+            )
+        kwargs = {**kwargs, "vocab": vocab}
     try:
         return registry[name](**kwargs)
     except TypeError as err:
