@@ -119,7 +119,10 @@ class EvalConfig:
     checkpoint: str
     """Checkpoint folder written by `seqmatch train --save`."""
     data: str | None = None
-    """JSONL file of {"prompt", "completion"} lines: exact-match accuracy on them."""
+    """JSONL file (or `datasets` folder) of {"prompt"} or {"prompt", "completion"} records: one
+    generation per record, exact-match accuracy on those with a completion."""
+    output: str | None = None
+    """Write the generations of --data to this JSONL file (one line per record)."""
     task: str | None = None
     """Evaluate on this task instead of the checkpoint's (its vocabulary must match)."""
     task_args: str = "{}"
@@ -127,6 +130,12 @@ class EvalConfig:
     episodes: int = 256
     """Held-out prompts of the task to evaluate on."""
     seed: int = 0
+    greedy: bool | None = None
+    """Greedy decoding; default: as the checkpoint's run evaluated (greedy for arithmetic)."""
+    temperature: float | None = None
+    """Sampling temperature; default: the checkpoint's."""
+    top_k: int | None = None
+    top_p: float | None = None
     json: str | None = None
     """Write the metrics to this JSON file."""
     device: str = "auto"
@@ -151,8 +160,10 @@ class GenerateConfig:
     """The text to continue."""
     num: int = 1
     """Number of samples."""
-    greedy: bool = False
-    temperature: float = 1.0
+    greedy: bool | None = None
+    """Greedy decoding; default: as the checkpoint's run evaluated (greedy for arithmetic)."""
+    temperature: float | None = None
+    """Sampling temperature; default: the checkpoint's."""
     top_k: int | None = None
     top_p: float | None = None
     seed: int = 0
@@ -168,6 +179,22 @@ def generate_text(config: GenerateConfig) -> None:
         print(text)
         if config.trace:
             print(f"  actions: {trace}")
+
+
+@dataclass
+class ExportConfig:
+    """Merge a pretrained-LM checkpoint's adapters into a plain transformers folder."""
+
+    checkpoint: str
+    """Checkpoint folder written by `seqmatch train --model ... --save`."""
+    out: str
+    """Folder to write (AutoModelForCausalLM.from_pretrained reads it; <bkspc> is its last row)."""
+
+
+def export(config: ExportConfig) -> None:
+    from agents.evaluation.evaluate import export_checkpoint
+
+    print(f"wrote {export_checkpoint(config.checkpoint, config.out)}")
 
 
 def compare(config: CompareConfig) -> None:
@@ -249,6 +276,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], Any], str]] = {
     "train": (TrainConfig, train, "train an agent (mle, bc, sequencematch) on a task"),
     "eval": (EvalConfig, evaluate, "evaluate a checkpoint on the task or on your data"),
     "generate": (GenerateConfig, generate_text, "continue a prompt with a checkpoint"),
+    "export": (ExportConfig, export, "merge a --model checkpoint into a transformers folder"),
     "show": (ShowConfig, show, "play an augmented demonstration through the environment"),
     "bench": (BenchConfig, bench, "throughput ratios of the env, the policy and the agents"),
 }

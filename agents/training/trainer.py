@@ -370,6 +370,8 @@ class Trainer:
             "model": model_metadata(self.policy),
             "max_length": self.max_length,
             "max_steps": self.max_steps,
+            # Evaluation and generation read these instead of the task's data (a text corpus).
+            "test_prompts": self.eval_prompts,
             "data_rng": self.data_rng.bit_generator.state,
             "buffer": self.buffer.to_json(),
             "eval": self.last_eval,
