@@ -223,11 +223,13 @@ class PretrainedVocab(SpecialIdsMixin):
     def __init__(self, tokenizer_json: str, eos_id: int) -> None:
         from tokenizers import Tokenizer
 
-        self.tokenizer_json = tokenizer_json
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.tokenizer_json = self.tokenizer.to_str()  # canonical: equal vocabularies compare equal
         n = self.tokenizer.get_vocab_size(with_added_tokens=True)
         if not 0 <= eos_id < n:
-            raise VocabularyError(f"eos id {eos_id} is not a token id of the tokenizer (0..{n - 1})")
+            raise VocabularyError(
+                f"eos id {eos_id} is not a token id of the tokenizer (0..{n - 1})"
+            )
         self.special = SpecialIds(num_actions=n + 1, eos_id=eos_id, backspace_id=n, pad_id=n + 1)
 
     def encode(self, text: str) -> list[int]:

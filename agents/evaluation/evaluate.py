@@ -47,7 +47,11 @@ class StoredPrompts(Task):
         return 0.0
 
     def ground_truth_noise(
-        self, rng: np.random.Generator, prompt: Sequence[int], generated: Sequence[int], true_next: int
+        self,
+        rng: np.random.Generator,
+        prompt: Sequence[int],
+        generated: Sequence[int],
+        true_next: int,
     ) -> int:
         raise NotImplementedError("a stored text task has no noise model")
 
@@ -118,7 +122,7 @@ def evaluate_checkpoint(config: EvalConfig) -> dict[str, float]:
     records = load_prompt_records(config.data, task.vocab, max_length) if config.data else None
     greedy, temperature = sampling_settings(metadata, config.greedy, config.temperature)
     device = next(policy.parameters()).device
-    sampling = {
+    sampling: dict[str, Any] = {
         "greedy": greedy,
         "temperature": temperature,
         "top_k": config.top_k,

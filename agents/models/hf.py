@@ -22,7 +22,6 @@ from __future__ import annotations
 import inspect
 import json
 from dataclasses import dataclass
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +60,7 @@ class HFVocab(PretrainedVocab):
         super().__init__(backend.to_str(), int(eos))
         if self.backspace_id != len(tokenizer):
             raise VocabularyError(
-                f"the tokenizer has {len(tokenizer)} tokens but its backend "
-                f"{self.backspace_id}"
+                f"the tokenizer has {len(tokenizer)} tokens but its backend {self.backspace_id}"
             )
         self.hf_tokenizer = tokenizer
 
@@ -80,7 +78,7 @@ class LoraSettings:
     """
 
     r: int
-    alpha: float = 32.0
+    alpha: int = 32
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ()
 
@@ -152,9 +150,7 @@ class BackspaceRows(nn.Module):
         self.tied = _tied(model)
         self.embedding = nn.Parameter(embedding.weight[backspace_id].detach().clone().float())
         self.head = (
-            None
-            if self.tied
-            else nn.Parameter(head.weight[backspace_id].detach().clone().float())
+            None if self.tied else nn.Parameter(head.weight[backspace_id].detach().clone().float())
         )
         self.bias = None
         if getattr(head, "bias", None) is not None:
@@ -314,7 +310,7 @@ class HFPolicy(nn.Module):
             return {k: v.detach() for k, v in self.state_dict().items()}
         return {k: p.detach() for k, p in self.named_parameters() if p.requires_grad}
 
-    def merged_model(self) -> nn.Module:
+    def merged_model(self) -> Any:
         """The plain transformers model, adapters merged and ``<bkspc>`` rows written in.
 
         Changes this policy (its adapters are merged away): use it to export, then discard.
@@ -458,12 +454,12 @@ def save_payload(policy: HFPolicy, folder: Path) -> dict[str, Any]:
     (config and tokenizer) into a checkpoint folder; return the metadata that reloads them."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.cpu().contiguous() for k, v in policy.trainable_state().items()}
     if policy.lora is None:
         from safetensors.torch import save_model
 
-        save_model(policy, str(folder / "model.safetensors"))
+        save_model(policy, str(folder / "model.safetensors"))  # tied weights stored once
     else:
+        tensors = {k: v.cpu().contiguous() for k, v in policy.trainable_state().items()}
         save_file(tensors, str(folder / "model.safetensors"))
     hf = folder / PAYLOAD_FOLDER
     hf.mkdir(exist_ok=True)
@@ -522,14 +518,16 @@ def load_payload(folder: Path, metadata: dict[str, Any]) -> HFPolicy:
         policy, _ = load_hf(base)
         if policy.special.backspace_id != num_tokens or policy.special.eos_id != eos:
             raise CheckpointError(f"{folder}: the base model {base} has a different vocabulary")
-        policy.enable_lora(LoraSettings(lora["r"], lora["alpha"], lora["dropout"],
-                                        tuple(lora["target_modules"])))
+        policy.enable_lora(
+            LoraSettings(lora["r"], lora["alpha"], lora["dropout"], tuple(lora["target_modules"]))
+        )
         tensors = load_file(str(folder / "model.safetensors"))
         expected = set(policy.trainable_state())
         if set(tensors) != expected:
+            missing, unexpected = expected - set(tensors), set(tensors) - expected
             raise CheckpointError(
                 f"{folder}/model.safetensors does not fit the adapters: missing "
-                f"{sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]}"
+                f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
             )
         policy.load_state_dict(tensors, strict=False)
     policy.base_path = metadata.get("base")

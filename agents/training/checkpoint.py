@@ -206,7 +206,7 @@ def model_metadata(policy: torch.nn.Module) -> dict[str, Any]:
     return dataclasses.asdict(policy.config)  # type: ignore[call-overload]
 
 
-def load_policy(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_policy(path: str | Path, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
     """The policy of a checkpoint (for evaluation, generation, export) and its metadata.
 
     Reads only the checkpoint (and, for LoRA adapters, their base model): never a task's data.
@@ -223,9 +223,11 @@ def load_policy(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module,
         if model.get("kind") == "hf":
             from agents.models.hf import load_payload
 
-            policy: torch.nn.Module = load_payload(path, model)
-            if policy.special != vocab.special:  # type: ignore[operator]
-                raise CheckpointError(f"{path}: the model's special ids differ from the vocabulary's")
+            policy: Any = load_payload(path, model)
+            if policy.special != vocab.special:
+                raise CheckpointError(
+                    f"{path}: the model's special ids differ from the vocabulary's"
+                )
         else:
             policy = TransformerPolicy(vocab.special, TransformerConfig(**model))
             load_weights(path, policy)

@@ -69,7 +69,7 @@ class TrainConfig:
     of training our own transformer; its tokenizer becomes the task's vocabulary."""
     lora_r: int = 16
     """LoRA rank with --model (adapters on every projection); 0: full fine-tuning."""
-    lora_alpha: float = 32.0
+    lora_alpha: int = 32
     """LoRA scale numerator: the update is lora_alpha / lora_r * B @ A."""
     lora_dropout: float = 0.05
     """Dropout on the LoRA adapters' input."""

@@ -28,7 +28,7 @@ import os
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import torch
@@ -66,11 +66,17 @@ from seqenv.tasks import Task, make_task
 from seqenv.trajectory import Trajectory, augment, load_demonstrations, random_noise
 from seqenv.vocab import SpecialIds, Vocab
 
+if TYPE_CHECKING:
+    from agents.models.hf import HFPolicy
+
+Policy: TypeAlias = "TransformerPolicy | HFPolicy"
+"""The policies a run trains: our transformer, or a pretrained LM (``--model``)."""
+
 
 class _BatchForward(nn.Module):
     """``forward(batch)`` of a policy, so that DDP and torch.compile see the whole masked pass."""
 
-    def __init__(self, policy: TransformerPolicy) -> None:
+    def __init__(self, policy: Policy) -> None:
         super().__init__()
         self.policy = policy
 
@@ -82,7 +88,7 @@ class _PolicyView:
     """What the objectives see: the policy's ids, with ``forward_batch`` routed through the
     (possibly DDP-wrapped, possibly compiled) batch module so gradients are synchronised."""
 
-    def __init__(self, policy: TransformerPolicy, batch_forward: nn.Module) -> None:
+    def __init__(self, policy: Policy, batch_forward: nn.Module) -> None:
         self.policy = policy
         self.special = policy.special
         self._batch_forward = batch_forward
@@ -491,7 +497,7 @@ def model_vocabulary(config: TrainConfig) -> Vocab | None:
     return load_hf_vocab(config.model)
 
 
-def build_policy(config: TrainConfig, special: SpecialIds, max_length: int) -> nn.Module:
+def build_policy(config: TrainConfig, special: SpecialIds, max_length: int) -> Policy:
     """The policy a run trains: our transformer, or the pretrained LM of ``config.model``
     (LoRA adapters when ``config.lora_r > 0``, all weights otherwise)."""
     if config.model is None:
