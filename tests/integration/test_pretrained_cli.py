@@ -195,3 +195,50 @@ def test_refusals(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
     assert run("train", *ARITHMETIC, "--model", tmp_path / "missing", "--steps", "1") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "missing" in err[0]
+
+
+def test_facade_with_a_pretrained_model(model_dir: Path, tmp_path: Path) -> None:
+    import gymnasium as gym
+    import numpy as np
+
+    import seqenv  # noqa: F401  (registers SequenceGen-v0)
+    from agents import SequenceMatch
+
+    env = gym.make("SequenceGen-v0", task="arithmetic", base=10, max_digits=2)
+    agent = SequenceMatch(
+        env, model=str(model_dir), lora_r=4, batch_size=4, num_demonstrations=20,
+        eval_episodes=2, sm_warmup=1, rollouts=4, k_sample=1, device="cpu",
+    )  # fmt: skip
+    # The environment now speaks the model's tokenizer: its ids are the policy's.
+    assert agent.env.unwrapped.vocab.special == agent.policy.special
+    agent.learn(total_timesteps=1)
+    agent.save(tmp_path / "sm")
+    again = SequenceMatch.load(tmp_path / "sm", device="cpu")
+    obs, info = again.env.reset(seed=0)
+    action, _ = again.predict(obs, deterministic=True, action_masks=info["action_mask"])
+    assert 0 <= int(np.asarray(action)) < agent.policy.special.num_actions
+
+
+def test_compare_with_a_pretrained_model(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = {
+        "name": "tiny_pretrained",
+        "task": "arithmetic",
+        "task_args": {"base": 10, "max_digits": 1},
+        "seeds": 1,
+        "train": {"steps": 2, "batch_size": 4, "num_demonstrations": 20, "eval_interval": 0,
+                  "eval_episodes": 2, "sm_warmup": 1, "rollouts": 4, "lora_r": 4},
+        "eval": {"episodes": 4},
+    }  # fmt: skip
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "out"
+    code = run("compare", "--config", path, "--model", model_dir, "--agents", "mle,sequencematch",
+               "--out", out, "--device", "cpu", "--no-progress")  # fmt: skip
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert {r["agent"] for r in results["runs"]} == {"mle", "sequencematch"}
+    capsys.readouterr()
+    assert run("compare", "--config", "text_smollm2_cpu", "--out", out) == 1
+    assert "--model" in capsys.readouterr().err
