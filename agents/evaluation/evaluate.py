@@ -19,7 +19,7 @@ import torch
 from agents.data import load_prompt_records
 from agents.evaluation.metrics import episode_metrics
 from agents.generate import generate
-from agents.training.checkpoint import CheckpointError, load_policy
+from agents.training.checkpoint import CheckpointError, load_policy, read_metadata
 from seqenv.tasks import Example, Split, Task, make_task
 from seqenv.vocab import PretrainedVocab, Vocab, vocab_from_json
 
@@ -115,11 +115,12 @@ def evaluate_checkpoint(config: EvalConfig) -> dict[str, float]:
     (exact match against the records that hold a completion, written to ``config.output``)."""
     if config.episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {config.episodes}")
-    policy, metadata = load_policy(config.checkpoint, config.device)
+    metadata = read_metadata(config.checkpoint)
     task = checkpoint_task(metadata, config.task, config.task_args)
     max_length, max_steps = int(metadata["max_length"]), int(metadata["max_steps"])
-    # Read every record before generating anything: a bad file writes nothing.
+    # Read every record before loading the model: a bad file fails fast and writes nothing.
     records = load_prompt_records(config.data, task.vocab, max_length) if config.data else None
+    policy, metadata = load_policy(config.checkpoint, config.device)
     greedy, temperature = sampling_settings(metadata, config.greedy, config.temperature)
     device = next(policy.parameters()).device
     sampling: dict[str, Any] = {

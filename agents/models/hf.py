@@ -1,7 +1,11 @@
 """The policy interface (:class:`agents.interface.PolicyModel`) over a transformers causal LM.
 
-Works with GPT-2 and Llama-style models, loaded from a local folder (:func:`load_hf`; nothing is
-downloaded) or built from a config (:meth:`HFPolicy.from_config`). The vocabulary is the
+Works with GPT-2 and Llama-style models, loaded from a local folder or a GGUF file
+(:func:`load_hf`; nothing is downloaded) or built from a config (:meth:`HFPolicy.from_config`).
+Fine-tuning is full or LoRA (:meth:`HFPolicy.enable_lora`, through ``peft``), with the new
+``<bkspc>`` rows trainable either way (:class:`BackspaceRows`); checkpoints hold the weights or
+the adapters (:func:`save_payload`), and :func:`export_pretrained` merges them into a plain
+transformers folder. The vocabulary is the
 tokenizer's: its tokens are the ordinary tokens and its eos is ``<eos>``; ``<bkspc>`` is a new
 id after them, with a new embedding row and output row (``resize_token_embeddings``); pad is the
 next id, outside the action space, and is fed to the model as eos (pad rows are never read).
@@ -238,7 +242,9 @@ class HFPolicy(nn.Module):
         eos_id: the id of ``<eos>`` (the tokenizer's eos).
         num_tokens: the ordinary ids are ``0 .. num_tokens-1`` (default: the embedding's rows);
             the embedding and output layers are resized to ``num_tokens + 1`` rows, the last one
-            for ``<bkspc>``, unless ``has_backspace`` says they hold it already.
+            for ``<bkspc>``, initialised at the mean input embedding and at the mean output row
+            (a neutral start: its logit begins near the average token's), unless
+            ``has_backspace`` says they hold it already. ``<eos>`` is the model's own.
         has_backspace: the model already has the ``<bkspc>`` row (e.g. one trained here).
     """
 

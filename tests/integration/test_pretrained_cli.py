@@ -242,3 +242,18 @@ def test_compare_with_a_pretrained_model(
     capsys.readouterr()
     assert run("compare", "--config", "text_smollm2_cpu", "--out", out) == 1
     assert "--model" in capsys.readouterr().err
+
+
+def test_gradient_checkpointing_and_bad_eval_records(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    save = tmp_path / "ck"
+    args = [*ARITHMETIC, "--model", model_dir, "--agent", "bc", "--steps", "1", "--save", save]
+    assert run("train", *args, "--gradient-checkpointing") == 0
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "In base 10, what is 1 + 1?"}, {"x": 1}])
+    output = tmp_path / "gen.jsonl"
+    capsys.readouterr()
+    code = run("eval", "--checkpoint", save, "--data", bad, "--output", output, "--device", "cpu")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "bad.jsonl:2" in err[0]
+    assert not output.exists()
