@@ -189,7 +189,7 @@ def save_model_payload(folder: str | Path, policy: torch.nn.Module) -> None:
     files); :func:`model_metadata` says which.
     """
     folder = Path(folder)
-    if getattr(policy, "tokenizer", None) is not None or hasattr(policy, "trainable_state"):
+    if hasattr(policy, "trainable_state"):  # an HFPolicy
         from agents.models.hf import save_payload
 
         save_payload(policy, folder)  # type: ignore[arg-type]
