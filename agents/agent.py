@@ -35,6 +35,7 @@ from agents.training.checkpoint import read_metadata
 from agents.training.config import TrainConfig
 from agents.training.trainer import Trainer
 from seqenv.env import SequenceGenEnv
+from seqenv.tasks import make_task
 
 
 class ImitationAgent:
@@ -47,7 +48,13 @@ class ImitationAgent:
         device: ``auto`` (cuda when available), ``cpu`` or ``cuda``.
         tensorboard_log: folder for TensorBoard runs; none if unset.
         verbose: 1 shows a progress bar.
-        **hyperparameters: any field of :class:`agents.training.config.TrainConfig`.
+        model: a pretrained causal LM to fine-tune (a local transformers folder or a .gguf file);
+            the environment's task is then rebuilt on its tokenizer (``self.env``), so that
+            observations and actions use the model's ids.
+        data: your demonstrations (JSONL, text file or a `datasets` folder) instead of the
+            task's.
+        **hyperparameters: any other field of :class:`agents.training.config.TrainConfig`
+            (``lora_r``, ``lora_alpha``, ``gradient_checkpointing``, ...).
     """
 
     agent_name: ClassVar[str]
@@ -60,12 +67,24 @@ class ImitationAgent:
         device: str = "auto",
         tensorboard_log: str | None = None,
         verbose: int = 0,
+        model: str | None = None,
+        data: str | None = None,
         **hyperparameters: Any,
     ) -> None:
         env = gym.make(env) if isinstance(env, str) else env
         base = env.unwrapped
         if not isinstance(base, SequenceGenEnv):
             raise TypeError(f"expected a SequenceGen-v0 environment, got {type(base).__name__}")
+        if model is not None:
+            from agents.models.hf import load_hf_vocab
+
+            vocab = load_hf_vocab(model)
+            if base.vocab.special != vocab.special:
+                task = make_task(base.task.name, vocab=vocab, **base.task.config())
+                base = SequenceGenEnv(
+                    task=task, max_length=base.max_length, max_steps=base.max_steps
+                )
+                env = base
         self.env = env
         config = TrainConfig(
             agent=self.agent_name,
@@ -77,6 +96,8 @@ class ImitationAgent:
             device=device,
             logdir=tensorboard_log,
             progress=verbose > 0,
+            model=model,
+            data=data,
             **hyperparameters,
         )
         self.trainer = Trainer(config, task=base.task)

@@ -100,19 +100,19 @@ def show(config: ShowConfig) -> None:
     print(f"{end} after {steps} steps ({backspaces} backspaces), reward {reward}")
 
 
-def _check_json_target(path: str | None) -> None:
-    """Refuse, before any work, a ``--json`` path that cannot be written (one line)."""
+def _check_json_target(path: str | None, flag: str = "--json") -> None:
+    """Refuse, before any work, an output file path that cannot be written (one line)."""
     if path is None:
         return
     from agents.training.checkpoint import check_writable_dir, nearest_existing
 
     target = Path(path)
     if target.is_dir():
-        raise IsADirectoryError(f"--json {path}: a folder is there")
+        raise IsADirectoryError(f"{flag} {path}: a folder is there")
     existing = nearest_existing(target.parent)
     if not existing.is_dir():
-        raise NotADirectoryError(f"--json {path}: {existing} is a file, not a folder")
-    check_writable_dir(existing, "--json")
+        raise NotADirectoryError(f"{flag} {path}: {existing} is a file, not a folder")
+    check_writable_dir(existing, flag)
 
 
 def _write_json(path: str | None, document: dict[str, Any]) -> None:
@@ -163,7 +163,10 @@ class EvalConfig:
     checkpoint: str
     """Checkpoint folder written by `seqmatch train --save`."""
     data: str | None = None
-    """JSONL file of {"prompt", "completion"} lines: exact-match accuracy on them."""
+    """JSONL file (or `datasets` folder) of {"prompt"} or {"prompt", "completion"} records: one
+    generation per record, exact-match accuracy on those with a completion."""
+    output: str | None = None
+    """Write the generations of --data to this JSONL file (one line per record)."""
     task: str | None = None
     """Evaluate on this task instead of the checkpoint's (its vocabulary must match)."""
     task_args: str = "{}"
@@ -171,6 +174,12 @@ class EvalConfig:
     episodes: int = 256
     """Held-out prompts of the task to evaluate on."""
     seed: int = 0
+    greedy: bool | None = None
+    """Greedy decoding; default: as the checkpoint's run evaluated (greedy for arithmetic)."""
+    temperature: float | None = None
+    """Sampling temperature; default: the checkpoint's."""
+    top_k: int | None = None
+    top_p: float | None = None
     json: str | None = None
     """Write the metrics to this JSON file."""
     device: str = "auto"
@@ -181,7 +190,9 @@ def evaluate(config: EvalConfig) -> None:
 
     if config.episodes > MAX_SEQUENCES:
         raise ValueError(f"--episodes must be <= {MAX_SEQUENCES}, got {config.episodes}")
+    _check_sampling(config.temperature, config.top_k, config.top_p)
     _check_json_target(config.json)
+    _check_json_target(config.output, "--output")
     _check_generation_memory(config.checkpoint, config.episodes, config.device)
     metrics = _generation(
         lambda: evaluate_checkpoint(
@@ -189,8 +200,13 @@ def evaluate(config: EvalConfig) -> None:
             task=config.task,
             task_args=config.task_args,
             data=config.data,
+            output=config.output,
             episodes=config.episodes,
             seed=config.seed,
+            greedy=config.greedy,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
             device=config.device,
         )
     )
@@ -209,8 +225,10 @@ class GenerateConfig:
     """The text to continue."""
     num: int = 1
     """Number of samples."""
-    greedy: bool = False
-    temperature: float = 1.0
+    greedy: bool | None = None
+    """Greedy decoding; default: as the checkpoint's run evaluated (greedy for arithmetic)."""
+    temperature: float | None = None
+    """Sampling temperature; default: the checkpoint's."""
     top_k: int | None = None
     top_p: float | None = None
     seed: int = 0
@@ -224,12 +242,7 @@ def generate_text(config: GenerateConfig) -> None:
 
     if config.num > MAX_SEQUENCES:
         raise ValueError(f"--num must be <= {MAX_SEQUENCES}, got {config.num}")
-    if not (math.isfinite(config.temperature) and config.temperature > 0):
-        raise ValueError(f"--temperature must be finite and > 0, got {config.temperature}")
-    if config.top_k is not None and config.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {config.top_k}")
-    if config.top_p is not None and not 0.0 < config.top_p <= 1.0:
-        raise ValueError(f"--top-p must be in (0, 1], got {config.top_p}")
+    _check_sampling(config.temperature, config.top_k, config.top_p)
     _check_generation_memory(config.checkpoint, config.num, config.device)
     pairs = _generation(
         lambda: generate_from_checkpoint(
@@ -250,6 +263,16 @@ def generate_text(config: GenerateConfig) -> None:
             print(f"  actions: {trace}")
 
 
+def _check_sampling(temperature: float | None, top_k: int | None, top_p: float | None) -> None:
+    """Refuse sampling settings out of range (one line), before loading anything."""
+    if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"--temperature must be finite and > 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+
+
 def _check_generation_memory(checkpoint: str, num_sequences: int, device: str) -> None:
     """Refuse, before loading, a generation batch that cannot fit (a rough estimate).
 
@@ -257,7 +280,7 @@ def _check_generation_memory(checkpoint: str, num_sequences: int, device: str) -
     """
     from agents.training.checkpoint import CheckpointError, read_metadata
     from agents.training.config import resolve_device
-    from agents.training.trainer import check_memory, policy_bytes
+    from agents.training.memory import check_memory, policy_bytes
     from seqenv.vocab import vocab_from_json
 
     try:
@@ -283,6 +306,22 @@ def _generation(run: Callable[[], T]) -> T:
         if "can't allocate memory" not in str(err):
             raise
         raise RunError("out of memory while generating; ask for fewer samples") from None
+
+
+@dataclass
+class ExportConfig:
+    """Merge a pretrained-LM checkpoint's adapters into a plain transformers folder."""
+
+    checkpoint: str
+    """Checkpoint folder written by `seqmatch train --model ... --save`."""
+    out: str
+    """Folder to write (AutoModelForCausalLM.from_pretrained reads it; <bkspc> is its last row)."""
+
+
+def export(config: ExportConfig) -> None:
+    from agents.evaluation.checkpoint import export_checkpoint
+
+    print(f"wrote {export_checkpoint(config.checkpoint, config.out)}")
 
 
 def compare(config: CompareConfig) -> None:
@@ -370,6 +409,7 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], Any], str]] = {
     "train": (TrainConfig, train, "train an agent (mle, bc, sequencematch) on a task"),
     "eval": (EvalConfig, evaluate, "evaluate a checkpoint on the task or on your data"),
     "generate": (GenerateConfig, generate_text, "continue a prompt with a checkpoint"),
+    "export": (ExportConfig, export, "merge a --model checkpoint into a transformers folder"),
     "show": (ShowConfig, show, "play an augmented demonstration through the environment"),
     "bench": (BenchConfig, bench, "throughput ratios of the env, the policy and the agents"),
 }

@@ -249,6 +249,62 @@ class TokenizerVocab(SpecialIdsMixin):
         return hash(self.tokenizer_json)
 
 
+class PretrainedVocab(SpecialIdsMixin):
+    """The vocabulary of a pretrained language model's tokenizer (``tokenizers`` JSON).
+
+    Unlike :class:`TokenizerVocab`, ``<eos>`` is the model's own eos token, inside the
+    tokenizer's ids, so that the model's learnt end-of-text row keeps its meaning. Layout: the
+    tokenizer's ids ``0 .. n-1`` (added tokens included; eos among them), then
+    ``backspace_id = n``, then ``pad_id = n + 1``. Text is encoded without the tokenizer's
+    post-processing (no BOS).
+
+    Args:
+        tokenizer_json: the tokenizer as ``tokenizers`` JSON text (a ``tokenizer.json`` file).
+        eos_id: the id of the model's end-of-text token.
+    """
+
+    def __init__(self, tokenizer_json: str, eos_id: int) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        self.tokenizer_json = self.tokenizer.to_str()  # canonical: equal vocabularies compare equal
+        n = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        if not 0 <= eos_id < n:
+            raise VocabularyError(
+                f"eos id {eos_id} is not a token id of the tokenizer (0..{n - 1})"
+            )
+        self.special = SpecialIds(num_actions=n + 1, eos_id=eos_id, backspace_id=n, pad_id=n + 1)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """``encode`` of each text, in parallel."""
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        return [list(e.ids) for e in encodings]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of an id sequence; ``<eos>`` and pad dropped, ``<bkspc>`` rendered by name."""
+        return decode_with(self.tokenizer.decode, ids, self.special)
+
+    def to_json(self) -> dict:
+        return {
+            "kind": "hf",
+            "tokenizer": json.loads(self.tokenizer_json),
+            "eos_id": self.special.eos_id,
+        }
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, PretrainedVocab)
+            and other.tokenizer_json == self.tokenizer_json
+            and other.special == self.special
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.tokenizer_json, self.special))
+
+
 def decode_with(
     decode_tokens: Callable[[list[int]], str], ids: Iterable[int], special: SpecialIds
 ) -> str:
@@ -282,4 +338,6 @@ def vocab_from_json(data: dict) -> Vocab:
         return CharVocab(list(data["chars"]))
     if kind == "tokenizer":
         return TokenizerVocab(json.dumps(data["tokenizer"]))
+    if kind == "hf":
+        return PretrainedVocab(json.dumps(data["tokenizer"]), int(data["eos_id"]))
     raise VocabularyError(f"unknown vocabulary kind {kind!r}")

@@ -1,34 +1,88 @@
-"""Evaluation and generation from a saved checkpoint (behind `seqmatch eval` and `generate`).
+"""Evaluation, generation and export from a checkpoint (`seqmatch eval`, `generate`, `export`).
 
-Plain arguments in, plain results out: the command line builds them, and so can a user. The
-sampling settings and ``allow_backspace`` default to what the checkpoint was trained with.
+Plain arguments in, plain results out: the command line builds them, and so can a user. Each
+reads only the checkpoint: its vocabulary (the tokenizer, for a pretrained LM), its weights and,
+for the text task, the held-out prompts stored at training time, so a corpus is never read again
+unless ``task`` asks for one. The backspace rule and the sampling settings default to what the
+checkpoint was trained and evaluated with.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
-from agents.evaluation.evaluate import data_accuracy, evaluate, parse_task_args
+from agents.data import load_prompt_records
+from agents.evaluation.episodes import backspace_stats
+from agents.evaluation.evaluate import default_greedy, evaluate, parse_task_args
 from agents.generate import generate
-from agents.training.checkpoint import CheckpointError
-from agents.training.trainer import load_policy
-from seqenv.tasks import Task, make_task
-from seqenv.trajectory import load_demonstrations
+from agents.training.checkpoint import CheckpointError, load_policy, read_metadata
+from seqenv.tasks import Example, Split, Task, make_task
+from seqenv.vocab import PretrainedVocab, Vocab, vocab_from_json
 
 MAX_EPISODES = 1_000_000
 """More held-out episodes than any evaluation needs; a larger count is a typo, not a request."""
 
 
+class StoredPrompts(Task):
+    """A text checkpoint's task without its corpus: the vocabulary and the stored test prompts.
+
+    Text has no built-in score, so :meth:`score` is 0, as :class:`seqenv.tasks.text.TextTask`'s.
+    """
+
+    name: ClassVar[str] = "text"
+
+    def __init__(self, vocab: Vocab, prompts: Sequence[Sequence[int]], max_length: int) -> None:
+        self.vocab = vocab
+        self.prompts = [tuple(int(i) for i in p) for p in prompts]
+        self.default_max_length = max_length
+
+    def sample(self, rng: np.random.Generator, split: Split = "train") -> Example:
+        """One of the stored prompts (no continuation is stored)."""
+        return Example(self.prompts[int(rng.integers(len(self.prompts)))], (), False)
+
+    def examples(self, split: Split, num: int, seed: int = 0) -> list[Example]:
+        """The first ``num`` stored prompts (as many as there are)."""
+        return [Example(p, (), False) for p in self.prompts[:num]]
+
+    def score(self, prompt: Sequence[int], generated: Sequence[int], terminated: bool) -> float:
+        """0: text has no built-in score."""
+        return 0.0
+
+    def ground_truth_noise(
+        self,
+        rng: np.random.Generator,
+        prompt: Sequence[int],
+        generated: Sequence[int],
+        true_next: int,
+    ) -> int:
+        """Not available: a stored text task has no noise model."""
+        raise ValueError("a text checkpoint without its corpus has no ground-truth noise")
+
+
 def checkpoint_task(
     metadata: dict[str, Any], name: str | None = None, task_args: str = "{}"
 ) -> Task:
-    """The checkpoint's task, or another task whose vocabulary must be the checkpoint's."""
+    """The checkpoint's task, or another task whose vocabulary must be the checkpoint's.
+
+    A text checkpoint that stored its test prompts gives :class:`StoredPrompts` (no corpus read).
+    """
+    vocab = vocab_from_json(metadata["vocab"])
+    # A pretrained model's tokenizer is not a task's own vocabulary: build the task on it.
+    model_vocab = vocab if isinstance(vocab, PretrainedVocab) else None
     if name is None:
-        task = make_task(metadata["task"]["name"], **metadata["task"]["kwargs"])
+        task_name = metadata["task"]["name"]
+        if task_name == "text" and metadata.get("test_prompts"):
+            return StoredPrompts(vocab, metadata["test_prompts"], int(metadata["max_length"]))
+        task = make_task(task_name, vocab=model_vocab, **metadata["task"]["kwargs"])
     else:
-        task = make_task(name, **parse_task_args(task_args))
+        task = make_task(name, vocab=model_vocab, **parse_task_args(task_args))
     if task.vocab.to_json() != metadata["vocab"]:
         raise CheckpointError(
             f"the checkpoint's vocabulary does not match task {task.name!r} "
@@ -38,15 +92,38 @@ def checkpoint_task(
 
 
 def trained_settings(metadata: dict[str, Any]) -> dict[str, Any]:
-    """What evaluation takes over from training: the MDP, the backspace rule, the sampling."""
+    """What evaluation takes over from training: the MDP and the backspace rule."""
     config = metadata.get("config", {})
     return {
         "max_length": int(metadata["max_length"]),
         "max_steps": int(metadata["max_steps"]),
         "allow_backspace": bool(config.get("backspace", True)),
-        "greedy": config.get("eval_greedy"),
-        "temperature": float(config.get("temperature", 1.0)),
     }
+
+
+def sampling_settings(
+    metadata: dict[str, Any], greedy: bool | None, temperature: float | None
+) -> tuple[bool, float]:
+    """(greedy, temperature): the given ones, else what the checkpoint's run evaluated with."""
+    config = metadata.get("config", {})
+    if greedy is None:
+        greedy = config.get("eval_greedy")
+        if greedy is None:
+            greedy = default_greedy(metadata["task"]["name"])
+    if temperature is None:
+        temperature = float(config.get("temperature", 1.0))
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"--temperature must be finite and > 0, got {temperature}")
+    return bool(greedy), temperature
+
+
+def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` atomically: a temporary file renamed into place."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, target)
 
 
 def evaluate_checkpoint(
@@ -55,32 +132,85 @@ def evaluate_checkpoint(
     task: str | None = None,
     task_args: str = "{}",
     data: str | None = None,
+    output: str | None = None,
     episodes: int = 256,
     seed: int = 0,
+    greedy: bool | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
     device: str = "auto",
-    full: bool = True,
 ) -> dict[str, float]:
-    """The task's metrics on held-out prompts, and exact match on ``data`` when given.
+    """The task's metrics on held-out prompts, and one generation per record of ``data``.
 
     Returns:
-        ``task/<metric>`` for the metrics of :func:`agents.evaluation.evaluate.evaluate`, and
-        ``data/<metric>`` for :func:`agents.evaluation.evaluate.data_accuracy` on ``data``.
+        ``task/<metric>`` for the metrics of :func:`agents.evaluation.evaluate.evaluate`; with
+        ``data``, ``data/accuracy`` (exact match on the records that hold a completion),
+        ``data/examples`` and the records' backspace statistics. ``output`` receives the
+        generations of ``data`` as JSONL.
     """
     if not 1 <= episodes <= MAX_EPISODES:
         raise ValueError(f"--episodes must be in [1, {MAX_EPISODES}], got {episodes}")
-    policy, metadata = load_policy(checkpoint, device)
+    metadata = read_metadata(checkpoint)
     the_task = checkpoint_task(metadata, task, task_args)
     settings = trained_settings(metadata)
-    demos = load_demonstrations(data, the_task.vocab, settings["max_length"]) if data else None
+    max_length, max_steps = settings["max_length"], settings["max_steps"]
+    # Read every record before loading the model: a bad file fails fast and writes nothing.
+    records = load_prompt_records(data, the_task.vocab, max_length) if data else None
+    greedy, temperature = sampling_settings(metadata, greedy, temperature)
+    sampling: dict[str, Any] = {
+        "greedy": greedy,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+    }
+    policy, metadata = load_policy(checkpoint, device)
+    stored = isinstance(the_task, StoredPrompts)  # no continuations: the cheap metrics only
     result = evaluate(
-        policy, the_task, **settings, episodes=episodes, seed=seed, full=full, mauve=False
-    )
+        policy, the_task, **settings, **sampling, episodes=episodes, seed=seed,
+        full=not stored, mauve=False,
+    )  # fmt: skip
     metrics = {f"task/{k}": v for k, v in result.metrics.items()}
-    if demos is not None:
-        found = data_accuracy(
-            policy, demos, max_length=settings["max_length"], max_steps=settings["max_steps"]
+    if records is None:
+        return metrics
+    torch_device = next(policy.parameters()).device
+    out = generate(
+        policy,
+        [list(r.prompt_ids) for r in records],
+        max_length=max_length,
+        max_steps=max_steps,
+        allow_backspace=settings["allow_backspace"],
+        generator=torch.Generator(torch_device).manual_seed(seed),
+        **sampling,
+    )
+    vocab = the_task.vocab
+    texts = [vocab.decode(g) for g in out.generated]
+    scored = [
+        t.terminated and text == r.completion
+        for r, t, text in zip(records, out.trajectories, texts, strict=True)
+        if r.completion is not None
+    ]
+    if scored:
+        metrics["data/accuracy"] = float(np.mean(scored))
+    metrics["data/examples"] = float(len(records))
+    stats = backspace_stats(out.trajectories)
+    for key in ("backspace_rate", "termination_rate"):
+        metrics[f"data/{key}"] = stats[key]
+    metrics["data/length"] = stats["mean_generated_length"]
+    if output:
+        _write_jsonl(
+            output,
+            [
+                {
+                    "prompt": r.prompt,
+                    "generation": text,
+                    "terminated": bool(t.terminated),
+                    "actions": vocab.decode(t.actions),
+                    **({} if r.completion is None else {"completion": r.completion}),
+                }
+                for r, t, text in zip(records, out.trajectories, texts, strict=True)
+            ],
         )
-        metrics.update({f"data/{k}": v for k, v in found.items()})
     return metrics
 
 
@@ -89,8 +219,8 @@ def generate_from_checkpoint(
     prompt: str,
     *,
     num: int = 1,
-    greedy: bool = False,
-    temperature: float = 1.0,
+    greedy: bool | None = None,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
@@ -99,15 +229,18 @@ def generate_from_checkpoint(
     """``num`` continuations of ``prompt``: (final text, action trace) pairs."""
     if num < 1:
         raise ValueError(f"--num must be >= 1, got {num}")
+    metadata = read_metadata(checkpoint)
+    greedy, temperature = sampling_settings(metadata, greedy, temperature)
     policy, metadata = load_policy(checkpoint, device)
-    task = checkpoint_task(metadata)
-    vocab = task.vocab
+    vocab = vocab_from_json(metadata["vocab"])  # all that generation needs of the task
+    ids = vocab.encode(prompt)
+    if not ids:
+        raise ValueError("--prompt is empty")
     settings = trained_settings(metadata)
     torch_device = next(policy.parameters()).device
-    generator = torch.Generator(torch_device).manual_seed(seed)
     out = generate(
         policy,
-        [vocab.encode(prompt)] * num,
+        [ids] * num,
         max_length=settings["max_length"],
         max_steps=settings["max_steps"],
         allow_backspace=settings["allow_backspace"],
@@ -115,9 +248,19 @@ def generate_from_checkpoint(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        generator=generator,
+        generator=torch.Generator(torch_device).manual_seed(seed),
     )
     return [
         (vocab.decode(g), vocab.decode(t.actions))
         for t, g in zip(out.trajectories, out.generated, strict=True)
     ]
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write a pretrained-LM checkpoint as a plain transformers folder (adapters merged)."""
+    from agents.models.hf import HFPolicy, export_pretrained
+
+    policy, _ = load_policy(checkpoint, "cpu")
+    if not isinstance(policy, HFPolicy):
+        raise ValueError(f"{checkpoint}: not a pretrained-LM checkpoint (train with --model)")
+    return export_pretrained(policy, out)

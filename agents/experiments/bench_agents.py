@@ -100,6 +100,7 @@ def _warm_started_policy(quick: bool, device: str) -> tuple[TransformerPolicy, T
     )  # fmt: skip
     trainer = Trainer(config)
     trainer.train()
+    assert isinstance(trainer.policy, TransformerPolicy)  # no --model here
     return trainer.policy.train(), config
 
 

@@ -25,7 +25,8 @@ this package) or given by path. Keys: ``task``, ``task_args``, ``seeds``, ``trai
 :class:`agents.training.config.TrainConfig` common to all agents), ``agents`` (per-agent overrides;
 ``ppo`` takes ``timesteps``, ``n_steps``, ``width``...), ``eval`` (``episodes``, ``exact``: the
 exact-divergence settings for a small dyck, ``mauve``), ``sweep`` (optional: ``param``,
-``values``, ``agents``), and ``quick`` (overrides applied with ``--quick``).
+``values``, ``agents``), ``quick`` (overrides applied with ``--quick``) and ``needs_model`` (the
+pretrained LM a config is written for, which ``--model`` must give).
 """
 
 from __future__ import annotations
@@ -131,6 +132,11 @@ class CompareConfig:
     second thread and lose several times over when the machine is busy; 0 keeps torch's."""
     progress: bool = True
     """Show progress bars."""
+    model: str | None = None
+    """Fine-tune this pretrained LM (folder or .gguf) instead of training our transformer; sets
+    the config's train.model (LoRA settings come from train.lora_r etc.)."""
+    data: str | None = None
+    """Your demonstrations (JSONL, text file or `datasets` folder); sets train.data."""
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -182,11 +188,35 @@ def load_config(options: CompareConfig) -> dict[str, Any]:
         )
     if options.quick:
         config = _merge(config, config.get("quick", DEFAULT_CONFIG["quick"]))
+    for key in ("model", "data"):
+        if getattr(options, key) is not None:
+            config.setdefault("train", {})[key] = getattr(options, key)
+    if config.get("needs_model") and not config.get("train", {}).get("model"):
+        raise ValueError(
+            f"config {config.get('name')!r} fine-tunes a pretrained LM: pass --model PATH "
+            f"({config['needs_model']})"
+        )
+    if config.get("train", {}).get("model"):
+        if config["task"] == "dyck":
+            raise ValueError(
+                "task 'dyck' cannot use a pretrained model's tokenizer (subword tokens merge "
+                "brackets); use arithmetic or text with --model"
+            )
+        if config.get("eval", {}).get("exact"):
+            raise ValueError(
+                "the exact divergences enumerate a small character vocabulary; a pretrained "
+                "model's is too large: remove eval.exact from the config"
+            )
     if options.seeds is not None:
         config["seeds"] = options.seeds
     if int(config["seeds"]) < 1:
         raise ValueError(f"--seeds must be >= 1, got {config['seeds']}")
-    agents = [a for a in AGENT_NAMES if not (a == "ppo" and config["task"] == "text")]
+    # PPO trains its own small network on the task's reward: no text task, no pretrained model.
+    agents = [
+        a
+        for a in AGENT_NAMES
+        if not (a == "ppo" and (config["task"] == "text" or config.get("train", {}).get("model")))
+    ]
     if options.agents:
         wanted = [a.strip() for a in options.agents.split(",") if a.strip()]
         unknown = sorted(set(wanted) - set(AGENT_NAMES))
@@ -358,7 +388,13 @@ def run_compare(options: CompareConfig) -> dict[str, Any]:
     """Run the whole comparison and write its outputs; return results.json's content."""
     config = load_config(options)
     out = Path(options.out)
-    task = make_task(config["task"], **config.get("task_args", {}))
+    model = config.get("train", {}).get("model")
+    vocab = None
+    if model:
+        from agents.models.hf import load_hf_vocab
+
+        vocab = load_hf_vocab(model)  # the task speaks the model's tokenizer
+    task = make_task(config["task"], vocab=vocab, **config.get("task_args", {}))
     out.mkdir(parents=True, exist_ok=True)
     if options.threads:
         torch.set_num_threads(options.threads)  # 0 or None: torch's own default

@@ -1,7 +1,11 @@
 """The policy interface (:class:`agents.interface.PolicyModel`) over a transformers causal LM.
 
-Works with GPT-2 and Llama-style models, loaded from a local folder (:func:`load_hf`; nothing is
-downloaded) or built from a config (:meth:`HFPolicy.from_config`). The vocabulary is the
+Works with GPT-2 and Llama-style models, loaded from a local folder or a GGUF file
+(:func:`load_hf`; nothing is downloaded) or built from a config (:meth:`HFPolicy.from_config`).
+Fine-tuning is full or LoRA (:meth:`HFPolicy.enable_lora`, through ``peft``), with the new
+``<bkspc>`` rows trainable either way (:class:`BackspaceRows`); checkpoints hold the weights or
+the adapters (:func:`save_payload`), and :func:`export_pretrained` merges them into a plain
+transformers folder. The vocabulary is the
 tokenizer's: its tokens are the ordinary tokens and its eos is ``<eos>``; ``<bkspc>`` is a new
 id after them, with a new embedding row and output row (``resize_token_embeddings``); pad is the
 next id, outside the action space, and is fed to the model as eos (pad rows are never read).
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,7 @@ from torch import nn
 
 from agents.collate import RefeedMask, TrajectoryBatch
 from agents.models.interface import cache_visibility
-from seqenv.vocab import SpecialIds, SpecialIdsMixin, VocabularyError, decode_with
+from seqenv.vocab import PretrainedVocab, SpecialIds, VocabularyError
 
 try:
     from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
@@ -41,30 +45,146 @@ except ImportError as err:  # pragma: no cover - depends on the install
     ) from err
 
 
-class HFVocab(SpecialIdsMixin):
+class HFVocab(PretrainedVocab):
     """The vocabulary of a transformers tokenizer, with ``<bkspc>`` and pad appended.
 
     Layout: the tokenizer's ids ``0 .. len(tokenizer)-1`` (its eos among them is ``<eos>``), then
-    ``backspace_id = len(tokenizer)``, then ``pad_id = len(tokenizer) + 1``.
+    ``backspace_id = len(tokenizer)``, then ``pad_id = len(tokenizer) + 1``. It is the
+    :class:`seqenv.vocab.PretrainedVocab` of the tokenizer's ``tokenizers`` backend, so tasks,
+    environments and checkpoints built on either agree on every id.
     """
 
     def __init__(self, tokenizer: Any) -> None:
         eos = tokenizer.eos_token_id
         if eos is None:
             raise VocabularyError("the tokenizer has no eos token, which <eos> needs")
-        self.tokenizer = tokenizer
-        n = len(tokenizer)
-        self.special = SpecialIds(num_actions=n + 1, eos_id=int(eos), backspace_id=n, pad_id=n + 1)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise VocabularyError("a fast (tokenizers-backed) tokenizer is needed")
+        super().__init__(backend.to_str(), int(eos))
+        if self.backspace_id != len(tokenizer):
+            raise VocabularyError(
+                f"the tokenizer has {len(tokenizer)} tokens but its backend {self.backspace_id}"
+            )
+        self.hf_tokenizer = tokenizer
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Text of an id sequence; ``<eos>`` and pad dropped, ``<bkspc>`` rendered by name."""
-        return decode_with(self.tokenizer.decode, ids, self.special)
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapters of a fine-tuning run.
 
-    def to_json(self) -> dict:
-        return {"kind": "hf", "name_or_path": str(getattr(self.tokenizer, "name_or_path", ""))}
+    Attributes:
+        r: rank of the adapters (> 0).
+        alpha: scale numerator; the update is ``alpha / r * B @ A``.
+        dropout: dropout on the adapters' input.
+        target_modules: names of the linear layers to adapt; empty: the family's default
+            (:func:`default_lora_targets`).
+    """
+
+    r: int
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+
+
+# Every projection of attention and MLP: the QLoRA recipe the paper follows.
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+# Families that name their layers as Llama does.
+for _family in ("mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "granite"):
+    LORA_TARGETS[_family] = LORA_TARGETS["llama"]
+
+
+def default_lora_targets(config: PretrainedConfig) -> list[str]:
+    """The layers LoRA adapts by default in a model family (all projections)."""
+    family = getattr(config, "model_type", "")
+    if family not in LORA_TARGETS:
+        raise ValueError(
+            f"no default LoRA target modules for model type {family!r}; known: "
+            f"{', '.join(sorted(LORA_TARGETS))}"
+        )
+    return list(LORA_TARGETS[family])
+
+
+def _tied(model: Any) -> bool:
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
+
+
+@torch.no_grad()
+def _init_mean_row(model: Any, row: int) -> None:
+    """Set embedding and output row ``row`` to the mean of the rows before it."""
+    embedding = model.get_input_embeddings().weight
+    embedding[row] = embedding[:row].float().mean(0).to(embedding.dtype)
+    head = model.get_output_embeddings()
+    if head is not None and not _tied(model):
+        head.weight[row] = head.weight[:row].float().mean(0).to(head.weight.dtype)
+        if getattr(head, "bias", None) is not None:
+            head.bias[row] = head.bias[:row].float().mean().to(head.bias.dtype)
+
+
+class BackspaceRows(nn.Module):
+    """The ``<bkspc>`` embedding and output rows as parameters of their own, for LoRA runs.
+
+    Under LoRA the embedding and the output head are frozen, yet their ``<bkspc>`` rows are new
+    and must learn. Forward hooks put :attr:`embedding` where the input is ``<bkspc>`` and
+    compute the ``<bkspc>`` logit from :attr:`head`; the frozen rows are never read. A model
+    whose head is tied to its embedding gets one parameter, used for both, as in the model.
+
+    Args:
+        model: the (adapted) causal LM; its rows ``backspace_id`` initialise the parameters.
+        backspace_id: the id of ``<bkspc>``, the last row of embedding and head.
+    """
+
+    def __init__(self, model: Any, backspace_id: int) -> None:
+        super().__init__()
+        embedding = model.get_input_embeddings()
+        head = model.get_output_embeddings()
+        if head is None or embedding.weight.shape[0] != backspace_id + 1:
+            raise ValueError("<bkspc> must be the last row of the embedding and the output head")
+        self.backspace_id = backspace_id
+        self.tied = _tied(model)
+        self.embedding = nn.Parameter(embedding.weight[backspace_id].detach().clone().float())
+        self.head = (
+            None if self.tied else nn.Parameter(head.weight[backspace_id].detach().clone().float())
+        )
+        self.bias = None
+        if getattr(head, "bias", None) is not None:
+            self.bias = nn.Parameter(head.bias[backspace_id].detach().clone().float())
+        embedding.register_forward_hook(self._embed_hook)
+        head.register_forward_hook(self._head_hook)
+
+    def _embed_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        is_backspace = (args[0] == self.backspace_id)[..., None]  # (B, T, 1)
+        return torch.where(is_backspace, self.embedding.to(output.dtype), output)
+
+    def _head_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        hidden = args[0]  # (B, T, C)
+        row = self.embedding if self.head is None else self.head
+        logit = hidden @ row.to(hidden.dtype)  # (B, T)
+        if self.bias is not None:
+            logit = logit + self.bias.to(logit.dtype)
+        return torch.cat([output[..., : self.backspace_id], logit[..., None].to(output.dtype)], -1)
+
+    @torch.no_grad()
+    def write_into(self, model: Any) -> None:
+        """Copy the trained rows into ``model``'s embedding and head (for a merged export)."""
+        b = self.backspace_id
+        embedding = model.get_input_embeddings().weight
+        embedding[b] = self.embedding.to(embedding.dtype)
+        head = model.get_output_embeddings()
+        if self.head is not None:
+            head.weight[b] = self.head.to(head.weight.dtype)
+        if self.bias is not None:
+            head.bias[b] = self.bias.to(head.bias.dtype)
 
 
 class SlotCache(Cache):
@@ -122,7 +242,9 @@ class HFPolicy(nn.Module):
         eos_id: the id of ``<eos>`` (the tokenizer's eos).
         num_tokens: the ordinary ids are ``0 .. num_tokens-1`` (default: the embedding's rows);
             the embedding and output layers are resized to ``num_tokens + 1`` rows, the last one
-            for ``<bkspc>``, unless ``has_backspace`` says they hold it already.
+            for ``<bkspc>``, initialised at the mean input embedding and at the mean output row
+            (a neutral start: its logit begins near the average token's), unless
+            ``has_backspace`` says they hold it already. ``<eos>`` is the model's own.
         has_backspace: the model already has the ``<bkspc>`` row (e.g. one trained here).
     """
 
@@ -141,8 +263,10 @@ class HFPolicy(nn.Module):
         if num_tokens is None:
             num_tokens = rows - 1 if has_backspace else rows
         if not has_backspace:
-            # One new row for <bkspc> (rows beyond the tokenizer's, if any, are dropped).
-            self.model.resize_token_embeddings(num_tokens + 1)
+            # One new row for <bkspc> (rows beyond the tokenizer's, if any, are dropped),
+            # initialised at the mean input embedding and the mean output row.
+            self.model.resize_token_embeddings(num_tokens + 1, mean_resizing=False)
+            _init_mean_row(self.model, num_tokens)
         elif rows != num_tokens + 1:
             raise ValueError(
                 f"the model has {rows} embedding rows, not {num_tokens} tokens + <bkspc>"
@@ -156,6 +280,54 @@ class HFPolicy(nn.Module):
         parameters = inspect.signature(self.model.forward).parameters
         # transformers 5 renames `past_key_values` to `cache`; pass whichever this one takes.
         self._cache_kwarg = "cache" if "cache" in parameters else "past_key_values"
+        self.lora: LoraSettings | None = None
+        self.backspace_rows: BackspaceRows | None = None
+        self.base_path: str | None = None  # where the pretrained weights came from
+        self.tokenizer: Any = None  # the transformers tokenizer, saved with checkpoints
+
+    def enable_lora(self, settings: LoraSettings) -> None:
+        """Freeze the model and add LoRA adapters (``peft``) to ``settings.target_modules``.
+
+        The ``<bkspc>`` rows stay trainable as two small parameters (one for a model whose
+        output head is tied to its embedding), see :class:`BackspaceRows`.
+        """
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError as err:  # pragma: no cover - depends on the install
+            raise ImportError("LoRA needs the `peft` package: pip install 'seqmatch[hf]'") from err
+        targets = list(settings.target_modules) or default_lora_targets(self.model.config)
+        self.lora = LoraSettings(settings.r, settings.alpha, settings.dropout, tuple(targets))
+        config = LoraConfig(
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=targets,
+            bias="none",
+            # GPT-2's Conv1D layers store their weights transposed.
+            fan_in_fan_out=self.model.config.model_type == "gpt2",
+        )
+        self.model = get_peft_model(self.model, config)
+        self.backspace_rows = BackspaceRows(self.model, self.special.backspace_id)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint must hold: every weight without LoRA, else the adapters and
+        the ``<bkspc>`` rows (the frozen base is reloaded from ``base_path``).
+        """
+        if self.lora is None:
+            return {k: v.detach() for k, v in self.state_dict().items()}
+        return {k: p.detach() for k, p in self.named_parameters() if p.requires_grad}
+
+    def merged_model(self) -> Any:
+        """The plain transformers model, adapters merged and ``<bkspc>`` rows written in.
+
+        Changes this policy (its adapters are merged away): use it to export, then discard.
+        """
+        model = self.model
+        if self.lora is not None:
+            model = model.merge_and_unload()
+        if self.backspace_rows is not None:
+            self.backspace_rows.write_into(model)
+        return model
 
     @classmethod
     def from_config(cls, config: PretrainedConfig, eos_id: int | None = None) -> HFPolicy:
@@ -176,6 +348,10 @@ class HFPolicy(nn.Module):
         return input_ids.masked_fill(input_ids == self.special.pad_id, self.special.eos_id)
 
     def _dtype(self) -> torch.dtype:
+        """The dtype of the attention scores: autocast's when it is on, else the weights'."""
+        device = self.model.get_input_embeddings().weight.device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
         return self.model.get_input_embeddings().weight.dtype
 
     def forward(
@@ -223,25 +399,154 @@ class HFPolicy(nn.Module):
         return out.logits
 
 
+def _from_pretrained(path: Path, **kwargs: Any) -> tuple[Any, Any]:
+    """(model, tokenizer) of a local folder or a GGUF file (dequantised by transformers)."""
+    if path.is_file() and path.suffix == ".gguf":
+        folder, extra = path.parent, {"gguf_file": path.name}
+    elif path.is_dir():
+        folder, extra = path, {}
+    else:
+        raise FileNotFoundError(f"{path}: no such model folder or .gguf file")
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **extra, **kwargs)
+    return model, tokenizer
+
+
 def load_hf(
     path: str | Path,
     dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
 ) -> tuple[HFPolicy, HFVocab]:
-    """Load a causal LM and its tokenizer from a local folder (never from the network).
+    """Load a causal LM and its tokenizer from a local folder or GGUF file (never the network).
 
-    A folder that this project saved with ``<bkspc>`` already in the model is recognised by a
-    ``seqmatch.json`` file beside the weights holding ``{"has_backspace": true}``.
+    A GGUF file (``model.Q4_1.gguf``) is dequantised by transformers' GGUF loader (needs the
+    ``gguf`` package); its tokenizer comes from the same file. A folder that this project saved
+    with ``<bkspc>`` already in the model is recognised by a ``seqmatch.json`` file beside the
+    weights holding ``{"has_backspace": true}``. Otherwise ``<bkspc>`` gets a new embedding and
+    output row, initialised at the mean embedding and the mean output row.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such model folder")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    vocab = HFVocab(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
+    path = Path(path).expanduser()
+    model, tokenizer = _from_pretrained(
+        path, dtype=dtype or torch.float32, attn_implementation=attn_implementation
     )
+    vocab = HFVocab(tokenizer)
     marker = path / "seqmatch.json"
     has_backspace = marker.exists() and bool(json.loads(marker.read_text()).get("has_backspace"))
     policy = HFPolicy(model, vocab.eos_id, num_tokens=len(tokenizer), has_backspace=has_backspace)
+    policy.base_path = str(path.resolve())
+    policy.tokenizer = tokenizer
     return policy, vocab
+
+
+def load_hf_vocab(path: str | Path) -> HFVocab:
+    """The vocabulary of a model folder or GGUF file (reads the tokenizer only)."""
+    path = Path(path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        folder, extra = path.parent, {"gguf_file": path.name}
+    elif path.is_dir():
+        folder, extra = path, {}
+    else:
+        raise FileNotFoundError(f"{path}: no such model folder or .gguf file")
+    return HFVocab(AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra))
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint payload and export
+
+PAYLOAD_FOLDER = "hf"  # in a checkpoint: the model's config.json and the tokenizer's files
+
+
+def save_payload(policy: HFPolicy, folder: Path) -> dict[str, Any]:
+    """Write ``model.safetensors`` (all weights, or adapters and ``<bkspc>`` rows) and ``hf/``
+    (config and tokenizer) into a checkpoint folder; return the metadata that reloads them.
+    """
+    from safetensors.torch import save_file
+
+    if policy.lora is None:
+        from safetensors.torch import save_model
+
+        save_model(policy, str(folder / "model.safetensors"))  # tied weights stored once
+    else:
+        tensors = {k: v.cpu().contiguous() for k, v in policy.trainable_state().items()}
+        save_file(tensors, str(folder / "model.safetensors"))
+    hf = folder / PAYLOAD_FOLDER
+    hf.mkdir(exist_ok=True)
+    base = policy.model.get_base_model() if policy.lora is not None else policy.model
+    base.config.save_pretrained(hf)
+    if policy.tokenizer is not None:
+        policy.tokenizer.save_pretrained(hf)
+    return payload_metadata(policy)
+
+
+def payload_metadata(policy: HFPolicy) -> dict[str, Any]:
+    """What :func:`payload_policy` needs besides the files (stored in ``checkpoint.json``)."""
+    lora = policy.lora
+    return {
+        "kind": "hf",
+        "base": policy.base_path,
+        "num_tokens": policy.special.backspace_id,
+        "eos_id": policy.special.eos_id,
+        "lora": None
+        if lora is None
+        else {
+            "r": lora.r,
+            "alpha": lora.alpha,
+            "dropout": lora.dropout,
+            "target_modules": list(lora.target_modules),
+        },
+    }
+
+
+def payload_policy(folder: Path, metadata: dict[str, Any]) -> HFPolicy:
+    """The policy of a checkpoint written by :func:`save_payload`, before its weights are read.
+
+    Full weights rebuild the model from ``hf/config.json`` alone; adapters need the pretrained
+    model they were trained on, at ``metadata["base"]``. The checkpoint module then loads
+    ``model.safetensors`` into it (every weight, or the adapters and the ``<bkspc>`` rows).
+
+    Raises:
+        ValueError: the base model of the adapters is gone or has another vocabulary.
+    """
+    from transformers import AutoConfig
+
+    num_tokens, eos = int(metadata["num_tokens"]), int(metadata["eos_id"])
+    lora = metadata.get("lora")
+    hf = folder / PAYLOAD_FOLDER
+    tokenizer = AutoTokenizer.from_pretrained(hf, local_files_only=True)
+    if lora is None:
+        config = AutoConfig.from_pretrained(hf, local_files_only=True)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        policy = HFPolicy(model, eos, num_tokens=num_tokens, has_backspace=True)
+    else:
+        base = metadata.get("base")
+        if not base or not Path(base).exists():
+            raise ValueError(
+                f"{folder}: the LoRA adapters need their base model, {base}, which is not there"
+            )
+        policy, _ = load_hf(base)
+        if policy.special.backspace_id != num_tokens or policy.special.eos_id != eos:
+            raise ValueError(f"{folder}: the base model {base} has a different vocabulary")
+        policy.enable_lora(
+            LoraSettings(lora["r"], lora["alpha"], lora["dropout"], tuple(lora["target_modules"]))
+        )
+    policy.base_path = metadata.get("base")
+    policy.tokenizer = tokenizer
+    return policy
+
+
+def export_pretrained(policy: HFPolicy, out: str | Path) -> Path:
+    """Save ``policy`` as a plain transformers folder: adapters merged, ``<bkspc>`` the last
+    row of embedding and head, the tokenizer beside it, and ``seqmatch.json`` marking the row
+    (so :func:`load_hf` and ``--model`` read it back without adding another).
+
+    Changes ``policy`` (its adapters are merged): call it last.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = policy.merged_model()
+    model.save_pretrained(out)
+    if policy.tokenizer is not None:
+        policy.tokenizer.save_pretrained(out)
+    marker = {"has_backspace": True, "backspace_id": policy.special.backspace_id}
+    (out / "seqmatch.json").write_text(json.dumps(marker, indent=1) + "\n")
+    return out

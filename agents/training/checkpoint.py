@@ -28,6 +28,7 @@ user's folder is never touched.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -136,7 +137,8 @@ def nearest_existing(path: Path) -> Path:
 
 def first_missing(path: str | Path) -> Path | None:
     """The outermost folder on the way to ``path`` that does not exist yet (None if it does);
-    removing it undoes a ``mkdir(parents=True)`` of ``path``."""
+    removing it undoes a ``mkdir(parents=True)`` of ``path``.
+    """
     path = Path(os.path.abspath(path))
     existing = nearest_existing(path)
     if existing == path:
@@ -214,11 +216,13 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any])
 
 
 def module_writer(model: torch.nn.Module) -> ModelWriter:
-    """The model payload of a torch module: its weights as ``model.safetensors``."""
+    """The model payload of a policy (:func:`save_model_payload`), for our transformer and a
+    pretrained LM alike; returns the files written, relative to the folder.
+    """
 
     def write(folder: Path) -> list[str]:
-        save_model(model, str(folder / "model.safetensors"))
-        return ["model.safetensors"]
+        save_model_payload(folder, model)  # the first files of the fresh step folder
+        return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
     return write
 
@@ -352,8 +356,28 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def load_weights(path: str | Path, model: torch.nn.Module) -> None:
-    """Load ``model.safetensors`` into ``model`` (strict: every tensor must match and be finite)."""
+    """Load ``model.safetensors`` into ``model``.
+
+    Strict: every tensor must match and be finite; for a LoRA policy, every trainable tensor
+    (the frozen base is not in the file).
+    """
     file = resolve_checkpoint(path) / "model.safetensors"
+    if getattr(model, "lora", None) is not None:
+        try:
+            tensors = load_file(str(file))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{file} is corrupt ({_one_line(err)})") from None
+        expected = set(model.trainable_state())  # type: ignore[operator]
+        if set(tensors) != expected:
+            raise CheckpointError(
+                f"{file} does not fit the adapters: missing {sorted(expected - set(tensors))[:3]}"
+                f", unexpected {sorted(set(tensors) - expected)[:3]}"
+            )
+        bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
+        if bad:
+            raise CheckpointError(f"{file} holds non-finite weights ({', '.join(bad[:3])})")
+        model.load_state_dict(tensors, strict=False)
+        return
     try:
         missing, unexpected = load_model(model, str(file), strict=False)
     except (SafetensorError, OSError, RuntimeError) as err:
@@ -412,3 +436,85 @@ def load_training_state(
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
     return rng
+
+
+# --------------------------------------------------------------------------------------------
+# The model part of a checkpoint, one pair of functions for every kind of policy
+
+
+def save_model_payload(folder: str | Path, policy: torch.nn.Module) -> None:
+    """Write the policy's files into a checkpoint folder.
+
+    Our transformer: ``model.safetensors`` (every weight). A pretrained LM
+    (:class:`agents.models.hf.HFPolicy`): ``model.safetensors`` (every weight, or with LoRA the
+    adapters and the ``<bkspc>`` rows) and ``hf/`` (the model's config.json and the tokenizer's
+    files); :func:`model_metadata` says which.
+    """
+    folder = Path(folder)
+    if hasattr(policy, "trainable_state"):  # an HFPolicy
+        from agents.models.hf import save_payload
+
+        save_payload(policy, folder)  # type: ignore[arg-type]
+    else:
+        save_model(policy, str(folder / "model.safetensors"))
+
+
+def model_metadata(policy: torch.nn.Module) -> dict[str, Any]:
+    """The ``model`` entry of ``checkpoint.json``: what rebuilds the policy around its files."""
+    if hasattr(policy, "trainable_state"):
+        from agents.models.hf import payload_metadata
+
+        return payload_metadata(policy)  # type: ignore[arg-type]
+    return dataclasses.asdict(policy.config)  # type: ignore[call-overload]
+
+
+def load_policy(path: str | Path, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """The policy of a checkpoint (for evaluation, generation, export) and its metadata.
+
+    Reads only the checkpoint (and, for LoRA adapters, their base model): never a task's data.
+    """
+    from agents.models.policy import TransformerConfig, TransformerPolicy
+    from agents.training.config import resolve_device
+    from agents.training.memory import check_memory, policy_bytes
+    from seqenv.vocab import vocab_from_json
+
+    path = Path(path)
+    metadata = read_metadata(path)
+    torch_device = resolve_device(device)
+    try:
+        vocab = vocab_from_json(metadata["vocab"])
+        model = dict(metadata["model"])
+        int(metadata["max_length"]), int(metadata["max_steps"])
+        metadata["task"]["name"], dict(metadata["task"]["kwargs"])
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(
+            f"{path}: checkpoint.json is incomplete or corrupt ({type(err).__name__}: {err})"
+        ) from None
+    try:
+        if model.get("kind") == "hf":
+            from agents.models.hf import payload_policy
+
+            try:
+                policy: Any = payload_policy(resolve_checkpoint(path), model)
+            except ValueError as err:
+                raise CheckpointError(str(err)) from None
+            if policy.special != vocab.special:
+                raise CheckpointError(
+                    f"{path}: the model's special ids differ from the vocabulary's"
+                )
+            load_weights(path, policy)
+        else:
+            # A tampered shape must not reach the allocator: the weights' size comes first.
+            check_memory(
+                policy_bytes(model, vocab.special.num_actions, 1, 1),
+                torch.device("cpu"),
+                f"{path}: the checkpoint's model",
+            )
+            policy = TransformerPolicy(vocab.special, TransformerConfig(**model))
+            load_weights(path, policy)
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: checkpoint.json is incomplete or corrupt ({err})") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read the model ({_one_line(err)})") from None
+    policy.to(torch_device).eval()
+    return policy, metadata

@@ -15,7 +15,8 @@ from agents.objectives import make_objective
 
 class RunError(RuntimeError):
     """A run refused or stopped for a reason the user can act on (memory, device, a diverged
-    loss, a full disk, an interrupt): reported in one line, like bad input."""
+    loss, a full disk, an interrupt): reported in one line, like bad input.
+    """
 
 
 Agent = Literal["mle", "bc", "sequencematch"]
@@ -77,6 +78,22 @@ class TrainConfig:
     undoing."""
     backspace: bool = True
     """Allow the backspace action; False gives the no-backspace ablation (and no noise)."""
+
+    # Pretrained model (agents.models.hf)
+    model: str | None = None
+    """Fine-tune this pretrained causal LM (a local transformers folder or a .gguf file) instead
+    of training our own transformer; its tokenizer becomes the task's vocabulary."""
+    lora_r: int = 16
+    """LoRA rank with --model (adapters on every projection); 0: full fine-tuning."""
+    lora_alpha: int = 32
+    """LoRA scale numerator: the update is lora_alpha / lora_r * B @ A."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA adapters' input."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (--model only): less memory, ~30% slower."""
+    data: str | None = None
+    """Your demonstrations instead of the task's: a JSONL file of {"prompt", "completion"} or
+    {"text"} records, a text file (one passage a line), or a `datasets` save_to_disk folder."""
 
     # Model
     layers: int = 2
@@ -225,6 +242,18 @@ class TrainConfig:
             raise ValueError(
                 f"--noise-type must be random or ground_truth, got {self.noise_type!r}"
             )
+        if self.model is not None:
+            if self.lora_r < 0:
+                raise ValueError(f"--lora-r must be >= 0, got {self.lora_r}")
+            if not 0.0 <= self.lora_dropout < 1.0:
+                raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+            if self.task == "dyck":
+                raise ValueError(
+                    "task 'dyck' cannot use a pretrained model's tokenizer (subword tokens merge "
+                    "brackets); use arithmetic or text with --model"
+                )
+        elif self.gradient_checkpointing:
+            raise ValueError("--gradient-checkpointing applies to --model only")
         if self.resume and not self.save:
             raise ValueError("--resume needs --save (the checkpoint folder to resume from)")
         if self.overwrite and not self.save:

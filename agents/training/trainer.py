@@ -38,7 +38,7 @@ import threading
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import numpy as np
 import torch
@@ -69,9 +69,11 @@ from agents.training.checkpoint import (
     check_writable_dir,
     first_missing,
     is_checkpoint,
+    load_policy,
     load_training_state,
     load_weights,
     mark_checkpoint,
+    model_metadata,
     nearest_existing,
     read_metadata,
     resolve_checkpoint,
@@ -79,17 +81,24 @@ from agents.training.checkpoint import (
 )
 from agents.training.config import RunError, TrainConfig, resolve_device
 from agents.training.logger import Logger
+from agents.training.memory import check_memory, training_bytes
 from seqenv.disturbance import KEY_BOUND, Disturbance
 from seqenv.rules import step_budget
 from seqenv.tasks import Task, make_task
-from seqenv.trajectory import LabelKind, Trajectory, disturbed_demonstrations
-from seqenv.vocab import vocab_from_json
+from seqenv.trajectory import LabelKind, Trajectory, disturbed_demonstrations, load_demonstrations
+from seqenv.vocab import SpecialIds, Vocab
+
+if TYPE_CHECKING:
+    from agents.models.hf import HFPolicy
+
+Policy: TypeAlias = "TransformerPolicy | HFPolicy"
+"""The policies a run trains: our transformer, or a pretrained LM (``--model``)."""
 
 
 class _BatchForward(nn.Module):
     """``forward(batch)`` of a policy, so that DDP and torch.compile see the whole masked pass."""
 
-    def __init__(self, policy: TransformerPolicy) -> None:
+    def __init__(self, policy: Policy) -> None:
         super().__init__()
         self.policy = policy
 
@@ -99,9 +108,10 @@ class _BatchForward(nn.Module):
 
 class _PolicyView:
     """What the objectives see: the policy's ids, with ``forward_batch`` routed through the
-    (possibly DDP-wrapped, possibly compiled) batch module so gradients are synchronised."""
+    (possibly DDP-wrapped, possibly compiled) batch module so gradients are synchronised.
+    """
 
-    def __init__(self, policy: TransformerPolicy, batch_forward: nn.Module) -> None:
+    def __init__(self, policy: Policy, batch_forward: nn.Module) -> None:
         self.policy = policy
         self.special = policy.special
         self._batch_forward = batch_forward
@@ -136,20 +146,37 @@ class Trainer:
         # Task, data and noise.
         if task is not None and task.name != config.task:
             raise ValueError(f"task object {task.name!r} given for config.task {config.task!r}")
-        self.task: Task = (
-            task if task is not None else make_task(config.task, **config.task_kwargs())
-        )
+        # With --model the task is built on the model's tokenizer, so ids agree everywhere.
+        model_vocab = model_vocabulary(config)
+        if task is None:
+            task = make_task(config.task, vocab=model_vocab, **config.task_kwargs())
+        elif model_vocab is not None and task.vocab.special != model_vocab.special:
+            raise ValueError(
+                f"the task's vocabulary is not the tokenizer of {config.model}: build the "
+                "environment on it (SequenceGenEnv(task=make_task(name, vocab=...)))"
+            )
+        self.task: Task = task
         self.vocab = self.task.vocab
         self.special = self.vocab.special
         self.max_length = config.max_length or self.task.default_max_length
         self.max_steps = step_budget(self.max_length, config.max_steps)
-        check_memory(
-            training_bytes(config, self.special.num_actions, self.max_length, self.max_steps),
-            self.device,
-            "the model, its optimizer and a batch",
-        )
-        self.demonstrations = self.task.demonstrations(
-            "train", config.num_demonstrations, self.max_length, seed=config.seed
+        if config.model is None:  # a pretrained model's size is known only once it is read
+            check_memory(
+                training_bytes(config, self.special.num_actions, self.max_length, self.max_steps),
+                self.device,
+                "the model, its optimizer and a batch",
+            )
+        self.demonstrations = (
+            self.task.demonstrations(
+                "train", config.num_demonstrations, self.max_length, seed=config.seed
+            )
+            if config.data is None
+            else load_demonstrations(
+                config.data,
+                self.vocab,
+                self.max_length,
+                prompt_tokens=getattr(self.task, "prompt_tokens", None),
+            )
         )
         self.eval_key = f"eval/{headline(self.task.name)}"  # shown beside the progress bar
         self.heldout = self.task.demonstrations(
@@ -169,17 +196,7 @@ class Trainer:
 
         # Policy, optimizer, schedule.
         torch.manual_seed(config.seed)
-        self.policy = TransformerPolicy(
-            self.special,
-            TransformerConfig(
-                num_layers=config.layers,
-                width=config.width,
-                num_heads=config.heads,
-                context_length=self.max_length,
-                dropout=config.dropout,
-                positions=config.positions,  # type: ignore[arg-type]
-            ),
-        ).to(self.device)
+        self.policy = build_policy(config, self.special, self.max_length).to(self.device)
         batch_forward: nn.Module = _BatchForward(self.policy)
         if config.compile:
             batch_forward = torch.compile(batch_forward)  # type: ignore[assignment]
@@ -188,7 +205,7 @@ class Trainer:
         self.batch_forward = batch_forward
         self.policy_view = _PolicyView(self.policy, batch_forward)
         self.optimizer = torch.optim.AdamW(
-            self.policy.parameters(),
+            [p for p in self.policy.parameters() if p.requires_grad],  # LoRA: the adapters
             lr=config.lr,
             weight_decay=config.weight_decay,
             betas=(0.9, 0.95),
@@ -257,7 +274,8 @@ class Trainer:
     # -- data --------------------------------------------------------------------------------
     def _data_batch(self) -> list[Trajectory]:
         """This rank's slice of the global batch of demonstrations: the expert acting in the
-        disturbed environment (it backspaces each disturbance), or clean ones without it."""
+        disturbed environment (it backspaces each disturbance), or clean ones without it.
+        """
         config = self.config
         total = config.batch_size * self.world_size
         index = self.data_rng.integers(0, len(self.demonstrations), size=total)
@@ -358,7 +376,9 @@ class Trainer:
             losses.append(out.loss.detach())
             for key, value in out.metrics.items():
                 logger.record(f"losses/{key}", value)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), config.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.policy.parameters() if p.requires_grad], config.grad_clip
+        )
         self._check_finite(torch.stack(losses), grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]  # this update's (the scheduler moves on below)
         self.optimizer.step()
@@ -381,7 +401,8 @@ class Trainer:
 
     def _check_finite(self, losses: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """Stop before a non-finite loss or gradient reaches the weights (one host sync per
-        update: a NaN must never be stepped into the weights, nor saved)."""
+        update: a NaN must never be stepped into the weights, nor saved).
+        """
         if bool(torch.isfinite(losses).all() & torch.isfinite(grad_norm)):
             return
         last = "none was saved"
@@ -439,7 +460,8 @@ class Trainer:
     @torch.no_grad()
     def _divergence_estimate(self, episodes: list[Trajectory]) -> float:
         """d_hat of the agent's own evaluation ``episodes`` against the held-out demonstrations,
-        both in the agent's environment (disturbed when it trains with a disturbance)."""
+        both in the agent's environment (disturbed when it trains with a disturbance).
+        """
         demos = self.heldout
         if self.disturbance is not None:  # fixed keys: the same demonstrations at every eval
             keys = np.random.default_rng([self.config.seed, 4]).integers(0, KEY_BOUND, len(demos))
@@ -469,12 +491,14 @@ class Trainer:
             "config": dataclasses.asdict(self.config),
             "vocab": self.vocab.to_json(),
             "task": {
-                "name": self.config.task,
+                "name": self.config.task,  # as given: a module:Class spec reloads
                 "kwargs": self.task.config(),
-            },  # as given: a module:Class spec reloads
-            "model": dataclasses.asdict(self.policy.config),
+            },
+            "model": model_metadata(self.policy),
             "max_length": self.max_length,
             "max_steps": self.max_steps,
+            # Evaluation and generation read these instead of the task's data (a text corpus).
+            "test_prompts": [d.prompt.tolist() for d in self.heldout],
             "data_rng": self.data_rng.bit_generator.state,
             "buffer": self.buffer.to_json(),
             "eval": self.last_eval,
@@ -627,6 +651,8 @@ class Trainer:
         return f"interrupted after update {self.step}" + (where if self.config.save else "")
 
 
+__all__ = ["Trainer", "build_policy", "load_policy", "model_vocabulary"]
+
 # Settings that may change between a run and its resume (where things go, how they are shown).
 _RESUMABLE = {
     "resume", "overwrite", "json", "progress", "logdir", "name", "save", "steps", "device",
@@ -640,7 +666,8 @@ def _reason(err: OSError) -> str:
 @contextlib.contextmanager
 def _stop_on_sigint() -> Any:
     """Turn the first SIGINT into a flag the loop checks between updates (the state is then
-    consistent, so the checkpoint resumes exactly); a second SIGINT interrupts at once."""
+    consistent, so the checkpoint resumes exactly); a second SIGINT interrupts at once.
+    """
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -675,77 +702,45 @@ def check_output_dir(path: Path, option: str) -> None:
     check_writable_dir(existing, option)
 
 
-def _parameters(width: int, layers: int, num_embeddings: int, context: int) -> int:
-    """Parameters of a :class:`TransformerPolicy` (attention 4 w^2 + MLP 8 w^2 per layer)."""
-    return 12 * layers * width * width + (num_embeddings + context) * width
+def model_vocabulary(config: TrainConfig) -> Vocab | None:
+    """The tokenizer vocabulary of ``config.model``; None without a pretrained model."""
+    if config.model is None:
+        return None
+    from agents.models.hf import load_hf_vocab
+
+    return load_hf_vocab(config.model)
 
 
-def training_bytes(config: TrainConfig, num_actions: int, max_length: int, max_steps: int) -> int:
-    """A rough lower estimate of a run's memory: weights, gradients and AdamW moments (fp32),
-    the activations of one micro-batch, and the KV caches of a rollout or evaluation batch."""
-    width, layers = config.width, config.layers
-    params = _parameters(width, layers, num_actions + 4, max_length)
-    rows = config.batch_size // config.grad_accum * (2 if config.agent == "sequencematch" else 1)
-    T = max_length + max_steps
-    activations = rows * T * (layers * (16 * width + config.heads * T) + 3 * num_actions)
-    rollouts = max(config.rollouts, config.eval_episodes) * T * (2 * layers * width + num_actions)
-    return 4 * (4 * params + max(activations, rollouts))
-
-
-def policy_bytes(model: dict[str, Any], num_actions: int, num_sequences: int, T: int) -> int:
-    """A rough lower estimate of generating ``num_sequences`` with a policy of config ``model``."""
-    width, layers = int(model["width"]), int(model["num_layers"])
-    params = _parameters(width, layers, num_actions + 4, int(model["context_length"]))
-    return 4 * (params + num_sequences * T * (2 * layers * width + num_actions))
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free for tensors on ``device``, or None when unknown."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type == "cpu":
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        with contextlib.suppress(ValueError, OSError, AttributeError):
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return None
-
-
-def check_memory(num_bytes: int, device: torch.device, what: str) -> None:
-    """RunError (one line) when ``num_bytes`` exceed what ``device`` has free."""
-    free = available_memory(device)
-    if free is not None and num_bytes > free:
-        raise RunError(
-            f"{what} need about {num_bytes / 2**30:.3g} GiB, {device.type} has "
-            f"{free / 2**30:.3g} GiB free: make the model, batch or sample count smaller"
+def build_policy(config: TrainConfig, special: SpecialIds, max_length: int) -> Policy:
+    """The policy a run trains: our transformer, or the pretrained LM of ``config.model``
+    (LoRA adapters when ``config.lora_r > 0``, all weights otherwise).
+    """
+    if config.model is None:
+        return TransformerPolicy(
+            special,
+            TransformerConfig(
+                num_layers=config.layers,
+                width=config.width,
+                num_heads=config.heads,
+                context_length=max_length,
+                dropout=config.dropout,
+                positions=config.positions,  # type: ignore[arg-type]
+            ),
         )
+    from agents.models.hf import LoraSettings, load_hf
 
-
-def load_policy(path: str | Path, device: str = "cpu") -> tuple[TransformerPolicy, dict[str, Any]]:
-    """The policy of a checkpoint (for evaluation and generation) and its metadata."""
-    metadata = read_metadata(path)
-    folder = resolve_checkpoint(path)
-    torch_device = resolve_device(device)
-    try:
-        vocab = vocab_from_json(metadata["vocab"])
-        model_config = TransformerConfig(**metadata["model"])
-        int(metadata["max_length"]), int(metadata["max_steps"])
-        metadata["task"]["name"], dict(metadata["task"]["kwargs"])
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise CheckpointError(
-            f"{path}: checkpoint.json is incomplete or corrupt ({type(err).__name__}: {err})"
-        ) from None
-    # A tampered shape must not reach the allocator: the weights' size comes first.
-    check_memory(
-        policy_bytes(metadata["model"], vocab.special.num_actions, 1, 1),
-        torch.device("cpu"),
-        f"{path}: the checkpoint's model",
-    )
-    policy = TransformerPolicy(vocab.special, model_config)
-    load_weights(folder, policy)
-    policy.to(torch_device).eval()
-    return policy, metadata
+    policy, _ = load_hf(config.model)
+    if policy.special != special:
+        raise ValueError(f"{config.model}: the model's special ids differ from the task's")
+    if policy.max_positions is not None and max_length > policy.max_positions:
+        raise ValueError(
+            f"--max-length {max_length} exceeds the model's {policy.max_positions} positions"
+        )
+    if config.lora_r > 0:
+        policy.enable_lora(LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout))
+    if config.gradient_checkpointing:
+        # Non-reentrant: works with a frozen embedding (no input needs a gradient).
+        policy.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    return policy

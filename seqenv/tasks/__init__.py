@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from seqenv.tasks.base import Example, Split, Task
+from seqenv.vocab import Vocab
 
 TaskFactory = Callable[..., Task]
 """Builds a task from keyword arguments (a :class:`Task` subclass is one)."""
@@ -65,8 +66,13 @@ def _import_factory(spec: str) -> TaskFactory:
     return factory
 
 
-def make_task(name: str, **kwargs: Any) -> Task:
-    """Build a task by name (or ``module:Class``); keyword arguments go to its constructor."""
+def make_task(name: str, vocab: Vocab | None = None, **kwargs: Any) -> Task:
+    """Build a task by name (or ``module:Class``); keyword arguments go to its constructor.
+
+    ``vocab``: build the task on this vocabulary (a pretrained model's tokenizer) instead of
+    its own; the arithmetic and text tasks accept one. Dyck does not: it needs one token per
+    bracket, and subword tokenizers merge brackets.
+    """
     if ":" in name:
         factory = _import_factory(name)
     else:
@@ -77,6 +83,13 @@ def make_task(name: str, **kwargs: Any) -> Task:
                 "(or module:Class)"
             )
         factory = factories[name]
+    if vocab is not None:
+        if name == "dyck":
+            raise ValueError(
+                "task 'dyck' cannot use a pretrained model's tokenizer (subword tokens merge "
+                "brackets); use arithmetic or text with --model"
+            )
+        kwargs = {**kwargs, "vocab": vocab}
     try:
         task = factory(**kwargs)
     except TypeError as err:

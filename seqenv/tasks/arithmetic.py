@@ -41,7 +41,7 @@ from typing import ClassVar
 import numpy as np
 
 from seqenv.tasks.base import Example, Split, Task
-from seqenv.vocab import CharVocab
+from seqenv.vocab import CharVocab, Vocab
 
 DIGITS = "0123456789abcdef"
 MIN_BASE, MAX_BASE = 2, 16
@@ -129,6 +129,9 @@ class ArithmeticTask(Task):
         signed: operands can be negative (the dataset); False draws them non-negative.
         test_fraction: the share of all questions kept for the test split; 0 draws both splits
             from every question (then they overlap).
+        vocab: the vocabulary to write questions and answers in (e.g. a pretrained model's
+            tokenizer, :class:`seqenv.vocab.PretrainedVocab`); one character per token if unset.
+            Each digit must be one token of it. Not part of :meth:`config`.
     """
 
     name: ClassVar[str] = "arithmetic"
@@ -142,6 +145,7 @@ class ArithmeticTask(Task):
         entropy: Sequence[float] = (3.0, 10.0),
         signed: bool = True,
         test_fraction: float = 0.1,
+        vocab: Vocab | None = None,
     ) -> None:
         if base is not None and (
             isinstance(base, bool) or not isinstance(base, int) or not MIN_BASE <= base <= MAX_BASE
@@ -181,9 +185,12 @@ class ArithmeticTask(Task):
         self.bases: tuple[int, ...] = (
             tuple(range(MIN_BASE, MAX_BASE + 1)) if base is None else (base,)
         )
-        self.vocab: CharVocab = CharVocab(CHARS)
+        self.vocab: Vocab = CharVocab(CHARS) if vocab is None else vocab
         self._answers: OrderedDict[tuple[int, ...], tuple[int, ...]] = OrderedDict()
-        self._digit_ids = tuple(self.vocab.encode(DIGITS))
+        digit_ids = [self.vocab.encode(d) for d in DIGITS]
+        if any(len(ids) != 1 for ids in digit_ids):
+            raise ValueError("the arithmetic task needs a vocabulary with one token per digit")
+        self._digit_ids = tuple(ids[0] for ids in digit_ids)
         self.default_max_length = self._longest_episode() + 1 + SLACK  # + 1: the slot of <eos>
 
     # ----------------------------------------------------------------------------------------
@@ -276,7 +283,14 @@ class ArithmeticTask(Task):
         if not terminated:
             return 0.0
         expected = self._expected(tuple(prompt))
-        return float(expected is not None and tuple(generated) == expected)
+        if expected is None:
+            return 0.0
+        if tuple(generated) == expected:
+            return 1.0
+        # A subword vocabulary spells the same answer in more than one way: compare the text.
+        if isinstance(self.vocab, CharVocab):
+            return 0.0
+        return float(self.vocab.decode(generated) == self.vocab.decode(expected))
 
     def _expected(self, prompt: tuple[int, ...]) -> tuple[int, ...] | None:
         """The answer's ids for a prompt, None if the prompt is not a question.

@@ -25,7 +25,7 @@ from typing import ClassVar
 import numpy as np
 
 from seqenv.tasks.base import Example, Split, Task
-from seqenv.vocab import TokenizerVocab
+from seqenv.vocab import PretrainedVocab, TokenizerVocab
 
 # Bump when the tokenizer's configuration or the text normalisation changes: the cache key
 # includes it, so an old cached tokenizer is never reused for the new recipe.
@@ -228,6 +228,8 @@ class TextTask(Task):
         test_fraction: share of the corpus held out for the test split, in [0, 1).
         tokenizer_path: where to load the tokenizer from, or save it to after training.
         seed: chooses the training sample of an oversized corpus.
+        vocab: a pretrained model's vocabulary to tokenize with instead of training a BPE
+            (``vocab_size`` and ``tokenizer_path`` are then unused). Not part of :meth:`config`.
 
     Raises:
         CorpusError: a missing path, an empty corpus or folder without ``.txt`` files, a file that
@@ -236,7 +238,7 @@ class TextTask(Task):
     """
 
     name: ClassVar[str] = "text"
-    vocab: TokenizerVocab
+    vocab: TokenizerVocab | PretrainedVocab
 
     def __init__(
         self,
@@ -247,6 +249,7 @@ class TextTask(Task):
         test_fraction: float = 0.1,
         tokenizer_path: str | os.PathLike[str] | None = None,
         seed: int = 0,
+        vocab: PretrainedVocab | None = None,
     ) -> None:
         if corpus is None:
             corpus = austen_corpus()
@@ -270,17 +273,22 @@ class TextTask(Task):
         self.default_max_length = prompt_tokens + continuation_tokens
 
         self.documents = split_documents(_read_documents(self.corpus), test_fraction)
-        self.vocab, self.tokenizer_path, self.trained = self._load_or_train(tokenizer_path)
+        if vocab is None:
+            self.vocab, self.tokenizer_path, self.trained = self._load_or_train(tokenizer_path)
+        else:
+            self.vocab, self.tokenizer_path, self.trained = vocab, None, False
 
         self._tokens: dict[Split, list[np.ndarray]] = {}
         self._cumulative: dict[Split, np.ndarray] = {}
         for split, documents in self.documents.items():
             self._tokenize(split, documents)
-        # Unigram distribution of the train split, for ground-truth noise.
-        num_tokens = self.vocab.eos_id
-        counts = np.zeros(num_tokens, dtype=np.int64)
+        # Unigram distribution of the train split over the ordinary tokens, for ground-truth
+        # noise (a pretrained tokenizer's eos is among its ids: it never counts as a token).
+        special = self.vocab.special
+        counts = np.zeros(special.num_actions, dtype=np.int64)
         for ids in self._tokens["train"]:
-            counts += np.bincount(ids, minlength=num_tokens)
+            counts += np.bincount(ids, minlength=special.num_actions)[: special.num_actions]
+        counts[[special.eos_id, special.backspace_id]] = 0
         self._unigram_counts = counts
         self._unigram_cdf = np.cumsum(counts) / counts.sum()
 
@@ -410,7 +418,8 @@ class TextTask(Task):
             token = min(int(np.searchsorted(cdf, rng.random(), side="right")), len(cdf) - 1)
             if token != true_next and self._unigram_counts[token] > 0:
                 return token
-        others = np.flatnonzero(np.arange(len(cdf)) != true_next)
+        special = self.vocab.special
+        others = [i for i in range(len(cdf)) if i != true_next and special.is_token(i)]
         return int(rng.choice(others))
 
     def config(self) -> dict:
