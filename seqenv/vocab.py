@@ -332,7 +332,13 @@ def decode_with(
 
 
 def vocab_from_json(data: dict) -> Vocab:
-    """Inverse of ``Vocab.to_json`` (checkpoints store vocabularies this way)."""
+    """Inverse of ``Vocab.to_json`` (checkpoints store vocabularies this way).
+
+    Raises:
+        VocabularyError: for anything that is not a stored vocabulary.
+    """
+    if not isinstance(data, dict):
+        raise VocabularyError(f"a stored vocabulary is a JSON object, got {type(data).__name__}")
     kind = data.get("kind")
     if kind == "char":
         return CharVocab(list(data["chars"]))

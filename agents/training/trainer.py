@@ -255,7 +255,7 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self.autocast_dtype = torch.bfloat16 if config.bf16 and self.device.type == "cuda" else None
         self._first_step = 0  # the step this process started training from (set by train)
-        self._saved: tuple[int, dict[str, float]] | None = None  # (step, eval) of the last save
+        self._saved_step: int | None = None  # the update of the last save
 
     # -- schedule ----------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
@@ -523,7 +523,7 @@ class Trainer:
                     f"could not save the checkpoint of step {self.step} to {path} ({reason}); "
                     "the previous checkpoint there is intact"
                 ) from None
-        self._saved = (self.step, dict(self.last_eval))
+        self._saved_step = self.step
         if self.distributed:
             dist.barrier()
 
@@ -584,7 +584,7 @@ class Trainer:
             except BaseException:
                 if created is not None and self.step == self._first_step:
                     shutil.rmtree(created, ignore_errors=True)
-                if claimed is not None and self._saved is None:  # nothing saved: unclaim it
+                if claimed is not None and self._saved_step is None:  # nothing saved: unclaim it
                     if claimed.is_dir():
                         shutil.rmtree(claimed, ignore_errors=True)
                     else:
@@ -630,7 +630,9 @@ class Trainer:
                         loss=f"{means.get('losses/loss', float('nan')):.3f}",
                         eval=f"{self.last_eval.get(self.eval_key, float('nan')):.2f}",
                     )
-                if config.save and config.save_interval and self.step % config.save_interval == 0:
+                # The last update's checkpoint is written once, after the final evaluation.
+                interval = config.save_interval and self.step % config.save_interval == 0
+                if config.save and interval and self.step < config.steps:
                     self.save(config.save)
             if (
                 not self.last_eval
@@ -639,7 +641,9 @@ class Trainer:
             ):
                 self.last_eval = self.evaluate(logger)
                 self.history.append({"step": self.step, **logger.dump(self.step)})
-            if config.save and self._saved != (self.step, self.last_eval):  # not saved just now
+            # Not saved just now: an evaluation repeated at the same update gives the same
+            # values (its own seeded stream), so the update alone says the state is saved.
+            if config.save and self._saved_step != self.step:
                 self.save(config.save)
         finally:
             bar.close()

@@ -10,6 +10,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from agents.cli import main
+from agents.training.checkpoint import resolve_checkpoint
 from tests.agents.test_pretrained import save_tiny_model
 
 ARITHMETIC = [
@@ -45,18 +46,21 @@ def test_train_eval_generate_resume_export(
     save = tmp_path / "ck"
     common = [*ARITHMETIC, "--model", model_dir, "--agent", agent, "--lora-r", lora_r]
     assert run("train", *common, "--steps", "3", "--save", save) == 0
-    document = json.loads((save / "checkpoint.json").read_text())
+    document = json.loads((resolve_checkpoint(save) / "checkpoint.json").read_text())
     assert document["step"] == 3 and document["model"]["kind"] == "hf"
     assert (document["model"]["lora"] is None) == (lora_r == "0")
-    assert (save / "hf" / "tokenizer.json").is_file() and (save / "hf" / "config.json").is_file()
+    folder = resolve_checkpoint(save)
+    assert (folder / "hf" / "tokenizer.json").is_file() and (
+        folder / "hf" / "config.json"
+    ).is_file()
     assert not [p for p in save.rglob("*") if p.suffix in (".bin", ".pt", ".pkl")]
 
     assert run("train", *common, "--steps", "4", "--save", save, "--resume") == 0
-    assert json.loads((save / "checkpoint.json").read_text())["step"] == 4
+    assert json.loads((resolve_checkpoint(save) / "checkpoint.json").read_text())["step"] == 4
 
     capsys.readouterr()
     assert run("eval", "--checkpoint", save, "--episodes", "3", "--device", "cpu") == 0
-    assert "task/score" in capsys.readouterr().out
+    assert "task/accuracy" in capsys.readouterr().out
     assert (
         run(
             "generate",
@@ -123,7 +127,7 @@ def test_data_records(model_dir: Path, tmp_path: Path) -> None:
     base = [*ARITHMETIC, "--model", model_dir, "--agent", "bc", "--steps", "1"]
     save = tmp_path / "ck"
     for data in (jsonl, folder):
-        assert run("train", *base, "--data", data, "--save", save) == 0
+        assert run("train", *base, "--data", data, "--save", save, "--overwrite") == 0
     # Text records need the prompt length of a text task.
     text_args = [
         "--task-args",
