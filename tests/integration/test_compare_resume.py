@@ -214,3 +214,20 @@ def test_run_spec_paths(tmp_path: Path) -> None:
     sweep = RunSpec("bc", 0, tmp_path / "sweep", (("eta", 0.5),))
     assert sweep.path == tmp_path / "sweep" / "runs" / "bc-s0-eta=0.5.json"
     assert sweep.describe() == "bc seed 0 eta=0.5"
+
+
+@pytest.mark.slow
+def test_two_jobs_give_the_runs_of_one_job(tmp_path: Path) -> None:
+    def rows(jobs: int) -> dict[str, Any]:
+        out = tmp_path / f"jobs{jobs}"
+        argv = ["compare", "--quick", "--agents", "mle,sequencematch", "--seeds", "1"]
+        assert main([*argv, "--out", str(out), "--jobs", str(jobs), "--no-progress"]) == 0
+        found = {}
+        for path in sorted((out / "runs").glob("*.json")):
+            row = json.loads(path.read_text())["row"]
+            found[path.name] = {k: v for k, v in row.items() if not k.endswith("_seconds")}
+        return found
+
+    one, two = rows(1), rows(2)
+    assert set(one) == {"mle-s0.json", "sequencematch-s0.json"}
+    assert one == two
