@@ -533,7 +533,8 @@ def _run_spec(
     """Train and evaluate one run; its row (with the sweep value where there is one)."""
     if task is None:
         task = make_task(config["task"], **config.get("task_args", {}))
-    _clear_unfinished(spec.out / "runs" / run_key(spec.agent, spec.seed))
+    if not spec.overrides:  # sweep runs of one agent and seed share a TensorBoard folder
+        _clear_unfinished(spec.out / "runs" / run_key(spec.agent, spec.seed))
     overrides = dict(spec.overrides)
     row = run_one(config, task, spec.agent, spec.seed, spec.out, device, progress, **overrides)
     if overrides:
