@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agents.cli import main
-from agents.experiments.compare import CompareConfig, aggregate, load_config
+from agents.experiments.compare import CompareConfig, load_config
 
 
 def test_compare_quick_writes_every_output(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

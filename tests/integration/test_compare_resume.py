@@ -201,6 +201,22 @@ def test_curves_are_grouped_by_agent_and_the_report_shows_differences(
     assert diff["better"] == "sequencematch" and diff["ci95"][0] > 0
 
 
+def test_sweep_runs_have_their_own_files_and_resume(tmp_path: Path, fake: FakeRunOne) -> None:
+    config = {**compare.DEFAULT_CONFIG, "name": "with-sweep"}
+    config["sweep"] = {"param": "eta", "values": [0.1, 0.5], "agents": ["sequencematch"]}
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "cmp"
+    settings = {"config": str(path), "agents": "mle", "seeds": 2}
+    results = run_compare(options(out, **settings))
+    names = sorted(p.name for p in (out / "sweep" / "runs").glob("*.json"))
+    assert names == sorted(f"sequencematch-s{s}-eta={v}.json" for v in (0.1, 0.5) for s in (0, 1))
+    assert set(results["sweep"]["by_value"]["sequencematch"]) == {"0.1", "0.5"}
+    assert len(fake.calls) == 6
+    run_compare(options(out, **settings))
+    assert len(fake.calls) == 6
+
+
 def compare_curve(results: dict, agent: str, key: str) -> tuple[list[float], ...]:
     from agents.experiments.report import grouped_curve
 
