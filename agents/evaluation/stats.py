@@ -134,16 +134,18 @@ def bootstrap_diff_ci95(
 
     Each side is resampled as in :func:`hierarchical_bootstrap_ci95` (seeds, then episodes
     where given). ``factor`` states targets such as "A's invalid rate is at most half of B's"
-    (``factor=0.5``: A - B/2 <= 0).
+    (``factor=0.5``: A - B/2 <= 0). A side of one run given by a single value has no spread
+    to resample: the interval is then ``(nan, nan)``.
     """
+    a_mean = np.mean([_run_mean(r) for r in a_runs])
+    diff = float(a_mean - factor * np.mean([_run_mean(r) for r in b_runs]))
+    if any(len(runs) == 1 and isinstance(runs[0], int | float) for runs in (a_runs, b_runs)):
+        return diff, math.nan, math.nan
     rng = np.random.default_rng(seed)
     a = _resampled_means(a_runs, num_resamples, rng)
     b = _resampled_means(b_runs, num_resamples, rng)
-    diff = np.mean([_run_mean(r) for r in a_runs]) - factor * np.mean(
-        [_run_mean(r) for r in b_runs]
-    )
     lo, hi = np.percentile(a - factor * b, [2.5, 97.5])
-    return float(diff), float(lo), float(hi)
+    return diff, float(lo), float(hi)
 
 
 def is_better(
@@ -159,7 +161,7 @@ def is_better(
     Returns:
         ``(better, (diff, lo, hi))`` with ``diff = mean(A) - factor * mean(B)``; ``better`` is
         True when the whole interval lies on the good side of zero (above it when higher is
-        better, below it otherwise).
+        better, below it otherwise); False where there is no interval.
     """
     diff, lo, hi = bootstrap_diff_ci95(a_runs, b_runs, factor, num_resamples, seed)
     better = lo > 0 if higher_is_better else hi < 0

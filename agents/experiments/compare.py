@@ -39,7 +39,6 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
@@ -530,23 +529,37 @@ class RunSpec:
 def _run_spec(
     config: dict[str, Any], task: Task | None, spec: RunSpec, device: str, progress: bool
 ) -> dict[str, Any]:
-    """Train and evaluate one run; its row (with the sweep value where there is one)."""
+    """Train and evaluate one run; its row (with the sweep value where there is one) and the
+    CPU seconds it took (``cpu_seconds``: the measure of cost on a busy machine)."""
     if task is None:
         task = make_task(config["task"], **config.get("task_args", {}))
     if not spec.overrides:  # sweep runs of one agent and seed share a TensorBoard folder
         _clear_unfinished(spec.out / "runs" / run_key(spec.agent, spec.seed))
     overrides = dict(spec.overrides)
+    cpu_start = time.process_time()
     row = run_one(config, task, spec.agent, spec.seed, spec.out, device, progress, **overrides)
+    row["cpu_seconds"] = time.process_time() - cpu_start  # this process's CPU time, all threads
     if overrides:
         row["value"] = next(iter(overrides.values()))
     return row
 
 
-def _worker(config: dict[str, Any], spec: RunSpec, device: str, threads: int | None) -> dict:
-    """One run in a worker process (spawned: a fresh interpreter, torch threads set first)."""
+def _worker_task(
+    task: tuple[dict[str, Any], RunSpec, str, int | None],
+) -> tuple[RunSpec, dict[str, Any]]:
+    """One run in a worker process (spawned: a fresh interpreter, torch threads set first).
+
+    Raises:
+        RuntimeError: for a run stopped by Ctrl-C (a KeyboardInterrupt would kill the worker
+            and leave the pool waiting for its result).
+    """
+    config, spec, device, threads = task
     if threads:
         torch.set_num_threads(threads)
-    return _run_spec(config, None, spec, device, False)
+    try:
+        return spec, _run_spec(config, None, spec, device, False)
+    except KeyboardInterrupt as err:
+        raise RuntimeError(f"{spec.describe()}: {err or 'interrupted'}") from None
 
 
 def _specs(config: dict[str, Any], out: Path) -> list[RunSpec]:
@@ -637,21 +650,23 @@ def _run_parallel(
     options: CompareConfig,
     finish: Callable[[RunSpec, dict[str, Any]], None],
 ) -> None:
-    """Run ``todo`` in ``options.jobs`` spawned worker processes; ``finish`` each as it ends."""
+    """Run ``todo`` in ``options.jobs`` spawned worker processes; ``finish`` each as it ends.
+
+    On any exception here (Ctrl-C included) the workers are terminated: the runs in progress
+    are lost (they rerun on resume), the finished ones are already on disk.
+    """
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=options.jobs, mp_context=context) as pool:
-        running: dict[Future, RunSpec] = {
-            pool.submit(_worker, config, spec, options.device, options.threads): spec
-            for spec in todo
-        }
-        try:
-            while running:
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    finish(running.pop(future), future.result())
-        except BaseException:
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+    tasks = [(config, spec, options.device, options.threads) for spec in todo]
+    pool = context.Pool(options.jobs, maxtasksperchild=1)  # a fresh process per run
+    try:
+        for spec, row in pool.imap_unordered(_worker_task, tasks):
+            finish(spec, row)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 def build_results(
@@ -691,6 +706,7 @@ def build_results(
         "run_seconds": sum(
             r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in finished.values()
         ),
+        "cpu_seconds": sum(r.get("cpu_seconds", 0.0) for r in finished.values()),
         "complete": len(finished) == len(specs),
         "runs_done": len(finished),
         "runs_total": len(specs),

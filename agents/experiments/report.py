@@ -89,9 +89,10 @@ def _diff_cell(stats: dict[str, Any] | None) -> str:
     if not stats:
         return "–"
     lo, hi = stats["ci95"]
-    verdict = (
-        f", {AGENT_SHORT.get(stats['better'], stats['better'])} better" if stats["better"] else ""
-    )
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{stats['diff']:+.3f} (no interval: one seed)"
+    better = stats["better"]
+    verdict = f", {AGENT_SHORT.get(better, better)} better" if better else ""
     return f"{stats['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]{verdict}"
 
 
@@ -124,6 +125,9 @@ def verdicts(results: dict[str, Any]) -> list[str]:
             continue
         sm, mle = agents["sequencematch"][metric]["mean"], agents["mle"][metric]["mean"]
         lo, hi = stats["ci95"]
+        if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+            out.append(f"- **{metric}**: SequenceMatch {sm:.3f} vs MLE {mle:.3f} (one seed).")
+            continue
         if stats["better"] is None:
             certainty = "not a clear difference: the 95% interval of the difference holds 0"
             word = (
@@ -150,9 +154,14 @@ def budgets(results: dict[str, Any]) -> list[str]:
     for agent in config.get("agent_list", []):
         fields = {**config.get("train", {}), **config.get("agents", {}).get(agent, {})}
         if agent == "ppo":
+            why = (
+                " (a small budget: on arithmetic it learns nothing, 0.0 accuracy at 8,000 steps)"
+                if config.get("name") == "default"
+                else ""
+            )
             lines.append(
                 f"- {AGENT_LABELS[agent]}: {fields.get('timesteps', '?')} environment steps on "
-                "the task reward (a smaller budget: it learns little here)"
+                f"the task reward{why}"
             )
         else:
             lines.append(
@@ -196,9 +205,10 @@ def report(results: dict[str, Any]) -> str:
         "",
         *status,
         f"Command: `{results['command']}`  ",
-        f"Config: `{config.get('name', 'default')}`, {config['seeds']} seeds per agent, "
+        f"Config: `{config.get('name', 'default')}`, {config['seeds']} seed(s) per agent, "
         f"wall time {results['wall_seconds'] / 60:.1f} min "
         f"(runs: {results.get('run_seconds', 0) / 60:.1f} min in total, "
+        f"{results.get('cpu_seconds', 0) / 60:.1f} CPU-min, "
         f"{results['machine'].get('jobs', 1)} at once) on {results['machine']['device']} "
         f"({results['machine']['cpus']} CPUs, torch {results['machine']['torch']}).",
         "",

@@ -78,6 +78,9 @@ def test_difference_interval_and_the_better_helper() -> None:
     assert better_half == (half_hi < 0)
     same = bootstrap_diff_ci95([0.5, 0.5], [0.5, 0.5])
     assert same == (0.0, 0.0, 0.0)
+    one_seed = bootstrap_diff_ci95([0.9], [0.1, 0.2])  # no spread known for A: no interval
+    assert one_seed[0] == pytest.approx(0.75) and np.isnan(one_seed[1]) and np.isnan(one_seed[2])
+    assert not is_better([0.9], [0.1, 0.2], higher_is_better=True)[0]
 
 
 def test_aggregate_uses_episodes_where_given_and_says_so() -> None:
