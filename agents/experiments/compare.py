@@ -56,7 +56,7 @@ from agents.evaluation.stats import (
     hierarchical_bootstrap_ci95,
 )
 from agents.experiments.ppo import train_ppo
-from agents.experiments.report import write_outputs
+from agents.experiments.report import _clean, write_outputs
 from agents.training.config import TrainConfig, resolve_device
 from agents.training.trainer import Trainer
 from seqenv.rules import step_budget
@@ -431,7 +431,7 @@ def write_json_atomic(path: Path, content: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(content, indent=1, allow_nan=True) + "\n")
+        tmp.write_text(json.dumps(content, indent=1) + "\n")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -616,7 +616,8 @@ def run_compare(options: CompareConfig) -> dict[str, Any]:
 
     def finish(spec: RunSpec, row: dict[str, Any]) -> None:
         nonlocal done
-        write_json_atomic(spec.path, {"format": RUN_FORMAT, "config": wanted, "row": row})
+        record = {"format": RUN_FORMAT, "config": wanted, "row": row}
+        write_json_atomic(spec.path, _clean(record))  # strict JSON: NaN becomes null
         done += 1
         seconds = row.get("train_seconds", 0.0) + row.get("eval_seconds", 0.0)
         print(

@@ -39,6 +39,7 @@ class FakeRunOne:
                 "accuracy": sum(episodes) / 20,
                 "recovery": level / 2,
                 "backspace_rate": 0.1,
+                "mean_backtrack_length": float("nan"),
             },
             "episode_values": {"accuracy": episodes},
             "curves": [
@@ -76,6 +77,7 @@ def test_runs_are_written_as_they_finish_and_resume_skips_them(
     assert not list(out.rglob("*.tmp"))  # written through a temporary file, none left
     record = json.loads((out / "runs" / "bc-s0.json").read_text())
     assert record["format"] == 1 and record["row"]["agent"] == "bc"
+    assert record["row"]["metrics"]["mean_backtrack_length"] is None  # strict JSON: no NaN
     assert record["config"] == compare.runs_config(compare.load_config(options(out)))
     partial = json.loads((out / "results.json").read_text())  # rebuilt after each run
     assert not partial["complete"] and partial["runs_done"] == 4 and partial["runs_total"] == 9
