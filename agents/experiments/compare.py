@@ -16,8 +16,13 @@ Every metric is measured twice: in the clean environment, and under the training
 
 Every agent is trained with N seeds, then evaluated on held-out prompts with the task's metrics
 (:func:`agents.evaluation.evaluate.evaluate`); results are aggregated as mean and 95% interval
-over seeds (Student's t). Outputs under ``--out``: ``results.json``, ``report.md``, PNG plots,
-TensorBoard runs.
+over seeds (a percentile bootstrap over seeds, and over each seed's evaluation episodes where a
+run gives them). Outputs under ``--out``: ``results.json``, ``report.md``, PNG plots, TensorBoard
+runs, and one file per finished run, ``runs/<agent>-s<seed>.json`` (``sweep/runs/...`` for the
+sweep), written when the run ends: ``{"format": 1, "config": ..., "row": ...}`` where ``config``
+is what decides the run's result (the config without ``name``, ``seeds``, ``quick``, ``sweep``
+and the agent list) and ``row`` the run's row of results.json. A stopped comparison resumes from
+these files; results.json and report.md are rebuilt from them after every run.
 
 A comparison is driven by a config: the embedded default (the arithmetic task at an easy
 setting, a few minutes on a CPU) or a JSON file, named (``configs/NAME.json`` shipped in
@@ -33,12 +38,14 @@ from __future__ import annotations
 
 import copy
 import json
+import multiprocessing
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
@@ -48,11 +55,22 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from agents.evaluation.evaluate import evaluate, exact_metrics, headline, human_text_metrics
+from agents.evaluation.evaluate import (
+    METRICS,
+    evaluate,
+    exact_metrics,
+    headline,
+    human_text_metrics,
+)
 from agents.evaluation.occupancy import GrammarTask
-from agents.evaluation.stats import mean_ci95
+from agents.evaluation.stats import (
+    NUM_RESAMPLES,
+    RunValues,
+    bootstrap_diff_ci95,
+    hierarchical_bootstrap_ci95,
+)
 from agents.experiments.ppo import train_ppo
-from agents.experiments.report import write_outputs
+from agents.experiments.report import _clean, write_outputs
 from agents.training.config import TrainConfig, resolve_device
 from agents.training.trainer import Trainer
 from seqenv.disturbance import Disturbance
@@ -72,9 +90,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "name": "default",
     "task": "arithmetic",
     "task_args": {"base": 10, "min_digits": 1, "max_digits": 1},
-    "seeds": 2,
+    "seeds": 3,
     "train": {
-        "steps": 800,
+        "steps": 1000,
         "batch_size": 64,
         "layers": 2,
         "width": 64,
@@ -82,7 +100,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "lr": 3e-3,
         "lr_warmup": 20,
         "num_demonstrations": 5000,
-        "eval_interval": 200,
+        "eval_interval": 100,
         "eval_episodes": 100,
         "log_interval": 20,
         "noise": 0.1,
@@ -92,7 +110,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "buffer_size": 256,
         "eta": 0.1,
     },
-    "agents": {"ppo": {"timesteps": 8000, "n_steps": 256, "width": 64, "layers": 1}},
+    "agents": {"ppo": {"timesteps": 2000, "n_steps": 256, "width": 64, "layers": 1}},
     "eval": {"episodes": 200},
     "quick": {
         "seeds": 2,
@@ -131,7 +149,16 @@ class CompareConfig:
     """torch CPU threads. 1 by default: the small models of these configs gain little from a
     second thread and lose several times over when the machine is busy; 0 keeps torch's."""
     progress: bool = True
-    """Show progress bars."""
+    """Show progress bars (with --jobs 1 only)."""
+    jobs: int = 1
+    """(agent, seed) runs trained at once, each in its own worker process with --threads
+    threads; a run's result does not depend on the number of jobs."""
+    resume: bool = False
+    """Continue the comparison in --out, keeping its finished runs (a folder holding runs of
+    the same config is resumed without it; this flag fails where there is nothing to resume)."""
+    overwrite: bool = False
+    """Replace a comparison of another config (or a finished one without per-run results) in
+    --out instead of refusing."""
     model: str | None = None
     """Fine-tune this pretrained LM (folder or .gguf) instead of training our transformer; sets
     the config's train.model (LoRA settings come from train.lora_r etc.)."""
@@ -359,6 +386,17 @@ def run_one(
     }
 
 
+def comparison_task(config: dict[str, Any]) -> Task:
+    """The comparison's task; on a pretrained model's tokenizer when ``train.model`` is set."""
+    model = config.get("train", {}).get("model")
+    vocab = None
+    if model:
+        from agents.models.hf import load_hf_vocab
+
+        vocab = load_hf_vocab(model)  # the task speaks the model's tokenizer
+    return make_task(config["task"], vocab=vocab, **config.get("task_args", {}))
+
+
 def _disturbance(config: dict[str, Any]) -> Disturbance | None:
     """The training disturbance of a comparison (its ``train`` block), or None."""
     train = config.get("train", {})
@@ -367,71 +405,395 @@ def _disturbance(config: dict[str, Any]) -> Disturbance | None:
     return Disturbance(p, kind) if p > 0 else None
 
 
+# --------------------------------------------------------------------------------------------
+# Aggregation: bootstrap intervals over seeds and episodes
+
+DIFFERENCES = (("sequencematch", "mle"), ("sequencematch", "bc"))
+"""The pairs whose difference of means the report shows, with its interval."""
+
+
+def _run_values(run: dict[str, Any], metric: str) -> RunValues | None:
+    """What the bootstrap resamples for one run: its episodes' values if given, else its metric
+    (None where the metric is missing or not finite).
+    """
+    episodes = (run.get("episode_values") or {}).get(metric)
+    if episodes:
+        return [float(v) for v in episodes]
+    value = run["metrics"].get(metric)
+    if value is None or not np.isfinite(value):
+        return None
+    return float(value)
+
+
+def interval_method(runs: Sequence[RunValues]) -> str:
+    """How :func:`hierarchical_bootstrap_ci95` treats ``runs``, in words for a report."""
+    with_episodes = sum(not isinstance(r, int | float) for r in runs)
+    if len(runs) == 1 and not with_episodes:
+        return "one seed: no interval"
+    if with_episodes == len(runs):
+        level = "seeds and episodes"
+    elif with_episodes:
+        level = "seeds (and episodes where given)"
+    else:
+        level = "seeds"
+    return f"bootstrap over {level}, {NUM_RESAMPLES:,} resamples"
+
+
 def aggregate(runs: Sequence[dict[str, Any]], key: str = "agent") -> dict[str, Any]:
-    """{group: {metric: {"mean", "ci95": [lo, hi], "n"}}} over the seeds of each group."""
-    groups: dict[str, list[dict[str, float]]] = {}
+    """{group: {metric: {"mean", "ci95": [lo, hi], "n", "method"}}} over the seeds of each group.
+
+    The interval is a percentile bootstrap: seeds resampled with replacement and, for runs
+    whose row has ``episode_values[metric]`` (the values the metric is the mean of), the
+    episodes of each resampled seed as well; it is clipped to the metric's bounds.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
     for run in runs:
-        groups.setdefault(str(run[key]), []).append(run["metrics"])
+        groups.setdefault(str(run[key]), []).append(run)
     out: dict[str, Any] = {}
     for group, rows in groups.items():
         out[group] = {}
-        for metric in rows[0]:
-            values = [r[metric] for r in rows if np.isfinite(r.get(metric, np.nan))]
+        for metric in rows[0]["metrics"]:
+            values = [v for v in (_run_values(r, metric) for r in rows) if v is not None]
             if not values:
                 continue
-            mean, lo, hi = mean_ci95(values)
-            out[group][metric] = {"mean": mean, "ci95": [lo, hi], "n": len(values)}
+            known = METRICS.get(metric)
+            bounds = known.bounds if known else (-np.inf, np.inf)
+            mean, lo, hi = hierarchical_bootstrap_ci95(values, bounds=bounds)
+            out[group][metric] = {
+                "mean": mean,
+                "ci95": [lo, hi],
+                "n": len(values),
+                "method": interval_method(values),
+            }
     return out
 
 
-def run_compare(options: CompareConfig) -> dict[str, Any]:
-    """Run the whole comparison and write its outputs; return results.json's content."""
-    config = load_config(options)
-    out = Path(options.out)
-    model = config.get("train", {}).get("model")
-    vocab = None
-    if model:
-        from agents.models.hf import load_hf_vocab
+def differences(
+    runs: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]] = DIFFERENCES
+) -> dict[str, Any]:
+    """{"a - b": {metric: {"diff", "ci95", "better"}}} for each pair of agents that both ran.
 
-        vocab = load_hf_vocab(model)  # the task speaks the model's tokenizer
-    task = make_task(config["task"], vocab=vocab, **config.get("task_args", {}))
-    out.mkdir(parents=True, exist_ok=True)
-    if options.threads:
-        torch.set_num_threads(options.threads)  # 0 or None: torch's own default
-    progress = options.progress and sys.stderr.isatty()  # bars only for a person watching
-    started = time.perf_counter()
-    runs = []
-    for agent in config["agent_list"]:
-        for seed in range(int(config["seeds"])):
-            print(f"[compare] {agent} seed {seed}", file=sys.stderr, flush=True)
-            runs.append(run_one(config, task, agent, seed, out, options.device, progress))
-    sweep_runs = []
+    ``better`` is "a", "b" or None: whose mean is better where the bootstrap interval of the
+    difference excludes zero (None where it does not, or the metric has no direction).
+    """
+    out: dict[str, Any] = {}
+    for a, b in pairs:
+        a_rows = [r for r in runs if r["agent"] == a]
+        b_rows = [r for r in runs if r["agent"] == b]
+        if not a_rows or not b_rows:
+            continue
+        pair: dict[str, Any] = {}
+        for metric in a_rows[0]["metrics"]:
+            a_values = [v for v in (_run_values(r, metric) for r in a_rows) if v is not None]
+            b_values = [v for v in (_run_values(r, metric) for r in b_rows) if v is not None]
+            if not a_values or not b_values:
+                continue
+            diff, lo, hi = bootstrap_diff_ci95(a_values, b_values)
+            known = METRICS.get(metric)
+            better = None
+            if known is not None and known.higher_is_better is not None and (lo > 0 or hi < 0):
+                better = a if (lo > 0) == known.higher_is_better else b
+            pair[metric] = {"diff": diff, "ci95": [lo, hi], "better": better}
+        out[f"{a} - {b}"] = pair
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Finished runs on disk: one JSON file each, the resume point of a stopped comparison
+
+RUN_FORMAT = 1
+PLOT_INTERVAL = 60.0
+"""Seconds between redraws of the plots while runs finish (results.json and report.md are
+rewritten after every run; the plots at most this often, and at the end)."""
+RESULT_FILES = ("results.json", "report.md")
+"""Files a comparison writes at its top level (besides PNG plots and the runs/ folders)."""
+
+
+def runs_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a comparison's config that decides each run's result (as JSON reads it
+    back): what a resumed comparison must share with the runs it keeps.
+    """
+    kept = {
+        k: v
+        for k, v in config.items()
+        if k not in ("name", "seeds", "quick", "sweep", "agent_list")
+    }
+    return json.loads(json.dumps(kept))
+
+
+def run_key(agent: str, seed: int, overrides: dict[str, Any] | None = None) -> str:
+    """The file name (without .json) of one run: ``<agent>-s<seed>[-<param>=<value>]``."""
+    extra = "".join(f"-{k}={v}" for k, v in sorted((overrides or {}).items()))
+    return f"{agent}-s{seed}{extra}"
+
+
+def write_json_atomic(path: Path, content: Any) -> None:
+    """Write ``content`` as JSON to ``path`` through a temporary file and :func:`os.replace`,
+    so a reader (or a resumed comparison) never sees a half-written file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(content, indent=1) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def run_files(out: Path) -> list[Path]:
+    """The finished-run files of the comparison in ``out`` (main runs and sweep runs)."""
+    return sorted([*(out / "runs").glob("*.json"), *(out / "sweep" / "runs").glob("*.json")])
+
+
+def read_run(path: Path) -> dict[str, Any]:
+    """One finished-run file: ``{"format", "config", "row"}``.
+
+    Raises:
+        ValueError: for a file that is not such a record.
+    """
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not a finished-run file ({err.msg})") from None
+    if not isinstance(record, dict) or record.get("format") != RUN_FORMAT or "row" not in record:
+        raise ValueError(f"{path}: not a finished-run file of format {RUN_FORMAT}")
+    return record
+
+
+def prepare_out(out: Path, config: dict[str, Any], resume: bool, overwrite: bool) -> int:
+    """Check that ``out`` can take this comparison; return how many finished runs it keeps.
+
+    A folder holding runs of the same config is resumed. One holding another config's runs,
+    or a finished comparison without per-run files, is refused unless ``overwrite`` (then its
+    comparison outputs are removed).
+
+    Raises:
+        FileExistsError: for a folder that holds another comparison (and not ``overwrite``).
+        ValueError: for ``resume`` where there is nothing to resume.
+    """
+    wanted = runs_config(config)
+    files = run_files(out)
+    foreign = [p for p in files if read_run(p)["config"] != wanted]
+    legacy = not files and (out / "results.json").exists()
+    if (foreign or legacy) and not overwrite:
+        what = (
+            f"runs of a different config ({foreign[0].relative_to(out)})"
+            if foreign
+            else "a finished comparison without per-run files"
+        )
+        raise FileExistsError(
+            f"--out {out} holds {what}; pass --overwrite to replace it, or choose another --out"
+        )
+    if foreign or legacy:
+        for name in ("runs", "sweep"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for path in [
+            *(out / n for n in RESULT_FILES),
+            *out.glob("curves_*.png"),
+            out / "metrics.png",
+        ]:
+            path.unlink(missing_ok=True)
+        files = []
+    if resume and not files:
+        raise ValueError(f"--resume: no finished runs in {out}")
+    return len(files)
+
+
+def _clear_unfinished(logdir: Path) -> None:
+    """Remove the TensorBoard folder an interrupted run left behind (event files only), so the
+    rerun's curves are not mixed with it; a folder holding anything else is kept.
+    """
+    if logdir.is_dir() and all(p.name.startswith("events.out.tfevents") for p in logdir.iterdir()):
+        shutil.rmtree(logdir)
+
+
+# --------------------------------------------------------------------------------------------
+# Running: in this process, or in worker processes with --jobs
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One (agent, seed) run of the comparison (of the sweep where ``overrides`` is set)."""
+
+    agent: str
+    seed: int
+    out: Path
+    """The folder whose ``runs/`` takes its TensorBoard run and its finished-run file."""
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def path(self) -> Path:
+        return self.out / "runs" / f"{run_key(self.agent, self.seed, dict(self.overrides))}.json"
+
+    def describe(self) -> str:
+        extra = "".join(f" {k}={v}" for k, v in self.overrides)
+        return f"{self.agent} seed {self.seed}{extra}"
+
+
+def _run_spec(
+    config: dict[str, Any], task: Task | None, spec: RunSpec, device: str, progress: bool
+) -> dict[str, Any]:
+    """Train and evaluate one run; its row (with the sweep value where there is one) and the
+    CPU seconds it took (``cpu_seconds``: the measure of cost on a busy machine).
+    """
+    if task is None:
+        task = comparison_task(config)
+    if not spec.overrides:  # sweep runs of one agent and seed share a TensorBoard folder
+        _clear_unfinished(spec.out / "runs" / run_key(spec.agent, spec.seed))
+    overrides = dict(spec.overrides)
+    cpu_start = time.process_time()
+    row = run_one(config, task, spec.agent, spec.seed, spec.out, device, progress, **overrides)
+    row["cpu_seconds"] = time.process_time() - cpu_start  # this process's CPU time, all threads
+    if overrides:
+        row["value"] = next(iter(overrides.values()))
+    return row
+
+
+def _worker_task(
+    task: tuple[dict[str, Any], RunSpec, str, int | None],
+) -> tuple[RunSpec, dict[str, Any]]:
+    """One run in a worker process (spawned: a fresh interpreter, torch threads set first).
+
+    Raises:
+        RuntimeError: for a run stopped by Ctrl-C (a KeyboardInterrupt would kill the worker
+            and leave the pool waiting for its result).
+    """
+    config, spec, device, threads = task
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return spec, _run_spec(config, None, spec, device, False)
+    except KeyboardInterrupt as err:
+        raise RuntimeError(f"{spec.describe()}: {err or 'interrupted'}") from None
+
+
+def _specs(config: dict[str, Any], out: Path) -> list[RunSpec]:
+    """Every run of the comparison, main runs first, then the sweep's."""
+    seeds = range(int(config["seeds"]))
+    specs = [RunSpec(agent, seed, out) for agent in config["agent_list"] for seed in seeds]
     sweep = config.get("sweep")
     if sweep:
         for agent in sweep.get("agents", ["bc", "sequencematch"]):
             for value in sweep["values"]:
-                for seed in range(int(config["seeds"])):
-                    print(
-                        f"[compare] sweep {sweep['param']}={value} {agent} seed {seed}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    row = run_one(
-                        config,
-                        task,
-                        agent,
-                        seed,
-                        out / "sweep",
-                        options.device,
-                        progress,
-                        **{sweep["param"]: value},
-                    )
-                    row["value"] = value
-                    sweep_runs.append(row)
+                overrides = ((str(sweep["param"]), value),)
+                specs += [RunSpec(agent, seed, out / "sweep", overrides) for seed in seeds]
+    return specs
+
+
+def run_compare(options: CompareConfig) -> dict[str, Any]:
+    """Run the comparison (the runs not finished yet) and write its outputs.
+
+    Each run's row is written to its file as the run ends, and results.json, report.md and the
+    plots are rebuilt from the finished runs after each one, so a stopped comparison keeps a
+    partial report and resumes where it stopped.
+
+    Returns:
+        results.json's content.
+    """
+    config = load_config(options)
+    if options.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {options.jobs}")
+    out = Path(options.out)
+    task = comparison_task(config)
+    out.mkdir(parents=True, exist_ok=True)
+    kept = prepare_out(out, config, options.resume, options.overwrite)
+    if options.threads:
+        torch.set_num_threads(options.threads)  # 0 or None: torch's own default
+    progress = options.progress and sys.stderr.isatty() and options.jobs == 1
+    started = time.perf_counter()
+    specs = _specs(config, out)
+    todo = [s for s in specs if not s.path.exists()]
+    if kept:
+        print(
+            f"[compare] resuming in {out}: {len(specs) - len(todo)} of {len(specs)} runs done",
+            file=sys.stderr,
+            flush=True,
+        )
+    wanted = runs_config(config)
+    done = len(specs) - len(todo)
     reference = {}
     if task.name == "text":  # where a text statistic saturates, the human value shows it
         episodes = int(config.get("eval", {}).get("episodes", 200))
         reference["human_text"] = human_text_metrics(task, episodes)
+
+    def elapsed() -> float:
+        return time.perf_counter() - started
+
+    def finish(spec: RunSpec, row: dict[str, Any]) -> None:
+        nonlocal done
+        record = {"format": RUN_FORMAT, "config": wanted, "row": row}
+        write_json_atomic(spec.path, _clean(record))  # strict JSON: NaN becomes null
+        done += 1
+        seconds = row.get("train_seconds", 0.0) + row.get("eval_seconds", 0.0)
+        print(
+            f"[compare] {done}/{len(specs)} done: {spec.describe()} ({seconds:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        redraw = time.perf_counter() - plotted[0] > PLOT_INTERVAL
+        if redraw:
+            plotted[0] = time.perf_counter()
+        build_results(config, options, out, specs, elapsed(), reference, with_plots=redraw)
+
+    plotted = [time.perf_counter()]
+    try:
+        if options.jobs == 1:
+            for spec in todo:
+                print(f"[compare] {spec.describe()}", file=sys.stderr, flush=True)
+                finish(spec, _run_spec(config, task, spec, options.device, progress))
+        elif todo:
+            _run_parallel(config, todo, options, finish)
+    except BaseException:
+        if done:  # a stopped comparison keeps a partial report of what finished
+            build_results(config, options, out, specs, elapsed(), reference)
+        raise
+    return build_results(config, options, out, specs, elapsed(), reference)
+
+
+def _run_parallel(
+    config: dict[str, Any],
+    todo: Sequence[RunSpec],
+    options: CompareConfig,
+    finish: Callable[[RunSpec, dict[str, Any]], None],
+) -> None:
+    """Run ``todo`` in ``options.jobs`` spawned worker processes; ``finish`` each as it ends.
+
+    On any exception here (Ctrl-C included) the workers are terminated: the runs in progress
+    are lost (they rerun on resume), the finished ones are already on disk.
+    """
+    context = multiprocessing.get_context("spawn")
+    tasks = [(config, spec, options.device, options.threads) for spec in todo]
+    pool = context.Pool(options.jobs, maxtasksperchild=1)  # a fresh process per run
+    try:
+        for spec, row in pool.imap_unordered(_worker_task, tasks):
+            finish(spec, row)
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+
+
+def build_results(
+    config: dict[str, Any],
+    options: CompareConfig,
+    out: Path,
+    specs: Sequence[RunSpec],
+    wall_seconds: float,
+    reference: dict[str, Any],
+    with_plots: bool = True,
+) -> dict[str, Any]:
+    """results.json's content from the finished runs of ``specs``; written with the report and
+    plots. A comparison with runs still missing is marked ``"complete": false``.
+
+    Args:
+        reference: measured rows that are not agents (the human text's statistics).
+        with_plots: redraw the plots too (seconds; results.json and report.md take little).
+    """
+    finished = {s: read_run(s.path)["row"] for s in specs if s.path.exists()}
+    runs = [row for s, row in finished.items() if not s.overrides]
+    sweep_runs = [row for s, row in finished.items() if s.overrides]
     results: dict[str, Any] = {
         "task": config["task"],
         "config": {k: v for k, v in config.items() if k != "quick"},
@@ -443,21 +805,31 @@ def run_compare(options: CompareConfig) -> dict[str, Any]:
             "torch": torch.__version__,
             "cpus": os.cpu_count(),
             "device": str(resolve_device(options.device)),
+            "jobs": options.jobs,
+            "threads": options.threads,
         },
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": wall_seconds,
+        "run_seconds": sum(
+            r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0) for r in finished.values()
+        ),
+        "cpu_seconds": sum(r.get("cpu_seconds", 0.0) for r in finished.values()),
+        "complete": len(finished) == len(specs),
+        "runs_done": len(finished),
+        "runs_total": len(specs),
         "runs": runs,
         "agents": aggregate(runs),
+        "differences": differences(runs),
         "reference": reference,
     }
-    if sweep_runs:
-        assert sweep is not None
+    sweep = config.get("sweep")
+    if sweep_runs and sweep:
         results["sweep"] = {
             "param": sweep["param"],
             "runs": sweep_runs,
             "by_value": {
                 agent: aggregate([r for r in sweep_runs if r["agent"] == agent], key="value")
-                for agent in {r["agent"] for r in sweep_runs}
+                for agent in sorted({r["agent"] for r in sweep_runs})
             },
         }
-    write_outputs(results, out)
+    write_outputs(results, out, with_plots)
     return results

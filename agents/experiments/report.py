@@ -20,6 +20,9 @@ AGENT_LABELS = {
 }
 
 
+AGENT_SHORT = {"mle": "MLE", "bc": "BC", "sequencematch": "SequenceMatch"}
+"""Names in the difference table."""
+
 REFERENCE_LABELS = {"human_text": "human text (same prompts and sample size)"}
 """Rows of measured references that are not agents (the held-out text's own statistics)."""
 
@@ -70,7 +73,7 @@ def metrics_of(results: dict[str, Any]) -> list[str]:
 
 
 def table(results: dict[str, Any]) -> str:
-    """The markdown table: one row per agent, mean [95% interval] over seeds."""
+    """The markdown table: one row per agent, mean [95% bootstrap interval] over seeds."""
     metrics = metrics_of(results)
     arrows = [f"{m} {_arrow(m)}".rstrip() for m in metrics]
     lines = ["| agent | " + " | ".join(arrows) + " |", "|---" * (len(metrics) + 1) + "|"]
@@ -83,49 +86,152 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _diff_cell(stats: dict[str, Any] | None) -> str:
+    if not stats:
+        return "–"
+    lo, hi = stats["ci95"]
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{stats['diff']:+.3f} (no interval: one seed)"
+    better = stats["better"]
+    verdict = f", {AGENT_SHORT.get(better, better)} better" if better else ""
+    return f"{stats['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]{verdict}"
+
+
+def difference_table(results: dict[str, Any]) -> list[str]:
+    """For each metric with a direction: SequenceMatch minus MLE and minus BC, with the bootstrap
+    interval of the difference (a difference is called where the interval excludes zero).
+    """
+    pairs = {k: v for k, v in results.get("differences", {}).items() if v}
+    metrics = [m for m in metrics_of(results) if METRICS[m].higher_is_better is not None]
+    if not pairs or not metrics:
+        return []
+    names = [" − ".join(AGENT_SHORT.get(a, a) for a in pair.split(" - ")) for pair in pairs]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(pairs) + 1) + "|"]
+    for metric in metrics:
+        cells = [_diff_cell(pair.get(metric)) for pair in pairs.values()]
+        lines.append(f"| {metric} {_arrow(metric)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def verdicts(results: dict[str, Any]) -> list[str]:
-    """Plain statements of where SequenceMatch beats MLE and where it does not."""
+    """Plain statements of where SequenceMatch beats MLE and where it does not, judged by the
+    bootstrap interval of the difference of their means.
+    """
+    pair = results.get("differences", {}).get("sequencematch - mle")
     agents = results["agents"]
-    if "sequencematch" not in agents or "mle" not in agents:
+    if not pair or "sequencematch" not in agents or "mle" not in agents:
         return []
     out = []
     for metric in metrics_of(results):
-        sm, mle = agents["sequencematch"].get(metric), agents["mle"].get(metric)
-        if not sm or not mle or metric in ("backspace_rate", "mean_backtrack_length"):
+        stats = pair.get(metric)
+        if not stats or METRICS[metric].higher_is_better is None:
             continue
-        better = sm["mean"] > mle["mean"] if _higher_is_better(metric) else sm["mean"] < mle["mean"]
-        (sl, sh), (ml, mh) = sm["ci95"], mle["ci95"]
-        separated = None not in (sl, sh, ml, mh) and (sl > mh or ml > sh)
-        word = "better" if better else "worse" if sm["mean"] != mle["mean"] else "equal"
-        certainty = (
-            "the 95% intervals do not overlap"
-            if separated
-            else "the 95% intervals overlap: not a clear difference"
-        )
+        sm, mle = agents["sequencematch"][metric]["mean"], agents["mle"][metric]["mean"]
+        lo, hi = stats["ci95"]
+        if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+            out.append(f"- **{metric}**: SequenceMatch {sm:.3f} vs MLE {mle:.3f} (one seed).")
+            continue
+        if stats["better"] is None:
+            certainty = "not a clear difference: the 95% interval of the difference holds 0"
+            word = (
+                "equal"
+                if sm == mle
+                else "better"
+                if (sm > mle) == _higher_is_better(metric)
+                else "worse"
+            )
+        else:
+            word = "better" if stats["better"] == "sequencematch" else "worse"
+            certainty = "the 95% interval of the difference excludes 0"
         out.append(
-            f"- **{metric}**: SequenceMatch {sm['mean']:.3f} vs MLE {mle['mean']:.3f}, "
-            f"{word}; {certainty}."
+            f"- **{metric}**: SequenceMatch {sm:.3f} vs MLE {mle:.3f}, {word} by "
+            f"{stats['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]; {certainty}."
         )
     return out
 
 
+def budgets(results: dict[str, Any]) -> list[str]:
+    """What each agent was trained with: updates and batch, or PPO's environment steps."""
+    config = results["config"]
+    lines = []
+    for agent in config.get("agent_list", []):
+        fields = {**config.get("train", {}), **config.get("agents", {}).get(agent, {})}
+        if agent == "ppo":
+            why = (
+                " (a small budget: on arithmetic it learns nothing, 0.0 accuracy at 8,000 steps)"
+                if config.get("name") == "default"
+                else ""
+            )
+            lines.append(
+                f"- {AGENT_LABELS[agent]}: {fields.get('timesteps', '?')} environment steps on "
+                f"the task reward{why}"
+            )
+        else:
+            lines.append(
+                f"- {AGENT_LABELS.get(agent, agent)}: {fields.get('steps', '?')} updates of "
+                f"batch {fields.get('batch_size', '?')}"
+            )
+    if "ppo" not in config.get("agent_list", []) and results["task"] != "text":
+        lines.append("- PPO: not in this run (`--agents ...,ppo` adds it)")
+    return lines
+
+
+def interval_methods(results: dict[str, Any]) -> str:
+    """The interval methods used in the table, in words."""
+    methods = sorted(
+        {
+            s["method"]
+            for stats in results["agents"].values()
+            for s in stats.values()
+            if "method" in s
+        }
+    )
+    return "; ".join(methods) or "none"
+
+
+def plot_files(results: dict[str, Any]) -> list[str]:
+    """The curve plots of ``results``, their file names in report order."""
+    return [name for _, name, _ in curve_keys(results)]
+
+
 def report(results: dict[str, Any]) -> str:
     config = results["config"]
+    status = []
+    if not results.get("complete", True):
+        status = [
+            f"**Partial: {results['runs_done']} of {results['runs_total']} runs finished.** "
+            "Run the same command again to resume.",
+            "",
+        ]
     lines = [
         f"# seqmatch compare: {results['task']}",
         "",
+        *status,
         f"Command: `{results['command']}`  ",
-        f"Config: `{config.get('name', 'default')}`, {config['seeds']} seeds per agent, "
-        f"wall time {results['wall_seconds'] / 60:.1f} min on {results['machine']['device']} "
+        f"Config: `{config.get('name', 'default')}`, {config['seeds']} seed(s) per agent, "
+        f"wall time {results['wall_seconds'] / 60:.1f} min "
+        f"(runs: {results.get('run_seconds', 0) / 60:.1f} min in total, "
+        f"{results.get('cpu_seconds', 0) / 60:.1f} CPU-min, "
+        f"{results['machine'].get('jobs', 1)} at once) on {results['machine']['device']} "
         f"({results['machine']['cpus']} CPUs, torch {results['machine']['torch']}).",
         "",
-        "Mean over seeds [95% interval, Student's t]. ↑ higher is better, ↓ lower is better.",
+        f"Mean over seeds [95% interval: {interval_methods(results)}]. "
+        "↑ higher is better, ↓ lower is better.",
         "",
         table(results),
         "",
-        "## SequenceMatch against MLE",
+        "Budgets:",
         "",
-        *(verdicts(results) or ["- (needs both agents)"]),
+        *budgets(results),
+        "",
+        "## SequenceMatch against MLE and BC",
+        "",
+        "Difference of means [95% bootstrap interval of the difference]; a difference is called "
+        "where the interval excludes 0.",
+        "",
+        *(difference_table(results) or ["(needs SequenceMatch and MLE or BC)"]),
+        "",
+        *verdicts(results),
         "",
     ]
     if "sweep" in results:
@@ -144,10 +250,9 @@ def report(results: dict[str, Any]) -> str:
     lines += [
         "## Plots",
         "",
-        "![score](curves_score.png)",
+        "Curves: mean over seeds per agent, the band from the lowest to the highest seed.",
         "",
-        "![divergence](curves_divergence.png)",
-        "",
+        *(f"![{name.removesuffix('.png')}]({name})\n" for name in plot_files(results)),
         "![metrics](metrics.png)",
         "",
         "## Config",
@@ -160,28 +265,75 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def agent_colours(agents: list[str]) -> dict[str, Any]:
+    """One colour per agent, fixed by the agent's place among the known agents."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10"]
+    known = list(AGENT_LABELS)
+    order = known + sorted(a for a in agents if a not in known)
+    return {a: palette(order.index(a) % palette.N) for a in agents}
+
+
+def curve_keys(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(curve key, file name, y label) of each curve plot: the headline, the divergence
+    estimate, then every other ``eval/`` curve present in the runs.
+    """
+    head = headline(results["task"])
+    keys = [
+        (f"eval/{head}", "curves_score.png", f"{head} (eval)"),
+        ("losses/sm/divergence", "curves_divergence.png", "divergence estimate -J"),
+    ]
+    present = {k for run in results["runs"] for row in run["curves"] for k in row}
+    for key in sorted(present):
+        if key.startswith("eval/") and key != f"eval/{head}":
+            name = key.removeprefix("eval/").replace("/", "_")
+            keys.append((key, f"curves_eval_{name}.png", f"{name} (eval)"))
+    return keys
+
+
+def grouped_curve(runs: list[dict[str, Any]], key: str) -> tuple[list[float], ...] | None:
+    """(steps, mean, low, high) of ``key`` over the seeds in ``runs``, at every step some seed
+    logged it; None where no run has the curve.
+    """
+    by_step: dict[float, list[float]] = {}
+    for run in runs:
+        for row in run["curves"]:
+            value = row.get(key)
+            if value is not None and math.isfinite(value):
+                by_step.setdefault(row["step"], []).append(value)
+    if not by_step:
+        return None
+    steps = sorted(by_step)
+    return (
+        steps,
+        [sum(by_step[s]) / len(by_step[s]) for s in steps],
+        [min(by_step[s]) for s in steps],
+        [max(by_step[s]) for s in steps],
+    )
+
+
 def plots(results: dict[str, Any], out: Path) -> None:
-    """Learning curves of the task score and of the divergence estimate; metric bars."""
+    """Learning curves per agent (mean over seeds, min–max band) and the metric bars with
+    their intervals.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for key, name, ylabel in (
-        (
-            f"eval/{headline(results['task'])}",
-            "curves_score.png",
-            f"{headline(results['task'])} (eval)",
-        ),
-        ("losses/sm/divergence", "curves_divergence.png", "divergence estimate -J"),
-    ):
+    agents = list(results["agents"])
+    colours = agent_colours(agents)
+    for key, name, ylabel in curve_keys(results):
         fig, ax = plt.subplots(figsize=(6, 4))
-        for agent in results["agents"]:
-            for run in (r for r in results["runs"] if r["agent"] == agent):
-                points = [(row["step"], row[key]) for row in run["curves"] if key in row]
-                if points:
-                    steps, values = zip(*points, strict=True)
-                    ax.plot(steps, values, label=f"{agent} s{run['seed']}", alpha=0.8)
+        for agent in agents:
+            curve = grouped_curve([r for r in results["runs"] if r["agent"] == agent], key)
+            if curve is None:
+                continue
+            steps, centre, low, high = curve
+            seeds = sum(r["agent"] == agent for r in results["runs"])
+            ax.plot(steps, centre, color=colours[agent], label=f"{agent} ({seeds} seeds)")
+            ax.fill_between(steps, low, high, color=colours[agent], alpha=0.2, linewidth=0)
         ax.set_xlabel("update")
         ax.set_ylabel(ylabel)
         if ax.lines:
@@ -195,7 +347,6 @@ def plots(results: dict[str, Any], out: Path) -> None:
     metrics = metrics_of(results)
     fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(3 * max(1, len(metrics)), 3.5))
     axes = axes if len(metrics) > 1 else [axes]
-    agents = list(results["agents"])
     for ax, metric in zip(axes, metrics, strict=False):
         means: list[float] = []
         errors: list[list[float]] = [[], []]
@@ -206,16 +357,25 @@ def plots(results: dict[str, Any], out: Path) -> None:
             means.append(mean)
             errors[0].append(mean - lo if lo is not None and math.isfinite(lo) else 0.0)
             errors[1].append(hi - mean if hi is not None and math.isfinite(hi) else 0.0)
-        ax.bar(range(len(agents)), means, yerr=errors, capsize=3, color="tab:blue")
+        ax.bar(
+            range(len(agents)),
+            means,
+            yerr=errors,
+            capsize=3,
+            color=[colours[a] for a in agents],
+        )
         ax.set_xticks(range(len(agents)), agents, rotation=60, ha="right", fontsize=7)
-        ax.set_title(metric, fontsize=9)
+        ax.set_title(f"{metric} {_arrow(metric)}".rstrip(), fontsize=9)
+    fig.suptitle("mean over seeds, 95% bootstrap interval", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=100)
     plt.close(fig)
 
 
-def write_outputs(results: dict[str, Any], out: Path) -> None:
+def write_outputs(results: dict[str, Any], out: Path, with_plots: bool = True) -> None:
+    """Write results.json and report.md (each atomically), and the plots if ``with_plots``."""
     out.mkdir(parents=True, exist_ok=True)
     _write(out / "results.json", json.dumps(_clean(results), indent=1) + "\n")
     _write(out / "report.md", report(_clean(results)))
-    plots(_clean(results), out)
+    if with_plots:
+        plots(_clean(results), out)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agents.cli import main
-from agents.experiments.compare import CompareConfig, aggregate, load_config
+from agents.experiments.compare import CompareConfig, load_config
 
 
 def test_compare_quick_writes_every_output(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -37,23 +37,22 @@ def test_compare_quick_writes_every_output(tmp_path: Path, capsys: pytest.Captur
     for agent in ("mle", "sequencematch", "ppo"):
         stats = results["agents"][agent]
         for metric in ("accuracy", "recovery", "backspace_rate"):
-            assert set(stats[metric]) == {"mean", "ci95", "n"} and stats[metric]["n"] == 2
+            assert set(stats[metric]) == {"mean", "ci95", "n", "method"}
+            assert stats[metric]["n"] == 2
+            lo, hi = stats[metric]["ci95"]
+            assert 0.0 <= lo <= stats[metric]["mean"] <= hi <= 1.0
     report = (out / "report.md").read_text()
     assert "seqmatch compare" in report and "## SequenceMatch against MLE" in report
+    assert "bootstrap over seeds" in report and "SequenceMatch − MLE" in report
+    assert results["complete"] and "sequencematch - mle" in results["differences"]
+    assert {p.name for p in (out / "runs").glob("*.json")} == {
+        f"{a}-s{s}.json" for a in ("mle", "sequencematch", "ppo") for s in (0, 1)
+    }
     for name in ("curves_score.png", "curves_divergence.png", "metrics.png"):
         assert (out / name).stat().st_size > 1000
     assert any((out / "runs").iterdir())  # TensorBoard runs
     curves = [r["curves"] for r in results["runs"] if r["agent"] == "sequencematch"]
     assert any("losses/sm/divergence" in row for rows in curves for row in rows)
-
-
-def test_aggregate_gives_mean_and_student_interval() -> None:
-    runs = [{"agent": "mle", "metrics": {"accuracy": v}} for v in (0.2, 0.4, 0.6)]
-    stats = aggregate(runs)["mle"]["accuracy"]
-    assert stats["mean"] == pytest.approx(0.4) and stats["n"] == 3
-    lo, hi = stats["ci95"]  # t(0.975, 2) = 4.303, s = 0.2: half width 0.497
-    assert lo == pytest.approx(0.4 - 0.4969, abs=1e-3)
-    assert hi == pytest.approx(0.4 + 0.4969, abs=1e-3)
 
 
 def test_configs_load_and_bad_options_fail_clearly() -> None:

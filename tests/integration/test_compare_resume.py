@@ -1,0 +1,251 @@
+"""`seqmatch compare` keeps each finished run on disk, resumes, refuses another config's folder,
+and plots curves grouped by agent; run_one is replaced by a counting fake (no training)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agents.cli import main
+from agents.experiments import compare
+from agents.experiments.compare import CompareConfig, RunSpec, run_compare
+
+AGENTS = "mle,bc,sequencematch"
+
+
+class FakeRunOne:
+    """Stands in for run_one: a row with the shape of a real one; counts its calls and can
+    fail on the n-th call (a comparison stopped half way)."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.fail_at = fail_at
+
+    def __call__(
+        self, config: dict, task: Any, agent: str, seed: int, out: Path, *args: Any, **kw: Any
+    ) -> dict[str, Any]:
+        if self.fail_at is not None and len(self.calls) == self.fail_at:
+            raise KeyboardInterrupt("stopped")
+        self.calls.append((agent, seed))
+        level = {"mle": 0.3, "bc": 0.5, "sequencematch": 0.8}[agent] + 0.05 * seed
+        episodes = [1.0 if i < level * 20 else 0.0 for i in range(20)]
+        return {
+            "agent": agent,
+            "seed": seed,
+            "metrics": {
+                "accuracy": sum(episodes) / 20,
+                "recovery": level / 2,
+                "backspace_rate": 0.1,
+                "mean_backtrack_length": float("nan"),
+            },
+            "episode_values": {"accuracy": episodes},
+            "curves": [
+                {"step": s, "eval/accuracy": level * s / 40, "losses/sm/divergence": 1 - s / 40}
+                for s in (10, 20, 30, 40)
+            ]
+            + [{"step": 20, "eval/recovery": level / 3}],
+            "train_seconds": 1.0,
+            "eval_seconds": 0.5,
+        }
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> FakeRunOne:
+    runner = FakeRunOne()
+    monkeypatch.setattr(compare, "run_one", runner)
+    return runner
+
+
+def options(out: Path, **kw: Any) -> CompareConfig:
+    settings: dict[str, Any] = {"quick": True, "agents": AGENTS, "seeds": 3, "progress": False}
+    return CompareConfig(out=str(out), **{**settings, **kw})
+
+
+def test_runs_are_written_as_they_finish_and_resume_skips_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "cmp"
+    stopping = FakeRunOne(fail_at=4)
+    monkeypatch.setattr(compare, "run_one", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(options(out))
+    files = sorted(p.name for p in (out / "runs").glob("*.json"))
+    assert files == ["bc-s0.json", "mle-s0.json", "mle-s1.json", "mle-s2.json"]
+    assert not list(out.rglob("*.tmp"))  # written through a temporary file, none left
+    record = json.loads((out / "runs" / "bc-s0.json").read_text())
+    assert record["format"] == 1 and record["row"]["agent"] == "bc"
+    assert record["row"]["metrics"]["mean_backtrack_length"] is None  # strict JSON: no NaN
+    assert record["config"] == compare.runs_config(compare.load_config(options(out)))
+    partial = json.loads((out / "results.json").read_text())  # rebuilt after each run
+    assert not partial["complete"] and partial["runs_done"] == 4 and partial["runs_total"] == 9
+    assert "Partial: 4 of 9 runs finished" in (out / "report.md").read_text()
+    assert "[compare] 4/9 done: bc seed 0 (2 s)" in capsys.readouterr().err
+
+    resumed = FakeRunOne()
+    monkeypatch.setattr(compare, "run_one", resumed)
+    results = run_compare(options(out, resume=True))
+    assert sorted(resumed.calls) == [("bc", 1), ("bc", 2)] + [
+        ("sequencematch", s) for s in range(3)
+    ]
+    assert results["complete"] and len(results["runs"]) == 9
+    assert "resuming" in capsys.readouterr().err
+    assert (
+        json.loads((out / "results.json").read_text())["agents"]["sequencematch"]["accuracy"]["n"]
+        == 3
+    )
+
+    again = FakeRunOne()  # everything finished: the outputs are rebuilt, nothing retrained
+    monkeypatch.setattr(compare, "run_one", again)
+    assert run_compare(options(out))["runs_done"] == 9 and again.calls == []
+
+
+def test_more_seeds_reuse_the_finished_ones(tmp_path: Path, fake: FakeRunOne) -> None:
+    out = tmp_path / "cmp"
+    run_compare(options(out, agents="mle"))
+    run_compare(CompareConfig(quick=True, agents="mle", seeds=4, out=str(out), progress=False))
+    assert fake.calls == [("mle", 0), ("mle", 1), ("mle", 2), ("mle", 3)]
+
+
+def test_a_folder_of_another_config_is_refused_unless_overwrite(
+    tmp_path: Path, fake: FakeRunOne, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "cmp"
+    run_compare(options(out, agents="mle"))
+    before = (out / "runs" / "mle-s0.json").read_text()
+    capsys.readouterr()
+    argv = ["compare", "--agents", "mle", "--seeds", "3", "--out", str(out), "--no-progress"]
+    assert main(argv) == 1  # not --quick: another training budget
+    err = capsys.readouterr().err.strip()
+    assert "runs of a different config (runs/mle-s0.json)" in err and "--overwrite" in err
+    assert len(err.splitlines()) == 1
+    assert (out / "runs" / "mle-s0.json").read_text() == before  # untouched
+    assert len(fake.calls) == 3
+
+    assert main([*argv, "--overwrite"]) == 0
+    assert len(fake.calls) == 6
+    record = json.loads((out / "runs" / "mle-s0.json").read_text())
+    assert record["config"]["train"]["steps"] == compare.DEFAULT_CONFIG["train"]["steps"]
+
+
+def test_resume_needs_runs_and_a_legacy_comparison_is_kept(
+    tmp_path: Path, fake: FakeRunOne
+) -> None:
+    with pytest.raises(ValueError, match="no finished runs"):
+        run_compare(options(tmp_path / "empty", resume=True))
+    legacy = tmp_path / "old"
+    legacy.mkdir()
+    (legacy / "results.json").write_text('{"task": "arithmetic"}')
+    with pytest.raises(FileExistsError, match="a finished comparison without per-run files"):
+        run_compare(options(legacy))
+    assert (legacy / "results.json").read_text() == '{"task": "arithmetic"}' and fake.calls == []
+
+
+def test_a_stopped_runs_tensorboard_folder_is_cleared_before_its_rerun(
+    tmp_path: Path, fake: FakeRunOne
+) -> None:
+    out = tmp_path / "cmp"
+    stale = out / "runs" / "mle-s0"
+    stale.mkdir(parents=True)
+    (stale / "events.out.tfevents.1.host").write_bytes(b"partial")
+    kept = out / "runs" / "mle-s1"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    run_compare(options(out, agents="mle"))
+    assert not stale.exists() and (kept / "notes.txt").read_text() == "mine"
+
+
+def test_atomic_write_leaves_the_old_file_on_failure(tmp_path: Path) -> None:
+    path = tmp_path / "runs" / "mle-s0.json"
+    compare.write_json_atomic(path, {"a": 1})
+    with pytest.raises(TypeError):
+        compare.write_json_atomic(path, {"a": object()})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in path.parent.iterdir()] == ["mle-s0.json"]
+
+
+def test_curves_are_grouped_by_agent_and_the_report_shows_differences(
+    tmp_path: Path, fake: FakeRunOne
+) -> None:
+    import matplotlib.pyplot as plt
+
+    out = tmp_path / "cmp"
+    calls: list[tuple[str, int]] = []
+    real_plot = plt.Axes.plot
+
+    def counting_plot(self: Any, *args: Any, **kw: Any) -> Any:
+        calls.append((str(kw.get("label")), len(args[0])))
+        return real_plot(self, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plt.Axes, "plot", counting_plot)
+        results = run_compare(options(out))
+    # One line per agent and plot (3 seeds each), not one per seed.
+    score = [c for c in calls if c[1] == 4][:3]
+    assert [label for label, _ in score] == [
+        f"{a} (3 seeds)" for a in ("mle", "bc", "sequencematch")
+    ]
+    for name in (
+        "curves_score.png",
+        "curves_divergence.png",
+        "curves_eval_recovery.png",
+        "metrics.png",
+    ):
+        assert (out / name).stat().st_size > 1000
+    mean, low, high = compare_curve(results, "sequencematch", "eval/accuracy")
+    assert low[-1] < mean[-1] < high[-1] and mean[-1] == pytest.approx(0.85)
+    report = (out / "report.md").read_text()
+    assert "SequenceMatch − MLE" in report and "SequenceMatch − BC" in report
+    assert "curves_eval_recovery.png" in report and "PPO: not in this run" in report
+    diff = results["differences"]["sequencematch - mle"]["accuracy"]
+    assert diff["better"] == "sequencematch" and diff["ci95"][0] > 0
+
+
+def test_sweep_runs_have_their_own_files_and_resume(tmp_path: Path, fake: FakeRunOne) -> None:
+    config = {**compare.DEFAULT_CONFIG, "name": "with-sweep"}
+    config["sweep"] = {"param": "eta", "values": [0.1, 0.5], "agents": ["sequencematch"]}
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "cmp"
+    settings = {"config": str(path), "agents": "mle", "seeds": 2}
+    results = run_compare(options(out, **settings))
+    names = sorted(p.name for p in (out / "sweep" / "runs").glob("*.json"))
+    assert names == sorted(f"sequencematch-s{s}-eta={v}.json" for v in (0.1, 0.5) for s in (0, 1))
+    assert set(results["sweep"]["by_value"]["sequencematch"]) == {"0.1", "0.5"}
+    assert len(fake.calls) == 6
+    run_compare(options(out, **settings))
+    assert len(fake.calls) == 6
+
+
+def compare_curve(results: dict, agent: str, key: str) -> tuple[list[float], ...]:
+    from agents.experiments.report import grouped_curve
+
+    curve = grouped_curve([r for r in results["runs"] if r["agent"] == agent], key)
+    assert curve is not None
+    return curve[1:]
+
+
+def test_run_spec_paths(tmp_path: Path) -> None:
+    assert RunSpec("bc", 2, tmp_path).path == tmp_path / "runs" / "bc-s2.json"
+    sweep = RunSpec("bc", 0, tmp_path / "sweep", (("eta", 0.5),))
+    assert sweep.path == tmp_path / "sweep" / "runs" / "bc-s0-eta=0.5.json"
+    assert sweep.describe() == "bc seed 0 eta=0.5"
+
+
+@pytest.mark.slow
+def test_two_jobs_give_the_runs_of_one_job(tmp_path: Path) -> None:
+    def rows(jobs: int) -> dict[str, Any]:
+        out = tmp_path / f"jobs{jobs}"
+        argv = ["compare", "--quick", "--agents", "mle,sequencematch", "--seeds", "1"]
+        assert main([*argv, "--out", str(out), "--jobs", str(jobs), "--no-progress"]) == 0
+        found = {}
+        for path in sorted((out / "runs").glob("*.json")):
+            row = json.loads(path.read_text())["row"]
+            found[path.name] = {k: v for k, v in row.items() if not k.endswith("_seconds")}
+        return found
+
+    one, two = rows(1), rows(2)
+    assert set(one) == {"mle-s0.json", "sequencematch-s0.json"}
+    assert one == two
