@@ -14,15 +14,26 @@
   TensorBoard, no checkpoint). Target <= 1.5. A SequenceMatch update reads a data batch *and* a
   model batch of the same size, so after the warm start it processes about twice the tokens of
   an MLE update: the per-token figure above is the one that measures waste.
+- ``sm_vs_bc_run``: the same over a BC run with the same data (noise-augmented demonstrations,
+  the same disturbance), updates and batch size; target <= 1.3. BC is SequenceMatch's warm
+  start, so this isolates what the SequenceMatch phase adds: the rollouts and the model batch.
+  The three runs (MLE, BC, SequenceMatch) alternate in one process.
+
+Variants of the SequenceMatch run (other ``TrainConfig`` settings, e.g. ``model_batch_size``)
+are measured in the same interleaving by ``python -m agents.experiments.bench_agents --run-only
+--variant NAME:FIELD=VALUE,...``; they report ``sm[NAME]_vs_bc_run`` and ``sm[NAME]_vs_mle_run``.
 
 Run: ``python benchmarks/throughput.py --only agents`` (or call :func:`measure`).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -150,12 +161,12 @@ def _measure_update(quick: bool, device: str, sync: Callable[[], None]) -> dict[
     }
 
 
-def _run_config(agent: str, quick: bool, device: str) -> TrainConfig:
+def _run_config(agent: str, quick: bool, device: str, **settings: Any) -> TrainConfig:
     steps = 20 if quick else 100
     return TrainConfig(
         agent=agent, task=TASK, steps=steps, sm_warmup=steps // 5, device=device,
         num_demonstrations=2000, eval_interval=0, eval_episodes=16, log_interval=10,
-        logdir=None, save=None, progress=False,
+        logdir=None, save=None, progress=False, **settings,
     )  # fmt: skip
 
 
@@ -175,29 +186,51 @@ class _TimedTrainer(Trainer):
         self.rollout_seconds += time.perf_counter() - start
 
 
-def _measure_run(quick: bool, device: str, sync: Callable[[], None]) -> dict[str, float]:
-    """Seconds of ``Trainer.train()`` (building the trainer and its dataset excluded)."""
-    seconds: dict[str, list[float]] = {"mle": [], "sequencematch": []}
+def _measure_run(
+    quick: bool,
+    device: str,
+    sync: Callable[[], None],
+    variants: dict[str, dict[str, Any]] | None = None,
+    repeats: int | None = None,
+) -> dict[str, float]:
+    """Seconds of ``Trainer.train()`` (building the trainer and its dataset excluded).
+
+    MLE, BC and SequenceMatch (the trainer's defaults) run in turn, ``repeats`` times, each
+    keeping its fastest run; ``variants`` adds SequenceMatch runs with other settings (name ->
+    TrainConfig fields), interleaved with the others and reported as ``sm[name]_vs_bc_run`` and
+    ``sm[name]_vs_mle_run``. BC and SequenceMatch share the data, the updates and the
+    disturbance (the trainer's defaults); MLE learns the clean data.
+    """
+    runs: dict[str, tuple[str, dict[str, Any]]] = {
+        "mle": ("mle", {}),
+        "bc": ("bc", {}),
+        "sm": ("sequencematch", {}),
+    }
+    for name, settings in (variants or {}).items():
+        runs[f"sm[{name}]"] = ("sequencematch", settings)
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
     trainers: dict[str, _TimedTrainer] = {}
-    for _ in range(1 if quick else 2):  # alternate the two; keep each one's fastest run
-        for agent in seconds:
-            trainer = _TimedTrainer(_run_config(agent, quick, device), sync)
+    for _ in range(repeats or (1 if quick else 2)):  # alternate; keep each one's fastest run
+        for name, (agent, settings) in runs.items():
+            trainer = _TimedTrainer(_run_config(agent, quick, device, **settings), sync)
             sync()
             start = time.perf_counter()
             trainer.train()
             sync()
-            seconds[agent].append(time.perf_counter() - start)
-            if seconds[agent][-1] == min(seconds[agent]):
-                trainers[agent] = trainer
-    best = {agent: min(s) for agent, s in seconds.items()}
-    sm = trainers["sequencematch"]
+            seconds[name].append(time.perf_counter() - start)
+            if seconds[name][-1] == min(seconds[name]):
+                trainers[name] = trainer
+    best = {name: min(s) for name, s in seconds.items()}
+    sm = trainers["sm"]
     refreshes = -(-(sm.config.steps - sm.config.sm_warmup) // sm.config.k_sample)
     buffer = sm.buffer.sample(len(sm.buffer), np.random.default_rng(0))
-    return {
-        "sm_vs_mle_run": best["sequencematch"] / best["mle"],
-        "sm_run_seconds": best["sequencematch"],
+    figures = {
+        "sm_vs_bc_run": best["sm"] / best["bc"],
+        "sm_vs_mle_run": best["sm"] / best["mle"],
+        "sm_run_seconds": best["sm"],
+        "bc_run_seconds": best["bc"],
         "mle_run_seconds": best["mle"],
-        "sm_run_rollout_share": sm.rollout_seconds / best["sequencematch"],
+        "sm_run_rollout_share": sm.rollout_seconds / best["sm"],
         "run_updates": float(sm.config.steps),
         "run_sm_updates": float(sm.config.steps - sm.config.sm_warmup),
         "run_rollouts": float(refreshes * sm.config.rollouts),
@@ -205,12 +238,23 @@ def _measure_run(quick: bool, device: str, sync: Callable[[], None]) -> dict[str
         "run_rollout_mean_steps": float(np.mean([t.num_steps for t in buffer])),
         "run_demo_mean_steps": float(np.mean([t.num_steps for t in sm.demonstrations])),
     }
+    for name in variants or {}:
+        key = f"sm[{name}]"
+        figures[f"{key}_vs_bc_run"] = best[key] / best["bc"]
+        figures[f"{key}_vs_mle_run"] = best[key] / best["mle"]
+        figures[f"{key}_run_rollout_share"] = trainers[key].rollout_seconds / best[key]
+    return figures
 
 
 def measure(
-    quick: bool = False, device: str = "cpu", cpu_threads: int | None = 1
+    quick: bool = False,
+    device: str = "cpu",
+    cpu_threads: int | None = 1,
+    variants: dict[str, dict[str, Any]] | None = None,
+    run_only: bool = False,
+    repeats: int | None = None,
 ) -> dict[str, float]:
-    """SequenceMatch's cost over MLE (see the module docstring), with the figures behind it.
+    """SequenceMatch's cost over MLE and BC (see the module docstring), with the figures behind it.
 
     Args:
         quick: short measurements (a smoke test).
@@ -218,6 +262,9 @@ def measure(
         cpu_threads: torch's intra-op threads during a CPU measurement (restored afterwards);
             ``None`` keeps the current setting. One by default: on a shared machine, a thread
             team whose other cores are busy waits at every barrier, and timings swing tenfold.
+        variants: SequenceMatch runs with other settings, measured beside the default one.
+        run_only: skip the per-update figures.
+        repeats: rounds of the run measurement (default 1 with ``quick``, else 2).
     """
     threads = torch.get_num_threads()
     if device == "cpu" and cpu_threads is not None:
@@ -229,8 +276,47 @@ def measure(
             torch.cuda.synchronize(device)
 
     try:
-        figures = _measure_update(quick, device, sync)
-        figures.update(_measure_run(quick, device, sync))
+        figures = {} if run_only else _measure_update(quick, device, sync)
+        figures.update(_measure_run(quick, device, sync, variants, repeats))
         return figures
     finally:
         torch.set_num_threads(threads)
+
+
+def _parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME:FIELD=VALUE,FIELD=VALUE`` (values read as JSON, else as strings)."""
+    name, _, assignments = text.partition(":")
+    settings: dict[str, Any] = {}
+    for item in filter(None, assignments.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return name, settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="SequenceMatch's run cost, with variants")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--run-only", action="store_true", help="skip the per-update figures")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--variant", action="append", default=[], help="NAME:FIELD=VALUE,... (repeatable)"
+    )
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    variants = dict(_parse_variant(v) for v in args.variant)
+    figures = measure(args.quick, args.device, variants=variants, run_only=args.run_only,
+                      repeats=args.repeats)  # fmt: skip
+    for key, value in figures.items():
+        print(f"{key:<40} {value:,.3f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"variants": variants, **figures}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,7 +4,7 @@
 
 Keys: ``vector_vs_sync_env`` (environment), ``masked_vs_causal_train``,
 ``rollback_vs_plain_generate``, ``rollback_vs_recompute_generate`` (policy), ``sm_vs_mle_update``,
-``sm_vs_mle_run`` (agents), each with the raw rates behind it.
+``sm_vs_mle_run``, ``sm_vs_bc_run`` (agents), each with the raw rates behind it.
 """
 
 from __future__ import annotations

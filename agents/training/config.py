@@ -143,6 +143,23 @@ class TrainConfig:
     """Capacity of the FIFO replay buffer (trajectories)."""
     temperature: float = 1.0
     """Sampling temperature of the rollouts (not the soft-Q temperature --alpha)."""
+    # Run cost (off by default: each changes what is optimised, and needs a quality check)
+    model_batch_size: int | None = None
+    """Rollouts per model batch of a SequenceMatch update (per process); batch_size if unset.
+    Each term is normalised by its own number of sequences, but the pooled value term (mix)
+    then weighs data and model samples in proportion to the two sizes."""
+    model_batch_buckets: int = 1
+    """Draw model batches by length: every this many updates, draw that many model batches'
+    worth of rollouts from the buffer at once (uniformly, with replacement, as usual), sort
+    them by length and serve them as that many batches of similar lengths, in random order,
+    so that a batch pads to less. Each rollout is still drawn uniformly; what changes is which
+    rollouts share an update. 1: one uniform draw per update (the default)."""
+    rollout_length_factor: float | None = None
+    """Cap the rollouts' step budget at ceil(factor * the rollout_length_quantile of the
+    demonstrations' step counts), never above max_steps; longer rollouts are truncated (their
+    last state bootstrapped, docs/method.md §3). Unset: the full step budget (the default)."""
+    rollout_length_quantile: float = 0.99
+    """The quantile of the demonstrations' step counts that rollout_length_factor scales."""
 
     # Evaluation, logging, hardware
     eval_interval: int = 200
@@ -198,6 +215,23 @@ class TrainConfig:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"
                 )
+        if self.model_batch_size is not None and (
+            self.model_batch_size < 1 or self.model_batch_size % self.grad_accum
+        ):
+            raise ValueError(
+                f"--model-batch-size must be >= 1 and a multiple of grad_accum {self.grad_accum}, "
+                f"got {self.model_batch_size}"
+            )
+        if self.model_batch_buckets < 1:
+            raise ValueError(f"--model-batch-buckets must be >= 1, got {self.model_batch_buckets}")
+        if self.rollout_length_factor is not None and not self.rollout_length_factor > 0:
+            raise ValueError(
+                f"--rollout-length-factor must be > 0, got {self.rollout_length_factor}"
+            )
+        if not 0.0 < self.rollout_length_quantile <= 1.0:
+            raise ValueError(
+                f"--rollout-length-quantile must be in (0, 1], got {self.rollout_length_quantile}"
+            )
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}"

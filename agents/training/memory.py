@@ -23,7 +23,10 @@ def training_bytes(config: TrainConfig, num_actions: int, max_length: int, max_s
     """
     width, layers = config.width, config.layers
     params = _parameters(width, layers, num_actions + 4, max_length)
-    rows = config.batch_size // config.grad_accum * (2 if config.agent == "sequencematch" else 1)
+    model_rows = (
+        (config.model_batch_size or config.batch_size) if config.agent == "sequencematch" else 0
+    )
+    rows = (config.batch_size + model_rows) // config.grad_accum
     T = max_length + max_steps
     activations = rows * T * (layers * (16 * width + config.heads * T) + 3 * num_actions)
     rollouts = max(config.rollouts, config.eval_episodes) * T * (2 * layers * width + num_actions)

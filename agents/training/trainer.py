@@ -249,6 +249,15 @@ class Trainer:
         self.data_rng = np.random.default_rng([config.seed, 1])
         self.rollout_generator = torch.Generator(self.device).manual_seed(config.seed + 2)
         self.buffer = ReplayBuffer(config.buffer_size)
+        # Run-cost settings (TrainConfig; all off by default).
+        self.model_batch_size = config.model_batch_size or config.batch_size
+        self._model_pool: list[list[Trajectory]] = []  # length-bucketed batches still to serve
+        self.rollout_max_steps = rollout_step_cap(
+            self.demonstrations,
+            self.max_steps,
+            config.rollout_length_factor,
+            config.rollout_length_quantile,
+        )
         self.step = 0
         self.num_timesteps = 0  # demonstration actions trained on, all processes together
         self.history: list[dict[str, float]] = []  # the logged means, for learning curves
@@ -299,7 +308,7 @@ class Trainer:
             self.policy,
             prompts,
             max_length=self.max_length,
-            max_steps=self.max_steps,
+            max_steps=self.rollout_max_steps,
             temperature=self.config.temperature,
             generator=self.rollout_generator,
             allow_backspace=self.config.backspace,
@@ -313,6 +322,28 @@ class Trainer:
         index = self.data_rng.integers(0, len(self.demonstrations), size=self.config.rollouts)
         prompts = [self.demonstrations[int(i)].prompt.tolist() for i in index]
         self.buffer.add(self._rollouts(prompts))
+        self._model_pool.clear()  # batches drawn before the refresh would miss the new rollouts
+
+    def _model_batch(self) -> list[Trajectory]:
+        """This rank's slice of the global model batch, drawn from the replay buffer.
+
+        Every rank holds the same buffer (same weights, same seeded rollouts): draw the global
+        batch and keep this rank's slice, as for the data. With ``model_batch_buckets`` k > 1,
+        k global batches are drawn at once, sorted by length and served one per update in a
+        random order (a pool emptied at each refresh of the buffer).
+        """
+        config = self.config
+        total = self.model_batch_size * self.world_size
+        mine = slice(self.rank * self.model_batch_size, (self.rank + 1) * self.model_batch_size)
+        k = config.model_batch_buckets
+        if k == 1:
+            return self.buffer.sample(total, self.data_rng)[mine]
+        if not self._model_pool:
+            drawn = self.buffer.sample(k * total, self.data_rng)
+            drawn.sort(key=lambda t: t.num_steps + len(t.prompt))  # stable: ties keep draw order
+            batches = [drawn[i * total : (i + 1) * total] for i in range(k)]
+            self._model_pool = [batches[int(i)] for i in self.data_rng.permutation(k)]
+        return self._model_pool.pop()[mine]
 
     # -- one update --------------------------------------------------------------------------
     def train_step(self, logger: Logger) -> None:
@@ -324,16 +355,13 @@ class Trainer:
             assert self.sm_objective is not None
             if (self.step - config.sm_warmup) % config.k_sample == 0:
                 self._refresh_buffer()
-            # Every rank holds the same buffer (same weights, same seeded rollouts): draw the
-            # global model batch and keep this rank's slice, as for the data.
-            total = config.batch_size * self.world_size
-            mine = slice(self.rank * config.batch_size, (self.rank + 1) * config.batch_size)
-            model = self.buffer.sample(total, self.data_rng)[mine]
+            model = self._model_batch()
             objective = self.sm_objective
 
         self.optimizer.zero_grad(set_to_none=True)
         losses: list[torch.Tensor] = []
         micro = config.batch_size // config.grad_accum
+        model_micro = self.model_batch_size // config.grad_accum
         # Gradient shares cost three extra backward passes: only on updates that get logged,
         # and on the first micro-batch (shares are ratios, so grad_accum's 1/k cancels). Not
         # under DDP: torch.autograd.grad bypasses its reducer, so each rank would see only its
@@ -346,10 +374,11 @@ class Trainer:
         labels = cast(LabelKind, config.labels)
         for k in range(config.grad_accum):
             part = slice(k * micro, (k + 1) * micro)
+            model_part = slice(k * model_micro, (k + 1) * model_micro)
             batch = ObjectiveBatch(
                 data=collate(data[part], labels=labels).to(self.device),
                 model=(
-                    collate(model[part], labels=labels).to(self.device)
+                    collate(model[model_part], labels=labels).to(self.device)
                     if model is not None
                     else None
                 ),
@@ -687,6 +716,19 @@ def _stop_on_sigint() -> Any:
         yield stop
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def rollout_step_cap(
+    demonstrations: list[Trajectory], max_steps: int, factor: float | None, quantile: float
+) -> int:
+    """The rollouts' step budget: ``ceil(factor * quantile of the demonstrations' step
+    counts)``, at least 1 and at most ``max_steps``; ``max_steps`` when ``factor`` is None.
+    """
+    if factor is None or not demonstrations:
+        return max_steps
+    steps = np.array([t.num_steps for t in demonstrations])
+    cap = math.ceil(factor * float(np.quantile(steps, quantile)))
+    return max(1, min(max_steps, cap))
 
 
 # -- checks before the work ------------------------------------------------------------------

@@ -1,0 +1,144 @@
+"""The run-cost settings of SequenceMatch (model batch size, length buckets, rollout cap): off
+by default, exact with their neutral values, and in effect when set."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from agents.training.config import TrainConfig
+from agents.training.trainer import Trainer, rollout_step_cap
+from seqenv.trajectory import Trajectory
+
+
+def _config(**settings: Any) -> TrainConfig:
+    base: dict[str, Any] = {
+        "agent": "sequencematch", "task": "arithmetic", "steps": 6, "sm_warmup": 2,
+        "k_sample": 2, "rollouts": 8, "buffer_size": 32, "batch_size": 8, "layers": 1,
+        "width": 32, "heads": 2, "num_demonstrations": 64, "eval_interval": 0,
+        "eval_episodes": 2, "log_interval": 3, "logdir": None, "save": None,
+        "progress": False, "device": "cpu", "lr_warmup": 1,
+    }  # fmt: skip
+    base.update(settings)
+    return TrainConfig(**base)
+
+
+def _weights(trainer: Trainer) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in trainer.policy.parameters()]
+
+
+def test_defaults_are_off() -> None:
+    config = TrainConfig()
+    assert config.model_batch_size is None
+    assert config.model_batch_buckets == 1
+    assert config.rollout_length_factor is None
+    trainer = Trainer(_config())
+    assert trainer.model_batch_size == trainer.config.batch_size
+    assert trainer.rollout_max_steps == trainer.max_steps
+
+
+def test_neutral_settings_give_the_default_run_exactly() -> None:
+    default = Trainer(_config())
+    default.train()
+    neutral = Trainer(_config(model_batch_size=8, model_batch_buckets=1))
+    neutral.train()
+    for a, b in zip(_weights(default), _weights(neutral), strict=True):
+        assert torch.equal(a, b)
+    assert default.buffer.to_json() == neutral.buffer.to_json()
+
+
+def test_default_model_batch_is_one_uniform_draw() -> None:
+    """The draw the trainer made before these settings existed: one sample of batch_size."""
+    trainer = Trainer(_config())
+    trainer._refresh_buffer()
+    rng = copy.deepcopy(trainer.data_rng)
+    expected = trainer.buffer.sample(trainer.config.batch_size, rng)
+    assert trainer._model_batch() == expected
+    assert trainer.data_rng.bit_generator.state == rng.bit_generator.state
+
+
+def test_model_batch_size_takes_effect() -> None:
+    trainer = Trainer(_config(model_batch_size=4, grad_accum=2))
+    trainer._refresh_buffer()
+    assert len(trainer._model_batch()) == 4
+    seen: list[int] = []
+    original = trainer.sm_objective
+
+    class Spy:
+        def __call__(self, policy: Any, batch: Any) -> Any:
+            seen.append(batch.model.input_ids.shape[0])
+            return original(policy, batch)  # type: ignore[misc]
+
+    trainer.sm_objective = Spy()  # type: ignore[assignment]
+    trainer.train()
+    assert seen and set(seen) == {2}  # 4 rollouts in 2 micro-batches
+
+
+def test_model_batch_size_must_divide_into_micro_batches() -> None:
+    with pytest.raises(ValueError, match="model-batch-size"):
+        _config(model_batch_size=3, grad_accum=2).validate()
+    with pytest.raises(ValueError, match="model-batch-buckets"):
+        _config(model_batch_buckets=0).validate()
+    with pytest.raises(ValueError, match="rollout-length-factor"):
+        _config(rollout_length_factor=0.0).validate()
+
+
+def _length(t: Trajectory) -> int:
+    return t.num_steps + len(t.prompt)
+
+
+def test_length_buckets_group_one_uniform_draw_by_length() -> None:
+    k = 4
+    trainer = Trainer(_config(model_batch_buckets=k))
+    trainer._refresh_buffer()
+    rng = copy.deepcopy(trainer.data_rng)
+    drawn = trainer.buffer.sample(k * trainer.config.batch_size, rng)
+    batches = [trainer._model_batch() for _ in range(k)]
+    assert all(len(b) == trainer.config.batch_size for b in batches)
+    # The k batches are the same rollouts as one uniform draw of k batches' worth ...
+    assert sorted(id(t) for b in batches for t in b) == sorted(map(id, drawn))
+    # ... split by length: no two batches' length ranges overlap beyond a shared endpoint.
+    ranges = sorted((min(map(_length, b)), max(map(_length, b))) for b in batches)
+    for (_, high), (low, _) in itertools.pairwise(ranges):
+        assert high <= low
+    # A refresh of the buffer empties the pool: the next batch is drawn afresh.
+    trainer._model_batch()
+    assert trainer._model_pool
+    trainer._refresh_buffer()
+    assert not trainer._model_pool
+
+
+def test_length_buckets_train() -> None:
+    trainer = Trainer(_config(model_batch_buckets=4, steps=8))
+    trainer.train()
+    losses = [h["losses/loss"] for h in trainer.history if "losses/loss" in h]
+    assert losses and all(np.isfinite(losses))
+
+
+def test_rollout_step_cap() -> None:
+    trainer = Trainer(_config())
+    demos = trainer.demonstrations
+    steps = np.array([t.num_steps for t in demos])
+    assert rollout_step_cap(demos, 270, None, 0.99) == 270
+    assert rollout_step_cap(demos, 270, 1.0, 1.0) == steps.max()
+    assert rollout_step_cap(demos, 270, 2.0, 0.5) == int(np.ceil(2 * np.quantile(steps, 0.5)))
+    assert rollout_step_cap(demos, 5, 100.0, 1.0) == 5  # never above the budget
+    assert rollout_step_cap(demos, 270, 1e-6, 0.5) == 1
+
+
+def test_rollout_cap_takes_effect() -> None:
+    capped = Trainer(_config(rollout_length_factor=0.5, rollouts=16))
+    cap = capped.rollout_max_steps
+    assert cap < capped.max_steps
+    capped._refresh_buffer()
+    rollouts = capped.buffer.sample(64, np.random.default_rng(0))
+    assert max(t.num_steps for t in rollouts) <= cap
+    assert any(t.truncated for t in rollouts)
+    # The evaluation keeps the full budget: the cap is the training rollouts' only.
+    assert dataclasses.replace(capped.config).max_steps is None
