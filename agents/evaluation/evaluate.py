@@ -23,7 +23,6 @@ import torch
 
 from agents.collate import collate
 from agents.evaluation.episodes import (
-    accuracy,
     backspace_stats,
     dyck_metrics,
     episode_scores,
@@ -151,6 +150,9 @@ class Evaluation:
     episodes: list[Trajectory]
     generated: list[list[int]]
     exact: dict[str, float] = field(default_factory=dict)
+    episode_values: dict[str, list[float]] = field(default_factory=dict)
+    """Per-episode values of the metrics that are means over episodes (for intervals that
+    resample episodes as well as seeds)."""
 
 
 @torch.no_grad()
@@ -308,8 +310,13 @@ def evaluate(
         "termination_rate": stats["termination_rate"],
         "length": stats["mean_generated_length"],
     }
+    per_episode: dict[str, list[float]] = {
+        "termination_rate": [float(t.terminated) for t in trajectories],
+        "length": [float(len(g)) for g in generated],
+    }
     if task.name == "arithmetic":
-        metrics["accuracy"] = accuracy(task, trajectories)
+        per_episode["accuracy"] = episode_scores(task, trajectories, generated)
+        metrics["accuracy"] = float(np.mean(per_episode["accuracy"]))
         if full:
             starts = recovery_starts(task, examples, seed=54321)
             recovered, _ = rollouts(prefixes=[list(s.prefix) for s in starts])
@@ -318,6 +325,10 @@ def evaluate(
         data = [list(e.completion) for e in examples]
         dyck = dyck_metrics(cast(Any, task), trajectories, data)
         metrics["invalid_rate"] = 1.0 - dyck["validity"]
+        per_episode["invalid_rate"] = [
+            1.0 - float(t.terminated and cast(Any, task).is_valid(g))
+            for t, g in zip(trajectories, generated, strict=True)
+        ]
         metrics["true_logprob"] = dyck.get("mean_log_prob", float("nan"))
         metrics["length_tv"] = dyck.get("length_tv", float("nan"))
         if full and exact:
@@ -325,7 +336,7 @@ def evaluate(
                 policy, cast(GrammarTask, task), exact, max_length, allow_backspace
             )
             metrics.update(headline_metrics)
-            return Evaluation(metrics, prompts, trajectories, generated, raw)
+            return Evaluation(metrics, prompts, trajectories, generated, raw, per_episode)
     elif task.name == "text" and full:
         texts = _words(task.vocab, generated)
         metrics["distinct_2"] = distinct_n(texts, TEXT_NGRAM)
@@ -341,7 +352,7 @@ def evaluate(
             )
     else:
         metrics["score"] = float(np.mean(episode_scores(task, trajectories, generated)))
-    return Evaluation(metrics, prompts, trajectories, generated)
+    return Evaluation(metrics, prompts, trajectories, generated, episode_values=per_episode)
 
 
 def human_text_metrics(task: Task, episodes: int, prompt_seed: int = 12345) -> dict[str, float]:

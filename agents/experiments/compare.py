@@ -359,17 +359,17 @@ def run_one(
     }
     clean = evaluate(policy, task, **settings, exact=exact)
     metrics = dict(clean.metrics)
+    episode_values = dict(clean.episode_values)
     if disturbance is not None:
         noise_fn = task.ground_truth_noise if disturbance.kind == "ground_truth" else None
-        disturbed = evaluate(
-            policy, task, **settings, disturbance=disturbance, noise_fn=noise_fn
-        ).metrics
-        metrics.update({f"disturbed/{k}": v for k, v in disturbed.items()})
+        disturbed = evaluate(policy, task, **settings, disturbance=disturbance, noise_fn=noise_fn)
+        metrics.update({f"disturbed/{k}": v for k, v in disturbed.metrics.items()})
+        episode_values.update({f"disturbed/{k}": v for k, v in disturbed.episode_values.items()})
     curves = [
         {
             k: v
             for k, v in row.items()
-            if k in ("step", f"eval/{headline(task.name)}", "losses/sm/divergence", "losses/loss")
+            if k == "step" or k.startswith("eval/") or k in ("losses/sm/divergence", "losses/loss")
         }
         for row in history
     ]
@@ -378,6 +378,7 @@ def run_one(
         "seed": seed,
         "metrics": metrics,
         "exact": clean.exact,
+        "episode_values": episode_values,
         "warm_start": warm_start,
         "curves": curves,
         "train_seconds": train_seconds,
