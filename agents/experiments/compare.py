@@ -267,6 +267,10 @@ def train_config(
     progress: bool,
     **overrides: Any,
 ) -> TrainConfig:
+    """The trainer's config of one run: the config's train block, the agent's, the overrides.
+
+    The run's TensorBoard name is its run key, so the sweep's values get folders of their own.
+    """
     fields: dict[str, Any] = {
         **config.get("train", {}),
         **config.get("agents", {}).get(agent, {}),
@@ -278,7 +282,7 @@ def train_config(
         task_args=json.dumps(config.get("task_args", {})),
         seed=seed,
         logdir=str(out / "runs"),
-        name=f"{agent}-s{seed}",
+        name=run_key(agent, seed, overrides),
         device=device,
         progress=progress,
         **fields,
@@ -639,8 +643,7 @@ def _run_spec(
     """
     if task is None:
         task = comparison_task(config)
-    if not spec.overrides:  # sweep runs of one agent and seed share a TensorBoard folder
-        _clear_unfinished(spec.out / "runs" / run_key(spec.agent, spec.seed))
+    _clear_unfinished(spec.out / "runs" / run_key(spec.agent, spec.seed, dict(spec.overrides)))
     overrides = dict(spec.overrides)
     cpu_start = time.process_time()
     row = run_one(config, task, spec.agent, spec.seed, spec.out, device, progress, **overrides)
