@@ -59,7 +59,6 @@ from agents.evaluation.evaluate import (
     METRICS,
     evaluate,
     exact_metrics,
-    headline,
     human_text_metrics,
 )
 from agents.evaluation.occupancy import GrammarTask
