@@ -86,6 +86,9 @@ class ImitationAgent:
                 )
                 env = base
         self.env = env
+        if base.disturbance.active:  # train in the environment's own disturbance
+            hyperparameters.setdefault("noise", base.disturbance.p)
+            hyperparameters.setdefault("noise_type", base.disturbance.kind)
         config = TrainConfig(
             agent=self.agent_name,
             task=base.task.name,
