@@ -104,10 +104,12 @@ class ImitationAgent:
 
     @property
     def policy(self) -> torch.nn.Module:
+        """The trained network (the trainer's policy)."""
         return self.trainer.policy
 
     @property
     def num_timesteps(self) -> int:
+        """Demonstration actions trained on so far, over all updates and ranks."""
         return self.trainer.num_timesteps
 
     def learn(self, total_timesteps: int) -> ImitationAgent:

@@ -186,6 +186,7 @@ class EvalConfig:
 
 
 def evaluate(config: EvalConfig) -> None:
+    """Evaluate a checkpoint: print its metrics, optionally write them as JSON."""
     from agents.evaluation.checkpoint import evaluate_checkpoint
 
     if config.episodes > MAX_SEQUENCES:
@@ -238,6 +239,7 @@ class GenerateConfig:
 
 
 def generate_text(config: GenerateConfig) -> None:
+    """Continue a prompt with a checkpoint's policy and print each sample."""
     from agents.evaluation.checkpoint import generate_from_checkpoint
 
     if config.num > MAX_SEQUENCES:
@@ -319,6 +321,7 @@ class ExportConfig:
 
 
 def export(config: ExportConfig) -> None:
+    """Export a pretrained-LM checkpoint as a plain transformers folder."""
     from agents.evaluation.checkpoint import export_checkpoint
 
     print(f"wrote {export_checkpoint(config.checkpoint, config.out)}")

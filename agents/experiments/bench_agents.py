@@ -297,6 +297,7 @@ def _parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measure and print the run-cost figures (optionally as JSON); returns the exit status."""
     parser = argparse.ArgumentParser(description="SequenceMatch's run cost, with variants")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")

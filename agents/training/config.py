@@ -14,8 +14,9 @@ from agents.objectives import make_objective
 
 
 class RunError(RuntimeError):
-    """A run refused or stopped for a reason the user can act on (memory, device, a diverged
-    loss, a full disk, an interrupt): reported in one line, like bad input.
+    """A run refused or stopped for a reason the user can act on; reported in one line.
+
+    Memory, device, a diverged loss, a full disk, an interrupt: reported like bad input.
     """
 
 
@@ -297,6 +298,7 @@ class TrainConfig:
         self.task_kwargs()  # parses
 
     def task_kwargs(self) -> dict[str, Any]:
+        """``task_args`` parsed; ValueError (one line) unless it is a JSON object."""
         try:
             kwargs = json.loads(self.task_args)
         except json.JSONDecodeError as err:
@@ -307,6 +309,7 @@ class TrainConfig:
 
     @property
     def run_name(self) -> str:
+        """``name``, or ``AGENT-TASK-sSEED`` when it is empty."""
         return self.name or f"{self.agent}-{self.task}-s{self.seed}"
 
 

@@ -107,8 +107,10 @@ class _BatchForward(nn.Module):
 
 
 class _PolicyView:
-    """What the objectives see: the policy's ids, with ``forward_batch`` routed through the
-    (possibly DDP-wrapped, possibly compiled) batch module so gradients are synchronised.
+    """What the objectives see: the policy's ids, and ``forward_batch``.
+
+    ``forward_batch`` is routed through the (possibly DDP-wrapped, possibly compiled) batch
+    module so gradients are synchronised.
     """
 
     def __init__(self, policy: Policy, batch_forward: nn.Module) -> None:
@@ -278,12 +280,15 @@ class Trainer:
 
     @property
     def in_warm_start(self) -> bool:
+        """Whether this update uses the warm-start objective (always, without SequenceMatch)."""
         return self.sm_objective is None or self.step < self.config.sm_warmup
 
     # -- data --------------------------------------------------------------------------------
     def _data_batch(self) -> list[Trajectory]:
-        """This rank's slice of the global batch of demonstrations: the expert acting in the
-        disturbed environment (it backspaces each disturbance), or clean ones without it.
+        """This rank's slice of the global batch of demonstrations.
+
+        The expert acting in the disturbed environment (it backspaces each disturbance), or
+        clean ones without it.
         """
         config = self.config
         total = config.batch_size * self.world_size
@@ -347,6 +352,7 @@ class Trainer:
 
     # -- one update --------------------------------------------------------------------------
     def train_step(self, logger: Logger) -> None:
+        """One optimiser update over the gradient-accumulated batch; records to ``logger``."""
         config = self.config
         data = self._data_batch()
         model: list[Trajectory] | None = None
@@ -429,8 +435,9 @@ class Trainer:
             logger.record("rollout/terminated", sum(t.terminated for t in model) / len(model))
 
     def _check_finite(self, losses: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Stop before a non-finite loss or gradient reaches the weights (one host sync per
-        update: a NaN must never be stepped into the weights, nor saved).
+        """Stop before a non-finite loss or gradient reaches the weights.
+
+        One host sync per update: a NaN must never be stepped into the weights, nor saved.
         """
         if bool(torch.isfinite(losses).all() & torch.isfinite(grad_norm)):
             return
@@ -488,8 +495,9 @@ class Trainer:
 
     @torch.no_grad()
     def _divergence_estimate(self, episodes: list[Trajectory]) -> float:
-        """d_hat of the agent's own evaluation ``episodes`` against the held-out demonstrations,
-        both in the agent's environment (disturbed when it trains with a disturbance).
+        """d_hat of the agent's own evaluation ``episodes`` against the held-out demonstrations.
+
+        Both in the agent's environment (disturbed when it trains with a disturbance).
         """
         demos = self.heldout
         if self.disturbance is not None:  # fixed keys: the same demonstrations at every eval
@@ -514,6 +522,7 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
+        """What a checkpoint stores besides the weights: step, config, vocabulary, task."""
         return {
             "step": self.step,
             "num_timesteps": self.num_timesteps,
@@ -698,8 +707,10 @@ def _reason(err: OSError) -> str:
 
 @contextlib.contextmanager
 def _stop_on_sigint() -> Any:
-    """Turn the first SIGINT into a flag the loop checks between updates (the state is then
-    consistent, so the checkpoint resumes exactly); a second SIGINT interrupts at once.
+    """Turn the first SIGINT into a flag the loop checks between updates.
+
+    The state is then consistent, so the checkpoint resumes exactly; a second SIGINT interrupts
+    at once.
     """
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
@@ -721,8 +732,10 @@ def _stop_on_sigint() -> Any:
 def rollout_step_cap(
     demonstrations: list[Trajectory], max_steps: int, factor: float | None, quantile: float
 ) -> int:
-    """The rollouts' step budget: ``ceil(factor * quantile of the demonstrations' step
-    counts)``, at least 1 and at most ``max_steps``; ``max_steps`` when ``factor`` is None.
+    """The rollouts' step budget.
+
+    ``ceil(factor * quantile of the demonstrations' step counts)``, at least 1 and at most
+    ``max_steps``; ``max_steps`` when ``factor`` is None.
     """
     if factor is None or not demonstrations:
         return max_steps
@@ -758,8 +771,9 @@ def model_vocabulary(config: TrainConfig) -> Vocab | None:
 
 
 def build_policy(config: TrainConfig, special: SpecialIds, max_length: int) -> Policy:
-    """The policy a run trains: our transformer, or the pretrained LM of ``config.model``
-    (LoRA adapters when ``config.lora_r > 0``, all weights otherwise).
+    """The policy a run trains: our transformer, or the pretrained LM of ``config.model``.
+
+    LoRA adapters when ``config.lora_r > 0``, all weights otherwise.
     """
     if config.model is None:
         return TransformerPolicy(
