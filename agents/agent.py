@@ -223,6 +223,6 @@ class BC(ImitationAgent):
 
 
 class SequenceMatch(ImitationAgent):
-    """SequenceMatch (METHOD.md): BC warm start, then (1 - eta) BC + eta occupancy matching."""
+    """SequenceMatch (docs/method.md): BC warm start, then (1 - eta) BC + eta occupancy matching."""
 
     agent_name = "sequencematch"

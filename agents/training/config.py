@@ -116,7 +116,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
 
-    # SequenceMatch (METHOD.md §3-4)
+    # SequenceMatch (docs/method.md §3-4)
     divergence: str = "chi2_mixture"
     """chi2_mixture, chi2, kl, reverse_kl, js, hellinger, tv or linear."""
     c: float = 0.25

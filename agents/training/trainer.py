@@ -1,8 +1,8 @@
 """The training loop of every agent: MLE, BC and SequenceMatch differ only in their objective.
 
-One update, top to bottom (METHOD.md §4):
+One update, top to bottom (docs/method.md §4):
 
-1. **data**: draw demonstrations; for BC and SequenceMatch, noise-augment them (METHOD.md §5).
+1. **data**: draw demonstrations; for BC and SequenceMatch, noise-augment them (docs/method.md §5).
 2. **rollouts** (SequenceMatch after the warm start): every ``k_sample`` updates, sample fresh
    trajectories from the current policy with KV-cache generation, into a FIFO replay buffer;
    draw this update's model batch from it.
@@ -215,7 +215,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
         # Objectives: the warm-start one, and the SequenceMatch mixture after it.
-        # One normaliser for every term (METHOD.md §3), so that eta weighs like with like.
+        # One normaliser for every term (docs/method.md §3), so that eta weighs like with like.
         common = {"normaliser_length": self.max_steps, "allow_backspace": config.backspace}
         if config.agent == "mle":
             self.warm_objective = make_objective("mle", **common)
