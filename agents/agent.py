@@ -32,7 +32,7 @@ import torch
 
 from agents.models.interface import mask_logits
 from agents.training.checkpoint import read_metadata
-from agents.training.config import TrainConfig
+from agents.training.config import Agent, TrainConfig
 from agents.training.trainer import Trainer
 from seqenv.env import SequenceGenEnv
 from seqenv.tasks import make_task
@@ -57,7 +57,7 @@ class ImitationAgent:
             (``lora_r``, ``lora_alpha``, ``gradient_checkpointing``, ...).
     """
 
-    agent_name: ClassVar[str]
+    agent_name: ClassVar[Agent]
 
     def __init__(
         self,

@@ -74,7 +74,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import torch
 
@@ -83,10 +83,12 @@ from agents.models.interface import mask_logits
 from seqenv.rules import allowed_actions
 from seqenv.vocab import SpecialIds
 
-DIVERGENCES = ("chi2_mixture", "chi2", "kl", "reverse_kl", "js", "hellinger", "tv", "linear")
+Divergence = Literal["chi2_mixture", "chi2", "kl", "reverse_kl", "js", "hellinger", "tv", "linear"]
+DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 """Known divergences; ``linear`` (phi(x) = x, SequenceMatch = discounted MLE) is for tests."""
 
-VALUE_SOURCES = ("mix", "data", "model")
+ValueSource = Literal["mix", "data", "model"]
+VALUE_SOURCES: tuple[str, ...] = get_args(ValueSource)
 """Trajectories the value term is estimated on: data and model together, or either alone."""
 
 

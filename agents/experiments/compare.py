@@ -145,6 +145,7 @@ class CompareConfig:
     agents: str | None = None
     """Comma-separated subset of the agents (default: all that apply to the task)."""
     device: str = "auto"
+    """auto (cuda when available), cpu, cuda or cuda:N; every run uses it."""
     threads: int | None = 1
     """torch CPU threads. 1 by default: the small models of these configs gain little from a
     second thread and lose several times over when the machine is busy; 0 keeps torch's."""

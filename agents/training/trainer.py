@@ -188,9 +188,7 @@ class Trainer:
         # disturbed evaluation share it. MLE and the no-backspace ablation learn clean data.
         uses_disturbance = config.agent != "mle" and config.backspace and config.noise > 0
         self.disturbance = (
-            Disturbance(config.noise, config.noise_type)  # type: ignore[arg-type]
-            if uses_disturbance
-            else None
+            Disturbance(config.noise, config.noise_type) if uses_disturbance else None
         )
         self.noise_fn = (
             self.task.ground_truth_noise if config.noise_type == "ground_truth" else None
@@ -784,7 +782,7 @@ def build_policy(config: TrainConfig, special: SpecialIds, max_length: int) -> P
                 num_heads=config.heads,
                 context_length=max_length,
                 dropout=config.dropout,
-                positions=config.positions,  # type: ignore[arg-type]
+                positions=config.positions,
             ),
         )
     from agents.models.hf import LoraSettings, load_hf
