@@ -32,7 +32,7 @@ import torch
 
 from agents.models.interface import mask_logits
 from agents.training.checkpoint import read_metadata
-from agents.training.config import TrainConfig
+from agents.training.config import Agent, TrainConfig
 from agents.training.trainer import Trainer
 from seqenv.env import SequenceGenEnv
 from seqenv.tasks import make_task
@@ -57,7 +57,7 @@ class ImitationAgent:
             (``lora_r``, ``lora_alpha``, ``gradient_checkpointing``, ...).
     """
 
-    agent_name: ClassVar[str]
+    agent_name: ClassVar[Agent]
 
     def __init__(
         self,
@@ -107,10 +107,12 @@ class ImitationAgent:
 
     @property
     def policy(self) -> torch.nn.Module:
+        """The trained network (the trainer's policy)."""
         return self.trainer.policy
 
     @property
     def num_timesteps(self) -> int:
+        """Demonstration actions trained on so far, over all updates and ranks."""
         return self.trainer.num_timesteps
 
     def learn(self, total_timesteps: int) -> ImitationAgent:
@@ -224,6 +226,6 @@ class BC(ImitationAgent):
 
 
 class SequenceMatch(ImitationAgent):
-    """SequenceMatch (METHOD.md): BC warm start, then (1 - eta) BC + eta occupancy matching."""
+    """SequenceMatch (docs/method.md): BC warm start, then (1 - eta) BC + eta occupancy matching."""
 
     agent_name = "sequencematch"

@@ -1,8 +1,8 @@
-"""Replay buffer of model rollouts (METHOD.md §4): FIFO, filled by KV-cache generation.
+"""Replay buffer of model rollouts (docs/method.md §4): FIFO, filled by KV-cache generation.
 
 Every ``refresh_interval`` updates the trainer samples fresh trajectories from the current policy
 (prompts drawn from the data) and adds them; the oldest drop out once ``capacity`` is reached.
-Stale samples stay valid for the value term of SequenceMatch (METHOD.md §3), which is why a
+Stale samples stay valid for the value term of SequenceMatch (docs/method.md §3), which is why a
 buffer can be reused across several updates.
 """
 

@@ -174,18 +174,23 @@ class EvalConfig:
     episodes: int = 256
     """Held-out prompts of the task to evaluate on."""
     seed: int = 0
+    """Seed of the held-out prompts and of sampling."""
     greedy: bool | None = None
     """Greedy decoding; default: as the checkpoint's run evaluated (greedy for arithmetic)."""
     temperature: float | None = None
     """Sampling temperature; default: the checkpoint's."""
     top_k: int | None = None
+    """Sample from the k most likely actions only, >= 1; no cut if unset."""
     top_p: float | None = None
+    """Nucleus sampling: the smallest set of actions whose probability reaches p, in (0, 1]."""
     json: str | None = None
     """Write the metrics to this JSON file."""
     device: str = "auto"
+    """auto (cuda when available), cpu, cuda or cuda:N."""
 
 
 def evaluate(config: EvalConfig) -> None:
+    """Evaluate a checkpoint: print its metrics, optionally write them as JSON."""
     from agents.evaluation.checkpoint import evaluate_checkpoint
 
     if config.episodes > MAX_SEQUENCES:
@@ -230,14 +235,19 @@ class GenerateConfig:
     temperature: float | None = None
     """Sampling temperature; default: the checkpoint's."""
     top_k: int | None = None
+    """Sample from the k most likely actions only, >= 1; no cut if unset."""
     top_p: float | None = None
+    """Nucleus sampling: the smallest set of actions whose probability reaches p, in (0, 1]."""
     seed: int = 0
+    """Seed of sampling."""
     trace: bool = False
     """Also print each action, backspaces included."""
     device: str = "auto"
+    """auto (cuda when available), cpu, cuda or cuda:N."""
 
 
 def generate_text(config: GenerateConfig) -> None:
+    """Continue a prompt with a checkpoint's policy and print each sample."""
     from agents.evaluation.checkpoint import generate_from_checkpoint
 
     if config.num > MAX_SEQUENCES:
@@ -319,6 +329,7 @@ class ExportConfig:
 
 
 def export(config: ExportConfig) -> None:
+    """Export a pretrained-LM checkpoint as a plain transformers folder."""
     from agents.evaluation.checkpoint import export_checkpoint
 
     print(f"wrote {export_checkpoint(config.checkpoint, config.out)}")

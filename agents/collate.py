@@ -1,4 +1,4 @@
-"""Trajectories to a batch: the re-feed scheme of METHOD.md §6, one masked pass per trajectory.
+"""Trajectories to a batch: the re-feed scheme of docs/method.md §6, one masked pass per trajectory.
 
 Each trajectory becomes one row of inputs. Its prompt tokens come first; then every action but
 ``<eos>`` adds one input row holding the last token of the state after that action, at position
@@ -220,7 +220,7 @@ class _Layout:
 
 
 def refeed_layout(trajectory: Trajectory) -> _Layout:
-    """Input rows, positions, death rows and per-step rows of one trajectory (METHOD.md §6)."""
+    """Input rows, positions, death rows and per-step rows of one trajectory (docs/method.md §6)."""
     special = trajectory.special
     prompt = trajectory.prompt.tolist()
     never = -1  # filled with T by collate: a row nothing deletes stays visible to the end

@@ -4,15 +4,15 @@ The MDP itself (:class:`seqenv.mdp.SequenceMDP`) tracks every row's state, the a
 step budget and the end of each episode, so the transition logic exists once. The network only
 has to supply the logits of each new state.
 
-Rollback (METHOD.md §7), by re-feeding: after every step, each row feeds the last token of its new
-state at position (length - 1). After a token that is the token itself; after a backspace it is the
-token returned to, fed again at its old position, which overwrites its cache slot and yields the
-logits of the state returned to. The deleted token's slot lies beyond that position, so it is out
-of sight (see :mod:`agents.models.interface`) until a later token overwrites it. This is the "drop
-two and re-feed" choice: it keeps one logits vector per row instead of the logits of every earlier
-state (B * L * A floats, gigabytes for a GPT-2 vocabulary), costs one ordinary decoding step per
-backspace, and makes the generated logits those of the re-feed training pass of METHOD.md §6 row
-for row. Ragged rows need nothing more: every row has its own position.
+Rollback (docs/method.md §7), by re-feeding: after every step, each row feeds the last token of its
+new state at position (length - 1). After a token that is the token itself; after a backspace it is
+the token returned to, fed again at its old position, which overwrites its cache slot and yields the
+logits of the state returned to. The deleted token's slot lies beyond that position, so it is out of
+sight (see :mod:`agents.models.interface`) until a later token overwrites it. This is the "drop two
+and re-feed" choice: it keeps one logits vector per row instead of the logits of every earlier state
+(B * L * A floats, gigabytes for a GPT-2 vocabulary), costs one ordinary decoding step per
+backspace, and makes the generated logits those of the re-feed training pass of docs/method.md §6
+row for row. Ragged rows need nothing more: every row has its own position.
 
 Shapes: B rows, L = max_length, S steps, A actions.
 """

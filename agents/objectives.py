@@ -1,8 +1,8 @@
 """Training objectives: ``(policy, batch) -> LossOutput(loss, metrics)``; MLE, BC, SequenceMatch.
 
-Every objective reads the logits of one forward pass per batch (METHOD.md §6) and the per-step
-indices of :class:`agents.collate.TrajectoryBatch`. For SequenceMatch (METHOD.md §2-§3) the logits
-l are the soft Q-function divided by a temperature alpha::
+Every objective reads the logits of one forward pass per batch (docs/method.md §6) and the
+per-step indices of :class:`agents.collate.TrajectoryBatch`. For SequenceMatch (docs/method.md
+§2-§3) the logits l are the soft Q-function divided by a temperature alpha::
 
     Q(s, a) = alpha l(a | s)      V(s) = alpha logsumexp_a' l(a' | s)      pi = softmax(l)
     r = Q(s, a) - gamma V(s') = alpha (l(a | s) - gamma logsumexp l(. | s'))
@@ -22,9 +22,9 @@ applies alpha.
 temperature 1 and coefficient c alpha, as a function of the logits: J_{alpha,c}(l) = alpha
 J_{1,c alpha}(l), exactly (``chi2``'s fixed 1/4 scales the same way: kappa = alpha / 4). So
 only kappa = c alpha moves the fixed point (:attr:`SequenceMatch.kappa`); alpha alone rescales
-the loss. On the enumerable dyck grammar, solved exactly (METHOD.md §3): kappa = 0.25 (alpha = 1)
-is biased toward never ending and runaway backspacing; kappa = 0.025 leaves a small bias;
-kappa <= 0.0025 (the default, alpha = 0.01 and c = 1/4) lands on the target. For the other
+the loss. On the enumerable dyck grammar, solved exactly (docs/method.md §3): kappa = 0.25
+(alpha = 1) is biased toward never ending and runaway backspacing; kappa = 0.025 leaves a small
+bias; kappa <= 0.0025 (the default, alpha = 0.01 and c = 1/4) lands on the target. For the other
 divergences phi is not quadratic and alpha and c do not collapse into one number.
 
 **Divergence estimate.** At the saddle point J = d - alpha H(pi) (IQ-Learn), so -J is mostly
@@ -33,7 +33,7 @@ H_hat the entropy of pi over the allowed actions at the states of the model batc
 and normalised like the model term: sum_t gamma^t H(pi(.|s_t)) / (B_model L) (on the data batch
 when the objective reads no model batch). -J itself is ``neg_objective``.
 
-Choices where METHOD.md is silent:
+Choices where docs/method.md is silent:
 
 - **Allowed actions.** ``<bkspc>`` in a state with nothing generated is masked out of the policy,
   as in generation (``SequenceMDP.action_mask``): V and log pi are taken over the allowed actions
@@ -42,7 +42,7 @@ Choices where METHOD.md is silent:
   ``allow_backspace=False`` (the no-backspace ablation) masks ``<bkspc>`` everywhere.
 - **Normaliser.** Each expectation is a sum over steps divided by (number of sequences in its
   sample) x L, with one fixed L (``normaliser_length``) for every term and every objective, so
-  that the sanity identity of METHOD.md §3 holds and (1 - eta) L_BC + eta L_SM mixes like with
+  that the sanity identity of docs/method.md §3 holds and (1 - eta) L_BC + eta L_SM mixes like with
   like. ``normaliser_length=None`` takes L = the padded step count of the batches read in the
   call (convenient in tests; pass the step budget in training for a batch-independent scale).
 - **The ``mix`` value source** pools data and model sequences: the value term is the sum over
@@ -56,9 +56,9 @@ Choices where METHOD.md is silent:
   is still concave, increasing and C^1, defined for every r, and its gradient is bounded by
   ``max_slope``, so a sample outside the domain still pushes r back into it. ``chi2``,
   ``chi2_mixture`` and ``tv`` are used exactly.
-- ``chi2`` is Pearson chi^2 with its fixed 1/4 (the table of METHOD.md §3) on r in Q units;
+- ``chi2`` is Pearson chi^2 with its fixed 1/4 (the table of docs/method.md §3) on r in Q units;
   ``c`` only sets the coefficient of ``chi2_mixture``. ``linear`` (phi(x) = x) is the identity
-  of METHOD.md §3, for tests and diagnostics: SequenceMatch then equals alpha times the
+  of docs/method.md §3, for tests and diagnostics: SequenceMatch then equals alpha times the
   discounted log-likelihood.
 - **Mixture.** :class:`Mixture` is (1 - eta) L_BC + eta L_SM / alpha: dividing by alpha keeps
   eta's meaning at every temperature (L_SM / alpha = -J_{1,kappa} for the quadratic divergences).
@@ -74,7 +74,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import torch
 
@@ -83,10 +83,12 @@ from agents.models.interface import mask_logits
 from seqenv.rules import allowed_actions
 from seqenv.vocab import SpecialIds
 
-DIVERGENCES = ("chi2_mixture", "chi2", "kl", "reverse_kl", "js", "hellinger", "tv", "linear")
+Divergence = Literal["chi2_mixture", "chi2", "kl", "reverse_kl", "js", "hellinger", "tv", "linear"]
+DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 """Known divergences; ``linear`` (phi(x) = x, SequenceMatch = discounted MLE) is for tests."""
 
-VALUE_SOURCES = ("mix", "data", "model")
+ValueSource = Literal["mix", "data", "model"]
+VALUE_SOURCES: tuple[str, ...] = get_args(ValueSource)
 """Trajectories the value term is estimated on: data and model together, or either alone."""
 
 
@@ -249,7 +251,7 @@ def _check_normaliser(normaliser_length: int | None) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# phi of each divergence (METHOD.md §3): phi(x) = -f*(-x)
+# phi of each divergence (docs/method.md §3): phi(x) = -f*(-x)
 
 
 def _tangent_below(
@@ -384,7 +386,7 @@ class MLE(_Objective):
 
 @dataclass(frozen=True)
 class BC(_Objective):
-    """Behaviour cloning on noise-augmented demonstrations (METHOD.md §4-§5).
+    """Behaviour cloning on noise-augmented demonstrations (docs/method.md §4-§5).
 
     Args:
         noise_targets: the noise tokens (appended tokens a later backspace deletes) are targets,
@@ -410,17 +412,18 @@ class BC(_Objective):
 
 @dataclass(frozen=True)
 class SequenceMatch(_Objective):
-    """SequenceMatch (METHOD.md §3): loss = -J, J the occupancy-divergence saddle objective.
+    """SequenceMatch (docs/method.md §3): loss = -J, J the occupancy-divergence saddle objective.
 
     Args:
         divergence: one of :data:`DIVERGENCES`; ``chi2_mixture`` is the paper's recommendation.
         c: chi^2 coefficient of ``chi2_mixture`` (x - c x^2 on data, -c r^2 on model samples,
             r in Q units).
-        alpha: soft-Q temperature: Q = alpha * logits (METHOD.md §2). [choice] 0.01, our reading
-            of the paper's alpha (IQ-Learn's code also calls its chi^2 weight "alpha"); the exact
-            analysis of METHOD.md §3 supports it: with c = 1/4 it gives kappa = c alpha = 0.0025,
-            which lands on the target, where alpha = 1 (kappa = 0.25) is biased toward never
-            ending and runaway backspacing. Not the sampling temperature of rollouts.
+        alpha: soft-Q temperature: Q = alpha * logits (docs/method.md §2). [choice] 0.01, our
+            reading of the paper's alpha (IQ-Learn's code also calls its chi^2 weight "alpha");
+            the exact analysis of docs/method.md §3 supports it: with c = 1/4 it gives
+            kappa = c alpha = 0.0025, which lands on the target, where alpha = 1 (kappa = 0.25)
+            is biased toward never ending and runaway backspacing. Not the sampling temperature
+            of rollouts.
         gamma: discount; 0.998 in the paper.
         value_source: trajectories of the value term, one of :data:`VALUE_SOURCES`.
         normaliser_length: L (see the module docstring); None: the padded step count of the
@@ -575,7 +578,7 @@ class SequenceMatch(_Objective):
 
 @dataclass(frozen=True)
 class Mixture(_Objective):
-    """The training schedule's combination (METHOD.md §4): (1 - eta) L_BC + eta L_SM / alpha.
+    """The training schedule's combination (docs/method.md §4): (1 - eta) L_BC + eta L_SM / alpha.
 
     Dividing L_SM by the soft-Q temperature alpha keeps eta's meaning at every alpha: L_SM is
     alpha times smaller at temperature alpha (for the quadratic divergences L_SM / alpha is the

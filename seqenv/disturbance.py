@@ -1,4 +1,4 @@
-"""Disturbance: the environment replaces a token action by a noise token (METHOD.md §5).
+"""Disturbance: the environment replaces a token action by a noise token (docs/method.md §5).
 
 With probability ``p`` an ordinary token action is replaced, before it runs, by a noise token that
 differs from it, as the Arcade Learning Environment's sticky actions or DART's injected noise.

@@ -91,7 +91,7 @@ class SequenceGenEnv(gym.Env[np.ndarray, np.int64]):
     The agent continues a prompt drawn from a task (an arithmetic question, the start symbol of
     a bracket language, the opening of a passage of prose). Each action appends one token, deletes
     the last generated token, or ends the sequence. The expert demonstrations of the task never
-    backspace; an imitation learner that strays off the data can (METHOD.md §1).
+    backspace; an imitation learner that strays off the data can (docs/method.md §1).
 
     ## Observation Space
     ``Box(0, num_actions, (max_length,), int64)``: the token ids of the current state (prompt, then
@@ -109,9 +109,9 @@ class SequenceGenEnv(gym.Env[np.ndarray, np.int64]):
     an integer id (an int, a numpy or torch integer scalar or a 0-d integer array); anything else
     raises ``InvalidActionError``.
 
-    With ``disturbance=p`` (METHOD.md §5, like ALE's sticky actions), an ordinary token action is,
-    with probability p, replaced before it runs by a noise token that differs from it: uniform over
-    the other ordinary tokens (``disturbance_type="random"``) or the task's plausible mistake
+    With ``disturbance=p`` (docs/method.md §5, like ALE's sticky actions), an ordinary token action
+    is, with probability p, replaced before it runs by a noise token that differs from it: uniform
+    over the other ordinary tokens (``disturbance_type="random"``) or the task's plausible mistake
     (``"ground_truth"``). ``<eos>`` and ``<bkspc>`` are never replaced, nor is an append that
     fills the buffer (nothing could delete it). The draws come from ``self.np_random``.
 

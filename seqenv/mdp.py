@@ -2,12 +2,13 @@
 
 A state is the prompt followed by the tokens generated so far. Actions are the ordinary tokens
 (append), ``<eos>`` (terminate) and ``<bkspc>`` (delete the last generated token). A backspace never
-deletes the prompt: with nothing generated it is a no-op that still costs a step (METHOD.md §1).
+deletes the prompt: with nothing generated it is a no-op that still costs a step
+(docs/method.md §1).
 Every action costs one step of the budget ``max_steps``; an episode is truncated when the budget is
 spent or when the buffer reaches ``max_length`` tokens, and terminated by ``<eos>``.
 
 With a :class:`~seqenv.disturbance.Disturbance`, a token action may be replaced by a noise token
-before it runs (METHOD.md §5); :class:`StepResult` keeps the intended and the executed action.
+before it runs (docs/method.md §5); :class:`StepResult` keeps the intended and the executed action.
 
 Shapes: B rows (sequences), L = max_length, A = num_actions.
 """
@@ -87,7 +88,7 @@ class StepResult:
     Attributes:
         appended: bool, an ordinary token was appended.
         deleted: bool, a backspace removed a generated token.
-        noop_backspace: bool, a backspace with nothing generated (the no-op of METHOD.md §1).
+        noop_backspace: bool, a backspace with nothing generated (the no-op of docs/method.md §1).
         terminated: bool, the row ended with ``<eos>`` at this step.
         truncated: bool, the row ran out of steps or of length at this step.
         intended: int64, the action the caller chose.

@@ -1,4 +1,4 @@
-"""Demonstrations: the ``Trajectory`` type, loaders, disturbances and noise (METHOD.md §5).
+"""Demonstrations: the ``Trajectory`` type, loaders, disturbances and noise (docs/method.md §5).
 
 A trajectory is one episode of the backspace MDP: a prompt, then the actions taken (ordinary
 tokens, ``<bkspc>`` and a final ``<eos>`` when the episode terminated). Replaying its actions
@@ -48,7 +48,7 @@ class Trajectory:
             functions use); ``<eos>`` only as the last action.
         terminated: the episode ended with ``<eos>``.
         truncated: the episode ended at the step budget or at ``max_length``; its last state
-            still has a value (METHOD.md §3). Exactly one of the two holds.
+            still has a value (docs/method.md §3). Exactly one of the two holds.
         special: the special ids of the vocabulary the ids belong to.
         intended: (N,) int64 or None, the actions the agent chose, where a disturbance may have
             replaced an ordinary token by another (there, both are ordinary tokens). ``None``
@@ -285,7 +285,7 @@ def replay(
 
 
 # --------------------------------------------------------------------------------------------
-# Demonstrations in the disturbed MDP (METHOD.md §5, the disturbance view)
+# Demonstrations in the disturbed MDP (docs/method.md §5, the disturbance view)
 
 
 def disturbed_demonstrations(
@@ -388,7 +388,7 @@ def disturbed_demonstration(
 
 
 # --------------------------------------------------------------------------------------------
-# Noise augmentation, the paper's scheme (METHOD.md §5)
+# Noise augmentation, the paper's scheme (docs/method.md §5)
 
 
 def random_noise(special: SpecialIds) -> NoiseFn:

@@ -276,6 +276,7 @@ class PretrainedVocab(SpecialIdsMixin):
         self.special = SpecialIds(num_actions=n + 1, eos_id=eos_id, backspace_id=n, pad_id=n + 1)
 
     def encode(self, text: str) -> list[int]:
+        """The tokenizer's ids for ``text``, without its special tokens."""
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -288,6 +289,7 @@ class PretrainedVocab(SpecialIdsMixin):
         return decode_with(self.tokenizer.decode, ids, self.special)
 
     def to_json(self) -> dict:
+        """``{"kind": "hf", "tokenizer": ..., "eos_id": ...}`` with the tokenizer's own JSON."""
         return {
             "kind": "hf",
             "tokenizer": json.loads(self.tokenizer_json),

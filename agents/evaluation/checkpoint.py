@@ -24,7 +24,7 @@ from agents.evaluation.evaluate import default_greedy, evaluate, parse_task_args
 from agents.generate import generate
 from agents.training.checkpoint import CheckpointError, load_policy, read_metadata
 from seqenv.tasks import Example, Split, Task, make_task
-from seqenv.vocab import PretrainedVocab, Vocab, vocab_from_json
+from seqenv.vocab import PretrainedVocab, Vocab, VocabularyError, vocab_from_json
 
 MAX_EPISODES = 1_000_000
 """More held-out episodes than any evaluation needs; a larger count is a typo, not a request."""
@@ -73,7 +73,10 @@ def checkpoint_task(
 
     A text checkpoint that stored its test prompts gives :class:`StoredPrompts` (no corpus read).
     """
-    vocab = vocab_from_json(metadata["vocab"])
+    try:
+        vocab = vocab_from_json(metadata["vocab"])
+    except (VocabularyError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint.json is incomplete or corrupt ({err})") from None
     # A pretrained model's tokenizer is not a task's own vocabulary: build the task on it.
     model_vocab = vocab if isinstance(vocab, PretrainedVocab) else None
     if name is None:

@@ -1,4 +1,4 @@
-"""Exact evaluation against SequenceMatch's target in the disturbed MDP (METHOD.md §5).
+"""Exact evaluation against SequenceMatch's target in the disturbed MDP (docs/method.md §5).
 
 On a grammar small enough to enumerate (:mod:`agents.evaluation.occupancy`), everything a
 sampled evaluation estimates is computed exactly: occupancy measures, divergences, the

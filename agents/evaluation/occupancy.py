@@ -3,7 +3,7 @@
 For a source whose next-action distribution is known (the dyck grammar), the data's occupancy
 measure is exact, and so is a model's once every state it can reach is enumerated. The exact
 divergence between the two is then a metric free of sampling noise: the quantity SequenceMatch
-minimises (METHOD.md §1, §3), measured rather than estimated.
+minimises (docs/method.md §1, §3), measured rather than estimated.
 
 The formulation (discounted and budget-free):
 
@@ -19,7 +19,7 @@ The formulation (discounted and budget-free):
   step budget: the discount alone keeps the measure finite, and a policy may loop through
   backspaces as long as it likes.
 - **Occupancy.** With ``d = (1 - γ) ρ0 + γ P_πᵀ d`` the discounted state distribution over the
-  live states (ρ0 is the empty generation), ``ρ(s, a) = d(s) π(a|s)``, which is METHOD.md's
+  live states (ρ0 is the empty generation), ``ρ(s, a) = d(s) π(a|s)``, which is docs/method.md's
   ``(1 - γ) π(a|s) Σ_t γ^t P(s_t = s)``. Its total is ``1 - E[γ^T]`` for an episode of ``T``
   steps: the mass that the live states lose when the episode ends. That lost mass is the
   occupancy of the absorbing states. Each absorbing state is entered by exactly one live pair
@@ -31,7 +31,7 @@ The formulation (discounted and budget-free):
 :func:`exact_divergences` compares the data's measure and a model's on the union of both parts
 (``absorbing=True``), or on the live parts alone, each normalised to sum 1 (``absorbing=False``).
 
-**Disturbance** (METHOD.md §5; :class:`DisturbanceKernel`). With probability p the environment
+**Disturbance** (docs/method.md §5; :class:`DisturbanceKernel`). With probability p the environment
 replaces an ordinary token action, before it runs, by a noise token that differs from it
 (``random``: uniform over the other ordinary tokens; or any per-state noise distribution, e.g. the
 task's ``ground_truth`` mistake). ``<eos>``, ``<bkspc>`` and an append that fills the buffer are
@@ -557,7 +557,7 @@ def divergences(p: np.ndarray, q: np.ndarray) -> dict[str, float]:
 
     Returns:
         ``chi2_mixture``: D_χ²(p ‖ (p+q)/2) = Σ (p - q)² / (2 (p + q)), the SequenceMatch
-        default (METHOD.md §3), in [0, 1]; ``kl``: KL(p ‖ q) = Σ p log(p/q), natural log,
+        default (docs/method.md §3), in [0, 1]; ``kl``: KL(p ‖ q) = Σ p log(p/q), natural log,
         ``inf`` where q = 0 < p; ``js``: Jensen-Shannon, natural log, in [0, log 2];
         ``tv``: total variation ½ Σ |p - q|, in [0, 1].
     """

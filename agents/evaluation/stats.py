@@ -37,8 +37,10 @@ def mean_ci95(values: Sequence[float]) -> tuple[float, float, float]:
 def bootstrap_ci95(
     values: Sequence[float], num_resamples: int = 10_000, seed: int = 0
 ) -> tuple[float, float, float]:
-    """Mean and percentile-bootstrap 95% interval (2.5th and 97.5th percentiles of the means of
-    ``num_resamples`` resamples with replacement). One value gives ``(x, x, x)``.
+    """Mean and percentile-bootstrap 95% interval.
+
+    The interval is the 2.5th and 97.5th percentiles of the means of ``num_resamples`` resamples
+    with replacement. One value gives ``(x, x, x)``.
     """
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:

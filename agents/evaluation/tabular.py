@@ -1,8 +1,8 @@
 """A free-table SequenceMatch with exact expectations: the reference for the sampled trainer.
 
 One logit vector per enumerated text state (no network, no sampling). The χ²-mixture objective
-of METHOD.md §3, at temperature α and coefficient c, with every expectation taken exactly in the
-disturbed MDP (:mod:`agents.evaluation.exact`)::
+of docs/method.md §3, at temperature α and coefficient c, with every expectation taken exactly in
+the disturbed MDP (:mod:`agents.evaluation.exact`)::
 
     J = Σ_{s,a} ρ_T(s, a) E_{s'}[φ(r)] - c Σ_{s,a} ρ_π(s, a) E_{s'}[r²] - (1 - γ) V(s_0)
     r = α (ℓ[s, a] - γ LSE ℓ[s']),     V(s) = α LSE ℓ[s]     (LSE over the allowed actions)
@@ -23,7 +23,7 @@ disturbed MDP (:mod:`agents.evaluation.exact`)::
   (1 - γ) V(s_0), the form used here.
 
 For χ² the objective only depends on κ = c α: J_{α,c} = α J_{1,cα}.
-The divergence estimate of METHOD.md §3 is ``J + α H`` with
+The divergence estimate of docs/method.md §3 is ``J + α H`` with
 ``H = -Σ ρ_π(s, a) log π(a|s)`` under the same normalisation.
 
 Shapes: N text states, A actions.

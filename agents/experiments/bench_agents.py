@@ -44,7 +44,7 @@ from agents.experiments.timing import interleaved_fastest
 from agents.generate import generate
 from agents.models.policy import TransformerPolicy
 from agents.objectives import Mixture, ObjectiveBatch, make_objective
-from agents.training.config import TrainConfig
+from agents.training.config import Agent, TrainConfig
 from agents.training.trainer import Trainer
 from seqenv.disturbance import Disturbance
 from seqenv.rules import step_budget
@@ -161,7 +161,7 @@ def _measure_update(quick: bool, device: str, sync: Callable[[], None]) -> dict[
     }
 
 
-def _run_config(agent: str, quick: bool, device: str, **settings: Any) -> TrainConfig:
+def _run_config(agent: Agent, quick: bool, device: str, **settings: Any) -> TrainConfig:
     steps = 20 if quick else 100
     return TrainConfig(
         agent=agent, task=TASK, steps=steps, sm_warmup=steps // 5, device=device,
@@ -201,7 +201,7 @@ def _measure_run(
     ``sm[name]_vs_mle_run``. BC and SequenceMatch share the data, the updates and the
     disturbance (the trainer's defaults); MLE learns the clean data.
     """
-    runs: dict[str, tuple[str, dict[str, Any]]] = {
+    runs: dict[str, tuple[Agent, dict[str, Any]]] = {
         "mle": ("mle", {}),
         "bc": ("bc", {}),
         "sm": ("sequencematch", {}),
@@ -297,6 +297,7 @@ def _parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measure and print the run-cost figures (optionally as JSON); returns the exit status."""
     parser = argparse.ArgumentParser(description="SequenceMatch's run cost, with variants")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")

@@ -2,7 +2,7 @@
 
     python -m agents.experiments.bench_gpu --json benchmarks/results/gpu.json [--stages train,...]
 
-Keys (targets from METHOD.md §6 and the project's goals, on one H200):
+Keys (targets from docs/method.md §6 and the project's goals, on one H200):
 
 - ``gpu_masked_train_tokens_per_s``: an MLE training step (forward, backward, AdamW) of the re-feed
   masked pass on FlexAttention at the GPT-2-small shape (12 layers, width 768, 1,024 rows, batch

@@ -45,7 +45,7 @@ class Shape:
     num_tokens: int  # ordinary tokens of the vocabulary
     batch_size: int
     rows: int  # T, the re-feed rows of the training batch (the batch is padded to exactly this)
-    noise: float  # METHOD.md §5 noise level: share of positions preceded by a token + <bkspc>
+    noise: float  # docs/method.md §5 noise level: share of positions preceded by a token + <bkspc>
     train_iters: int
     gen_batch: int
     prompt_length: int

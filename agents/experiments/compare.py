@@ -144,6 +144,7 @@ class CompareConfig:
     agents: str | None = None
     """Comma-separated subset of the agents (default: all that apply to the task)."""
     device: str = "auto"
+    """auto (cuda when available), cpu, cuda or cuda:N; every run uses it."""
     threads: int | None = 1
     """torch CPU threads. 1 by default: the small models of these configs gain little from a
     second thread and lose several times over when the machine is busy; 0 keeps torch's."""
@@ -417,8 +418,10 @@ DIFFERENCES = (("sequencematch", "mle"), ("sequencematch", "bc"))
 
 
 def _run_values(run: dict[str, Any], metric: str) -> RunValues | None:
-    """What the bootstrap resamples for one run: its episodes' values if given, else its metric
-    (None where the metric is missing or not finite).
+    """What the bootstrap resamples for one run.
+
+    Its episodes' values if given, else its metric (None where the metric is missing or not
+    finite).
     """
     episodes = (run.get("episode_values") or {}).get(metric)
     if episodes:
@@ -514,8 +517,9 @@ RESULT_FILES = ("results.json", "report.md")
 
 
 def runs_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The part of a comparison's config that decides each run's result (as JSON reads it
-    back): what a resumed comparison must share with the runs it keeps.
+    """The part of a comparison's config that decides each run's result.
+
+    As JSON reads it back: what a resumed comparison must share with the runs it keeps.
     """
     kept = {
         k: v
@@ -532,8 +536,9 @@ def run_key(agent: str, seed: int, overrides: dict[str, Any] | None = None) -> s
 
 
 def write_json_atomic(path: Path, content: Any) -> None:
-    """Write ``content`` as JSON to ``path`` through a temporary file and :func:`os.replace`,
-    so a reader (or a resumed comparison) never sees a half-written file.
+    """Write ``content`` as JSON to ``path`` through a temporary file and :func:`os.replace`.
+
+    A reader (or a resumed comparison) thus never sees a half-written file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -604,8 +609,9 @@ def prepare_out(out: Path, config: dict[str, Any], resume: bool, overwrite: bool
 
 
 def _clear_unfinished(logdir: Path) -> None:
-    """Remove the TensorBoard folder an interrupted run left behind (event files only), so the
-    rerun's curves are not mixed with it; a folder holding anything else is kept.
+    """Remove the TensorBoard folder an interrupted run left behind (event files only).
+
+    The rerun's curves are then not mixed with it; a folder holding anything else is kept.
     """
     if logdir.is_dir() and all(p.name.startswith("events.out.tfevents") for p in logdir.iterdir()):
         shutil.rmtree(logdir)
@@ -627,9 +633,11 @@ class RunSpec:
 
     @property
     def path(self) -> Path:
+        """The run's result file under ``out/runs``."""
         return self.out / "runs" / f"{run_key(self.agent, self.seed, dict(self.overrides))}.json"
 
     def describe(self) -> str:
+        """The run in words: agent, seed and any overrides."""
         extra = "".join(f" {k}={v}" for k, v in self.overrides)
         return f"{self.agent} seed {self.seed}{extra}"
 
@@ -637,8 +645,10 @@ class RunSpec:
 def _run_spec(
     config: dict[str, Any], task: Task | None, spec: RunSpec, device: str, progress: bool
 ) -> dict[str, Any]:
-    """Train and evaluate one run; its row (with the sweep value where there is one) and the
-    CPU seconds it took (``cpu_seconds``: the measure of cost on a busy machine).
+    """Train and evaluate one run.
+
+    Returns its row (with the sweep value where there is one) and the CPU seconds it took
+    (``cpu_seconds``: the measure of cost on a busy machine).
     """
     if task is None:
         task = comparison_task(config)
@@ -787,10 +797,17 @@ def build_results(
     reference: dict[str, Any],
     with_plots: bool = True,
 ) -> dict[str, Any]:
-    """results.json's content from the finished runs of ``specs``; written with the report and
-    plots. A comparison with runs still missing is marked ``"complete": false``.
+    """results.json's content from the finished runs of ``specs``.
+
+    Written with the report and plots. A comparison with runs still missing is marked
+    ``"complete": false``.
 
     Args:
+        config: the comparison's resolved config (task, seeds, train settings, sweep).
+        options: the command line's options (device, jobs and threads are recorded).
+        out: the comparison's output folder.
+        specs: every run of the comparison, finished or not.
+        wall_seconds: wall-clock time of the comparison so far.
         reference: measured rows that are not agents (the human text's statistics).
         with_plots: redraw the plots too (seconds; results.json and report.md take little).
     """

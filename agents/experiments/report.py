@@ -68,6 +68,7 @@ def _cell(stats: dict[str, Any] | None) -> str:
 
 
 def metrics_of(results: dict[str, Any]) -> list[str]:
+    """The task's metrics that some agent in ``results`` reports, in the task's order."""
     present = {m for stats in results["agents"].values() for m in stats}
     return [m for m in TASK_METRICS[results["task"]] if m in present]
 
@@ -98,8 +99,10 @@ def _diff_cell(stats: dict[str, Any] | None) -> str:
 
 
 def difference_table(results: dict[str, Any]) -> list[str]:
-    """For each metric with a direction: SequenceMatch minus MLE and minus BC, with the bootstrap
-    interval of the difference (a difference is called where the interval excludes zero).
+    """For each metric with a direction: SequenceMatch minus MLE and minus BC.
+
+    Each with the bootstrap interval of the difference (a difference is called where the
+    interval excludes zero).
     """
     pairs = {k: v for k, v in results.get("differences", {}).items() if v}
     metrics = [m for m in metrics_of(results) if METRICS[m].higher_is_better is not None]
@@ -114,8 +117,9 @@ def difference_table(results: dict[str, Any]) -> list[str]:
 
 
 def verdicts(results: dict[str, Any]) -> list[str]:
-    """Plain statements of where SequenceMatch beats MLE and where it does not, judged by the
-    bootstrap interval of the difference of their means.
+    """Plain statements of where SequenceMatch beats MLE and where it does not.
+
+    Judged by the bootstrap interval of the difference of their means.
     """
     pair = results.get("differences", {}).get("sequencematch - mle")
     agents = results["agents"]
@@ -195,6 +199,7 @@ def plot_files(results: dict[str, Any]) -> list[str]:
 
 
 def report(results: dict[str, Any]) -> str:
+    """The markdown of report.md: setup, table, differences, verdicts and any sweep."""
     config = results["config"]
     status = []
     if not results.get("complete", True):
@@ -276,8 +281,9 @@ def agent_colours(agents: list[str]) -> dict[str, Any]:
 
 
 def curve_keys(results: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(curve key, file name, y label) of each curve plot: the headline, the divergence
-    estimate, then every other ``eval/`` curve present in the runs.
+    """(curve key, file name, y label) of each curve plot.
+
+    The headline, the divergence estimate, then every other ``eval/`` curve present in the runs.
     """
     head = headline(results["task"])
     keys = [
@@ -293,8 +299,9 @@ def curve_keys(results: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 def grouped_curve(runs: list[dict[str, Any]], key: str) -> tuple[list[float], ...] | None:
-    """(steps, mean, low, high) of ``key`` over the seeds in ``runs``, at every step some seed
-    logged it; None where no run has the curve.
+    """(steps, mean, low, high) of ``key`` over the seeds in ``runs``.
+
+    At every step some seed logged it; None where no run has the curve.
     """
     by_step: dict[float, list[float]] = {}
     for run in runs:
@@ -314,8 +321,9 @@ def grouped_curve(runs: list[dict[str, Any]], key: str) -> tuple[list[float], ..
 
 
 def plots(results: dict[str, Any], out: Path) -> None:
-    """Learning curves per agent (mean over seeds, min–max band) and the metric bars with
-    their intervals.
+    """Learning curves per agent and the metric bars with their intervals.
+
+    Curves show the mean over seeds with a min–max band.
     """
     import matplotlib
 

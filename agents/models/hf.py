@@ -211,6 +211,7 @@ class SlotCache(Cache):
         *args: Any,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this layer's keys and values at ``slots``; return the first ``num_slots``."""
         if self.slots is None:
             raise RuntimeError("SlotCache is written through HFPolicy.decode only")
         while len(self.keys) <= layer_idx:  # allocated on first use: the shapes come from the model
@@ -225,6 +226,7 @@ class SlotCache(Cache):
         return keys[:, :, : self.num_slots], values[:, :, : self.num_slots]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """The number of slots the current decode step reads."""
         return self.num_slots
 
 
@@ -310,8 +312,10 @@ class HFPolicy(nn.Module):
         self.backspace_rows = BackspaceRows(self.model, self.special.backspace_id)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The tensors a checkpoint must hold: every weight without LoRA, else the adapters and
-        the ``<bkspc>`` rows (the frozen base is reloaded from ``base_path``).
+        """The tensors a checkpoint must hold.
+
+        Every weight without LoRA, else the adapters and the ``<bkspc>`` rows (the frozen base
+        is reloaded from ``base_path``).
         """
         if self.lora is None:
             return {k: v.detach() for k, v in self.state_dict().items()}
@@ -340,6 +344,7 @@ class HFPolicy(nn.Module):
 
     @property
     def max_positions(self) -> int | None:
+        """The model's ``max_position_embeddings``; None where its config has none."""
         value = getattr(self.model.config, "max_position_embeddings", None)
         return None if value is None else int(value)
 
@@ -377,6 +382,7 @@ class HFPolicy(nn.Module):
         return self(batch.input_ids, batch.position_ids, batch.forward_attention)
 
     def init_cache(self, batch_size: int, capacity: int) -> SlotCache:
+        """An empty :class:`SlotCache` of ``capacity`` positions per row."""
         if self.max_positions is not None and capacity > self.max_positions:
             raise ValueError(
                 f"a cache of {capacity} positions exceeds the model's {self.max_positions}"
@@ -457,8 +463,10 @@ PAYLOAD_FOLDER = "hf"  # in a checkpoint: the model's config.json and the tokeni
 
 
 def save_payload(policy: HFPolicy, folder: Path) -> dict[str, Any]:
-    """Write ``model.safetensors`` (all weights, or adapters and ``<bkspc>`` rows) and ``hf/``
-    (config and tokenizer) into a checkpoint folder; return the metadata that reloads them.
+    """Write a pretrained LM's payload into a checkpoint folder.
+
+    Writes ``model.safetensors`` (all weights, or adapters and ``<bkspc>`` rows) and ``hf/``
+    (config and tokenizer); returns the metadata that reloads them.
     """
     from safetensors.torch import save_file
 
@@ -535,9 +543,11 @@ def payload_policy(folder: Path, metadata: dict[str, Any]) -> HFPolicy:
 
 
 def export_pretrained(policy: HFPolicy, out: str | Path) -> Path:
-    """Save ``policy`` as a plain transformers folder: adapters merged, ``<bkspc>`` the last
-    row of embedding and head, the tokenizer beside it, and ``seqmatch.json`` marking the row
-    (so :func:`load_hf` and ``--model`` read it back without adding another).
+    """Save ``policy`` as a plain transformers folder.
+
+    Adapters merged, ``<bkspc>`` the last row of embedding and head, the tokenizer beside it,
+    and ``seqmatch.json`` marking the row (so :func:`load_hf` and ``--model`` read it back
+    without adding another).
 
     Changes ``policy`` (its adapters are merged): call it last.
     """

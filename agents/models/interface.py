@@ -25,7 +25,9 @@ from seqenv.vocab import SpecialIds
 
 @runtime_checkable
 class PolicyModel(Protocol):
-    """A network whose logits over the extended vocabulary are the soft Q-function (METHOD.md §2).
+    """A network whose logits over the extended vocabulary are the soft Q-function.
+
+    As in docs/method.md §2.
 
     Attributes:
         special: the special ids of the vocabulary the network reads and predicts.

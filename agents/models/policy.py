@@ -3,9 +3,9 @@
 One file, in the manner of GPT-2: token embedding ``wte``, optional learned position embedding
 ``wpe`` (or rotary positions, RoFormer), a stack of pre-norm blocks (``ln_1``, ``attn``, ``ln_2``,
 ``mlp``), a final ``ln_f`` and the output head. ``forward`` returns logits and computes no loss:
-the logits are the soft Q-function of METHOD.md §2.
+the logits are the soft Q-function of docs/method.md §2.
 
-Positions come from explicit position ids, which the re-feed scheme of METHOD.md §6 needs (a
+Positions come from explicit position ids, which the re-feed scheme of docs/method.md §6 needs (a
 re-fed token takes its old position again). Attention backends:
 
 - ``attention=None``: plain causal attention, SDPA's ``is_causal`` fast path (a batch without

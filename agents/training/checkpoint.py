@@ -136,8 +136,9 @@ def nearest_existing(path: Path) -> Path:
 
 
 def first_missing(path: str | Path) -> Path | None:
-    """The outermost folder on the way to ``path`` that does not exist yet (None if it does);
-    removing it undoes a ``mkdir(parents=True)`` of ``path``.
+    """The outermost folder on the way to ``path`` that does not exist yet (None if it does).
+
+    Removing it undoes a ``mkdir(parents=True)`` of ``path``.
     """
     path = Path(os.path.abspath(path))
     existing = nearest_existing(path)
@@ -216,8 +217,10 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any])
 
 
 def module_writer(model: torch.nn.Module) -> ModelWriter:
-    """The model payload of a policy (:func:`save_model_payload`), for our transformer and a
-    pretrained LM alike; returns the files written, relative to the folder.
+    """The model payload writer of a policy (:func:`save_model_payload`).
+
+    For our transformer and a pretrained LM alike; it returns the files written, relative to
+    the folder.
     """
 
     def write(folder: Path) -> list[str]:

@@ -10,12 +10,16 @@ from typing import Any, Literal
 
 import torch
 
-from agents.objectives import make_objective
+from agents.models.policy import Positions
+from agents.objectives import Divergence, ValueSource, make_objective
+from seqenv.disturbance import DisturbanceKind
+from seqenv.trajectory import LabelKind
 
 
 class RunError(RuntimeError):
-    """A run refused or stopped for a reason the user can act on (memory, device, a diverged
-    loss, a full disk, an interrupt): reported in one line, like bad input.
+    """A run refused or stopped for a reason the user can act on; reported in one line.
+
+    Memory, device, a diverged loss, a full disk, an interrupt: reported like bad input.
     """
 
 
@@ -27,7 +31,7 @@ AGENTS = ("mle", "bc", "sequencematch")
 class TrainConfig:
     """Everything a training run needs; stored in full in its checkpoints and logs."""
 
-    agent: str = "sequencematch"
+    agent: Agent = "sequencematch"
     """mle (clean data, teacher forcing), bc (noise-augmented data) or sequencematch."""
     task: str = "arithmetic"
     """Task: arithmetic, dyck, text, a name given to seqenv.register_task, or module:Class."""
@@ -51,7 +55,8 @@ class TrainConfig:
     json: str | None = None
     """Write the final metrics to this JSON file."""
 
-    # Data
+    # --- Data ---
+
     num_demonstrations: int = 20000
     """Training examples drawn from the task (a fixed dataset, sampled with replacement)."""
     max_length: int | None = None
@@ -63,14 +68,15 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per update; batch_size must be a multiple of it."""
 
-    # Disturbance (docs/method.md §5); bc and sequencematch only
+    # --- Disturbance (docs/method.md §5); bc and sequencematch only ---
+
     noise: float = 0.1
     """Disturbance p: the environment replaces a token action by a noise token with this
     chance, in the demonstrations (the expert then backspaces it), the rollouts and the
     disturbed evaluation."""
-    noise_type: str = "random"
+    noise_type: DisturbanceKind = "random"
     """random (uniform tokens) or ground_truth (the task's plausible mistakes)."""
-    labels: str = "intended"
+    labels: LabelKind = "intended"
     """Actions learned from: intended (what the agent chose; noise is never a target) or
     executed (what ran, noise tokens included: the paper's scheme, an ablation)."""
     noise_targets: bool = True
@@ -79,7 +85,8 @@ class TrainConfig:
     backspace: bool = True
     """Allow the backspace action; False gives the no-backspace ablation (and no noise)."""
 
-    # Pretrained model (agents.models.hf)
+    # --- Pretrained model (agents.models.hf) ---
+
     model: str | None = None
     """Fine-tune this pretrained causal LM (a local transformers folder or a .gguf file) instead
     of training our own transformer; its tokenizer becomes the task's vocabulary."""
@@ -95,16 +102,23 @@ class TrainConfig:
     """Your demonstrations instead of the task's: a JSONL file of {"prompt", "completion"} or
     {"text"} records, a text file (one passage a line), or a `datasets` save_to_disk folder."""
 
-    # Model
+    # --- Model (our transformer; ignored with --model) ---
+
     layers: int = 2
+    """Transformer blocks, >= 1."""
     width: int = 128
+    """Model width (embedding size), >= 1; a multiple of --heads."""
     heads: int = 4
+    """Attention heads per block, >= 1."""
     dropout: float = 0.0
-    positions: str = "learned"
+    """Dropout probability in the transformer, in [0, 1)."""
+    positions: Positions = "learned"
     """learned or rotary position embeddings."""
 
-    # Optimisation
+    # --- Optimisation ---
+
     lr: float = 1e-3
+    """Peak learning rate of AdamW, > 0."""
     min_lr_ratio: float = 0.1
     """The cosine schedule decays to lr * min_lr_ratio."""
     lr_warmup: int = 50
@@ -113,11 +127,14 @@ class TrainConfig:
     """Length of the cosine schedule; --steps if unset. Set it to the final length of a run
     that you will extend with --resume, so the schedule does not depend on where it stops."""
     weight_decay: float = 0.01
+    """AdamW weight decay, >= 0."""
     grad_clip: float = 1.0
+    """Maximum global gradient norm, > 0."""
 
-    # SequenceMatch (METHOD.md §3-4)
-    divergence: str = "chi2_mixture"
-    """chi2_mixture, chi2, kl, reverse_kl, js, hellinger, tv or linear."""
+    # --- SequenceMatch (docs/method.md §3-4) ---
+
+    divergence: Divergence = "chi2_mixture"
+    """The divergence SequenceMatch minimises; chi2_mixture is the paper's, linear is for tests."""
     c: float = 0.25
     """Coefficient of the chi^2 terms (chi2_mixture; chi2 has a fixed 1/4). For chi2_mixture,
     chi2 and linear only kappa = c * alpha moves the fixed point: 0.25 is biased toward never
@@ -131,7 +148,7 @@ class TrainConfig:
     """Weight of SequenceMatch in (1 - eta) * BC + eta * SM / alpha after the warm start; 0.1
     from the sweep in benchmarks/README.md, run at alpha = 1 and c = 0.25 (0.5 and 0.9 lost
     accuracy to runaway backspacing)."""
-    value_source: str = "mix"
+    value_source: ValueSource = "mix"
     """Trajectories of the value term: mix, data or model."""
     sm_warmup: int = 200
     """Updates of plain BC before SequenceMatch starts (the MLE warm start)."""
@@ -143,7 +160,9 @@ class TrainConfig:
     """Capacity of the FIFO replay buffer (trajectories)."""
     temperature: float = 1.0
     """Sampling temperature of the rollouts (not the soft-Q temperature --alpha)."""
-    # Run cost (off by default: each changes what is optimised, and needs a quality check)
+
+    # --- Run cost (off by default: each changes what is optimised, and needs a quality check) ---
+
     model_batch_size: int | None = None
     """Rollouts per model batch of a SequenceMatch update (per process); batch_size if unset.
     Each term is normalised by its own number of sequences, but the pooled value term (mix)
@@ -161,13 +180,17 @@ class TrainConfig:
     rollout_length_quantile: float = 0.99
     """The quantile of the demonstrations' step counts that rollout_length_factor scales."""
 
-    # Evaluation, logging, hardware
+    # --- Evaluation, logging, hardware ---
+
     eval_interval: int = 200
+    """Updates between evaluations, >= 0 (0: only at the end)."""
     eval_episodes: int = 128
+    """Held-out prompts per evaluation, >= 1."""
     eval_greedy: bool | None = None
     """Greedy evaluation episodes; default: greedy for arithmetic (accuracy), sampled otherwise
     (validity and likelihood of the distribution the policy generates)."""
     log_interval: int = 20
+    """Updates between two logged rows of training metrics, >= 1."""
     save_interval: int = 0
     """Updates between checkpoints (0: only at the end)."""
     device: str = "auto"
@@ -297,6 +320,7 @@ class TrainConfig:
         self.task_kwargs()  # parses
 
     def task_kwargs(self) -> dict[str, Any]:
+        """``task_args`` parsed; ValueError (one line) unless it is a JSON object."""
         try:
             kwargs = json.loads(self.task_args)
         except json.JSONDecodeError as err:
@@ -307,6 +331,7 @@ class TrainConfig:
 
     @property
     def run_name(self) -> str:
+        """``name``, or ``AGENT-TASK-sSEED`` when it is empty."""
         return self.name or f"{self.agent}-{self.task}-s{self.seed}"
 
 

@@ -1,4 +1,4 @@
-"""One narrow logger shared by every agent (STYLE.md 12): ``record(key, value)``, ``dump(step)``.
+"""One narrow logger shared by every agent: ``record(key, value)``, ``dump(step)``.
 
 Keys are namespaced so that the curves of MLE, BC and SequenceMatch runs overlay in TensorBoard:
 ``losses/`` (objective terms), ``train/`` (optimisation: learning rate, gradient norm, speed),

@@ -18,8 +18,10 @@ def _parameters(width: int, layers: int, num_embeddings: int, context: int) -> i
 
 
 def training_bytes(config: TrainConfig, num_actions: int, max_length: int, max_steps: int) -> int:
-    """A rough lower estimate of a run's memory: weights, gradients and AdamW moments (fp32),
-    the activations of one micro-batch, and the KV caches of a rollout or evaluation batch.
+    """A rough lower estimate of a run's memory, in bytes.
+
+    Weights, gradients and AdamW moments (fp32), the activations of one micro-batch, and the KV
+    caches of a rollout or evaluation batch.
     """
     width, layers = config.width, config.layers
     params = _parameters(width, layers, num_actions + 4, max_length)

@@ -1,8 +1,8 @@
 """The training loop of every agent: MLE, BC and SequenceMatch differ only in their objective.
 
-One update, top to bottom (METHOD.md §4):
+One update, top to bottom (docs/method.md §4):
 
-1. **data**: draw demonstrations; for BC and SequenceMatch, noise-augment them (METHOD.md §5).
+1. **data**: draw demonstrations; for BC and SequenceMatch, noise-augment them (docs/method.md §5).
 2. **rollouts** (SequenceMatch after the warm start): every ``k_sample`` updates, sample fresh
    trajectories from the current policy with KV-cache generation, into a FIFO replay buffer;
    draw this update's model batch from it.
@@ -107,8 +107,10 @@ class _BatchForward(nn.Module):
 
 
 class _PolicyView:
-    """What the objectives see: the policy's ids, with ``forward_batch`` routed through the
-    (possibly DDP-wrapped, possibly compiled) batch module so gradients are synchronised.
+    """What the objectives see: the policy's ids, and ``forward_batch``.
+
+    ``forward_batch`` is routed through the (possibly DDP-wrapped, possibly compiled) batch
+    module so gradients are synchronised.
     """
 
     def __init__(self, policy: Policy, batch_forward: nn.Module) -> None:
@@ -186,9 +188,7 @@ class Trainer:
         # disturbed evaluation share it. MLE and the no-backspace ablation learn clean data.
         uses_disturbance = config.agent != "mle" and config.backspace and config.noise > 0
         self.disturbance = (
-            Disturbance(config.noise, config.noise_type)  # type: ignore[arg-type]
-            if uses_disturbance
-            else None
+            Disturbance(config.noise, config.noise_type) if uses_disturbance else None
         )
         self.noise_fn = (
             self.task.ground_truth_noise if config.noise_type == "ground_truth" else None
@@ -213,7 +213,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
         # Objectives: the warm-start one, and the SequenceMatch mixture after it.
-        # One normaliser for every term (METHOD.md §3), so that eta weighs like with like.
+        # One normaliser for every term (docs/method.md §3), so that eta weighs like with like.
         common = {"normaliser_length": self.max_steps, "allow_backspace": config.backspace}
         if config.agent == "mle":
             self.warm_objective = make_objective("mle", **common)
@@ -278,12 +278,15 @@ class Trainer:
 
     @property
     def in_warm_start(self) -> bool:
+        """Whether this update uses the warm-start objective (always, without SequenceMatch)."""
         return self.sm_objective is None or self.step < self.config.sm_warmup
 
     # -- data --------------------------------------------------------------------------------
     def _data_batch(self) -> list[Trajectory]:
-        """This rank's slice of the global batch of demonstrations: the expert acting in the
-        disturbed environment (it backspaces each disturbance), or clean ones without it.
+        """This rank's slice of the global batch of demonstrations.
+
+        The expert acting in the disturbed environment (it backspaces each disturbance), or
+        clean ones without it.
         """
         config = self.config
         total = config.batch_size * self.world_size
@@ -347,6 +350,7 @@ class Trainer:
 
     # -- one update --------------------------------------------------------------------------
     def train_step(self, logger: Logger) -> None:
+        """One optimiser update over the gradient-accumulated batch; records to ``logger``."""
         config = self.config
         data = self._data_batch()
         model: list[Trajectory] | None = None
@@ -429,8 +433,9 @@ class Trainer:
             logger.record("rollout/terminated", sum(t.terminated for t in model) / len(model))
 
     def _check_finite(self, losses: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        """Stop before a non-finite loss or gradient reaches the weights (one host sync per
-        update: a NaN must never be stepped into the weights, nor saved).
+        """Stop before a non-finite loss or gradient reaches the weights.
+
+        One host sync per update: a NaN must never be stepped into the weights, nor saved.
         """
         if bool(torch.isfinite(losses).all() & torch.isfinite(grad_norm)):
             return
@@ -488,8 +493,9 @@ class Trainer:
 
     @torch.no_grad()
     def _divergence_estimate(self, episodes: list[Trajectory]) -> float:
-        """d_hat of the agent's own evaluation ``episodes`` against the held-out demonstrations,
-        both in the agent's environment (disturbed when it trains with a disturbance).
+        """d_hat of the agent's own evaluation ``episodes`` against the held-out demonstrations.
+
+        Both in the agent's environment (disturbed when it trains with a disturbance).
         """
         demos = self.heldout
         if self.disturbance is not None:  # fixed keys: the same demonstrations at every eval
@@ -514,6 +520,7 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
+        """What a checkpoint stores besides the weights: step, config, vocabulary, task."""
         return {
             "step": self.step,
             "num_timesteps": self.num_timesteps,
@@ -698,8 +705,10 @@ def _reason(err: OSError) -> str:
 
 @contextlib.contextmanager
 def _stop_on_sigint() -> Any:
-    """Turn the first SIGINT into a flag the loop checks between updates (the state is then
-    consistent, so the checkpoint resumes exactly); a second SIGINT interrupts at once.
+    """Turn the first SIGINT into a flag the loop checks between updates.
+
+    The state is then consistent, so the checkpoint resumes exactly; a second SIGINT interrupts
+    at once.
     """
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
@@ -721,8 +730,10 @@ def _stop_on_sigint() -> Any:
 def rollout_step_cap(
     demonstrations: list[Trajectory], max_steps: int, factor: float | None, quantile: float
 ) -> int:
-    """The rollouts' step budget: ``ceil(factor * quantile of the demonstrations' step
-    counts)``, at least 1 and at most ``max_steps``; ``max_steps`` when ``factor`` is None.
+    """The rollouts' step budget.
+
+    ``ceil(factor * quantile of the demonstrations' step counts)``, at least 1 and at most
+    ``max_steps``; ``max_steps`` when ``factor`` is None.
     """
     if factor is None or not demonstrations:
         return max_steps
@@ -758,8 +769,9 @@ def model_vocabulary(config: TrainConfig) -> Vocab | None:
 
 
 def build_policy(config: TrainConfig, special: SpecialIds, max_length: int) -> Policy:
-    """The policy a run trains: our transformer, or the pretrained LM of ``config.model``
-    (LoRA adapters when ``config.lora_r > 0``, all weights otherwise).
+    """The policy a run trains: our transformer, or the pretrained LM of ``config.model``.
+
+    LoRA adapters when ``config.lora_r > 0``, all weights otherwise.
     """
     if config.model is None:
         return TransformerPolicy(
@@ -770,7 +782,7 @@ def build_policy(config: TrainConfig, special: SpecialIds, max_length: int) -> P
                 num_heads=config.heads,
                 context_length=max_length,
                 dropout=config.dropout,
-                positions=config.positions,  # type: ignore[arg-type]
+                positions=config.positions,
             ),
         )
     from agents.models.hf import LoraSettings, load_hf

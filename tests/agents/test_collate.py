@@ -1,4 +1,4 @@
-"""The re-feed batch of METHOD.md §6: the worked example, and the mask on random trajectories."""
+"""The re-feed batch of docs/method.md §6: the worked example, the mask on random trajectories."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def attended(mask: torch.Tensor, row: int) -> list[int]:
 
 
 def test_worked_example_of_method_section_6() -> None:
-    """Prompt [p0 p1]; actions [x, y, <bkspc>, z, <eos>]: the table of METHOD.md §6, row by row."""
+    """Prompt [p0 p1]; actions [x, y, <bkspc>, z, <eos>]: docs/method.md §6's table, row by row."""
     vocab = CharVocab(["p", "q", "x", "y", "z"])  # p0 = "p", p1 = "q"
     s = vocab.special
     p0, p1, x, y, z = vocab.encode("pqxyz")

@@ -1,4 +1,4 @@
-"""Objectives on toys: hand-computed values, the sanity identity of METHOD.md §3, gradients."""
+"""Objectives on toys: hand-computed values, the sanity identity of docs/method.md §3, gradients."""
 
 from __future__ import annotations
 
@@ -139,7 +139,7 @@ def test_reverse_kl_at_zero_and_below_is_finite() -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# The sanity identity of METHOD.md §3
+# The sanity identity of docs/method.md §3
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.01])
@@ -576,7 +576,7 @@ def test_undone_on_random_trajectories(
 
 
 # --------------------------------------------------------------------------------------------
-# The soft-Q temperature alpha (METHOD.md §2-§3)
+# The soft-Q temperature alpha (docs/method.md §2-§3)
 
 
 def alpha_batches(

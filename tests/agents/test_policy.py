@@ -1,4 +1,4 @@
-"""The transformer policy: one masked pass equals a forward pass per state (METHOD.md §6)."""
+"""The transformer policy: one masked pass equals a forward pass per state (docs/method.md §6)."""
 
 from __future__ import annotations
 

@@ -179,11 +179,14 @@ CASES = {
         "vocabulary does not match task 'arithmetic'",
     ),
     "unknown_agent": Case(
-        [*TRAIN, "--agent", "ppo2", "--json", "out/train.json"], "unknown agent 'ppo2'",
+        [*TRAIN, "--agent", "ppo2", "--json", "out/train.json"],
+        "invalid choice 'ppo2' for argument '--agent'",
+        code=2,
     ),
     "unknown_divergence": Case(
         [*TRAIN, "--divergence", "wasserstein", "--json", "out/train.json"],
-        "unknown divergence 'wasserstein'",
+        "invalid choice 'wasserstein' for argument '--divergence'",
+        code=2,
     ),
     "unknown_task": Case([*TRAIN, "--task", "chess"], "unknown task 'chess'"),
     "negative_steps": Case(
@@ -343,17 +346,18 @@ def test_debug_shows_the_traceback(
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         main(["eval", "--checkpoint", "no-such-folder", "--debug"])
-    with pytest.raises(ValueError, match="unknown agent"):
-        main(["train", "--debug", "--agent", "ppo2", "--save", "new", "--json", "out.json"])
+    with pytest.raises(ValueError, match="--steps must be >= 1"):
+        main(["train", "--debug", "--steps", "-5", "--save", "new", "--json", "out.json"])
     assert snapshot(tmp_path) == set()
 
 
 def test_installed_command_gives_one_line(tmp_path: Path) -> None:
-    """The real process: one stderr line (no start-up warnings, no progress bar), exit 1."""
+    """The real process: one stderr line (no start-up warnings, no progress bar), exit 2."""
     result = run_cli("train", *TRAIN[1:], "--agent", "ppo2", "--json", "out.json", cwd=tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.splitlines() == [
-        "seqmatch train: error: unknown agent 'ppo2'; known agents: mle, bc, sequencematch"
+        "seqmatch train: error: invalid choice 'ppo2' for argument '--agent'. Expected one of "
+        "('mle', 'bc', 'sequencematch'). (see seqmatch train --help)"
     ]
     assert result.stdout == ""
     assert snapshot(tmp_path) == set()

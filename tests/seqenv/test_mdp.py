@@ -46,7 +46,7 @@ def test_errors_name_the_cause() -> None:
 
 
 class Reference:
-    """The MDP of METHOD.md §1 written with plain lists, one sequence."""
+    """The MDP of docs/method.md §1 written with plain lists, one sequence."""
 
     def __init__(self, prompt: list[int], max_length: int, max_steps: int) -> None:
         self.prompt, self.generated = list(prompt), []
