@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -111,3 +112,29 @@ def states_of() -> Callable[[Trajectory], list[list[int]]]:
 def state_logits() -> Callable[..., torch.Tensor]:
     """:func:`per_state_logits`: ``state_logits(model, states, pad_id)`` -> (N, A)."""
     return per_state_logits
+
+
+def assert_model_contract(model: Any, num_actions: int, atol: float = 1e-5) -> None:
+    """What :class:`agents.models.interface.PolicyModel` promises, checked by behaviour: a whole
+    input gives (B, T, A) logits; feeding it through an empty cache in two calls gives the same
+    logits; a re-feed batch without backspace is the plain causal pass."""
+    from agents.collate import collate
+    from agents.models.interface import PolicyModel
+
+    assert isinstance(model, PolicyModel)
+    special = model.special
+    B, T = 2, 6
+    ids = torch.randint(0, num_actions - 2, (B, T))
+    positions = torch.arange(T).expand(B, T)
+    with torch.no_grad():
+        whole = model(ids, positions, None)
+        assert whole.shape == (B, T, num_actions)
+        cache = model.init_cache(B, T)
+        first = model.decode(ids[:, :4], positions[:, :4], cache)
+        rest = model.decode(ids[:, 4:], positions[:, 4:], cache)
+        torch.testing.assert_close(torch.cat([first, rest], dim=1), whole, atol=atol, rtol=1e-5)
+        trajectory = Trajectory(ids[0, :2].tolist(), ids[0, 2:].tolist(), False, True, special)
+        batch = collate([trajectory])
+        torch.testing.assert_close(model.forward_batch(batch), whole[:1], atol=atol, rtol=1e-5)
+    limit = model.max_positions
+    assert limit is None or (isinstance(limit, int) and limit >= T)

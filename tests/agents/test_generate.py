@@ -14,6 +14,7 @@ from agents.generate import generate, select_actions
 from agents.models.interface import PolicyModel
 from agents.models.policy import TransformerPolicy
 from seqenv.vocab import CharVocab
+from tests.agents.conftest import assert_model_contract
 
 ATOL = 1e-5
 PROMPTS = [[0], [1, 2, 3], [4, 5], [2, 2, 2, 2, 1]]
@@ -92,7 +93,7 @@ def assert_same_generation(model: PolicyModel, **kwargs: Any) -> list:
 
 
 def test_model_interface(model: BackspaceBias) -> None:
-    assert isinstance(model, PolicyModel)
+    assert_model_contract(model, model.special.num_actions)
 
 
 def test_greedy_cache_equals_recomputation_with_backspaces(model: BackspaceBias) -> None:

@@ -13,9 +13,9 @@ from transformers import GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 from agents.collate import collate
 from agents.generate import generate
 from agents.models.hf import HFPolicy, HFVocab, load_hf
-from agents.models.interface import PolicyModel
 from seqenv.trajectory import Trajectory
 from seqenv.vocab import VocabularyError
+from tests.agents.conftest import assert_model_contract
 
 ATOL = 1e-5
 NUM_TOKENS = 12  # ids 0..11; eos is 11, <bkspc> becomes 12
@@ -74,7 +74,7 @@ def test_special_ids_and_interface(hf_policy: HFPolicy) -> None:
     assert hf_policy.model.get_input_embeddings().num_embeddings == 13
     assert hf_policy.model.get_output_embeddings().weight.shape[0] == 13
     assert hf_policy.max_positions == 48
-    assert isinstance(hf_policy, PolicyModel)
+    assert_model_contract(hf_policy.eval(), 13)
 
 
 @torch.no_grad()

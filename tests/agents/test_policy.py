@@ -12,16 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from agents.collate import collate
-from agents.models.interface import PolicyModel
 from agents.models.policy import TransformerConfig, TransformerPolicy
 from seqenv.trajectory import Trajectory
 from seqenv.vocab import CharVocab
+from tests.agents.conftest import assert_model_contract
 
 ATOL = 1e-5
 
 
 def test_policy_implements_the_model_interface(policy: TransformerPolicy) -> None:
-    assert isinstance(policy, PolicyModel)
+    assert_model_contract(policy.eval(), policy.special.num_actions)
 
 
 @torch.no_grad()
