@@ -42,7 +42,7 @@ from agents.evaluation.text import (
 )
 from agents.generate import generate
 from agents.models.interface import PolicyModel
-from agents.objectives import step_values
+from agents.objectives import ObjectiveBatch, step_values
 from seqenv.disturbance import Disturbance, NoiseFn
 from seqenv.tasks import Task
 from seqenv.trajectory import Trajectory
@@ -353,6 +353,23 @@ def evaluate(
     else:
         metrics["score"] = float(np.mean(episode_scores(task, trajectories, generated)))
     return Evaluation(metrics, prompts, trajectories, generated, episode_values=per_episode)
+
+
+@torch.no_grad()
+def divergence_estimate(
+    policy: Any, objective: Any, demos: Sequence[Trajectory], episodes: Sequence[Trajectory]
+) -> float:
+    """The occupancy-divergence estimate d_hat = J + alpha H of a policy (docs/method.md §3).
+
+    ``objective`` is a :class:`agents.objectives.SequenceMatch`; ``demos`` are held-out
+    demonstrations, ``episodes`` the policy's own evaluation episodes, both in the policy's
+    environment. Every agent is measured this way, so the curves overlay.
+    """
+    device = next(iter(policy.parameters())).device
+    batch = ObjectiveBatch(
+        data=collate(list(demos)).to(device), model=collate(list(episodes)).to(device)
+    )
+    return float(objective(policy, batch).metrics["divergence"])
 
 
 def human_text_metrics(task: Task, episodes: int, prompt_seed: int = 12345) -> dict[str, float]:

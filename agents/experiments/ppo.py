@@ -13,8 +13,11 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from torch import nn
 
-from agents.evaluation.evaluate import evaluate
+from agents.collate import TrajectoryBatch
+from agents.evaluation.evaluate import divergence_estimate, evaluate
 from agents.models.interface import PolicyModel
+from agents.objectives import make_objective
+from agents.training.config import TrainConfig
 from seqenv.rules import step_budget
 from seqenv.tasks import Task
 
@@ -50,6 +53,25 @@ class PPOPolicyModel(nn.Module):
         # Rows hold one state each (right padded): SB3 reads the state from the whole row.
         logits = self.sb3_policy.get_distribution(obs.float()).distribution.logits  # (B, A)
         return logits[:, None, :].expand(B, T, logits.shape[-1])
+
+    def forward_batch(self, batch: TrajectoryBatch) -> torch.Tensor:
+        """Logits (B, T, A) of a re-feed batch: row r's state is the rows it attends to.
+
+        SB3 reads whole states, so each row's state is rebuilt from the attention structure (the
+        re-feed rows it sees, in order) and scored as one observation.
+        """
+        B, T = batch.input_ids.shape
+        sees = batch.attention.dense()  # (B, T, T), [b, query row, key row]
+        obs = torch.full((B * T, self.max_length), self.special.pad_id, dtype=torch.int64)
+        for b in range(B):
+            for r in range(T):
+                if not batch.row_mask[b, r]:
+                    continue
+                state = batch.input_ids[b][sees[b, r]][: self.max_length]
+                obs[b * T + r, : len(state)] = state
+        obs = obs.to(batch.input_ids.device)
+        logits = self.sb3_policy.get_distribution(obs.float()).distribution.logits  # (B*T, A)
+        return logits.reshape(B, T, -1)
 
 
 def train_ppo(
@@ -104,6 +126,14 @@ def train_ppo(
         episodes=int(config["train"].get("eval_episodes", 100)),
         seed=seed,
         history=history,
+        probe=make_objective(
+            "sequencematch",
+            **{
+                k: config["train"].get(k, getattr(TrainConfig, k))
+                for k in ("divergence", "c", "alpha", "gamma")
+            },
+            normaliser_length=step_budget(max_length),
+        ),
     )
     model.learn(settings["timesteps"], tb_log_name=f"ppo-s{seed}", callback=evaluation)
     model.policy.set_training_mode(False)
@@ -124,10 +154,13 @@ class _EvalCallback(BaseCallback):
         episodes: int,
         seed: int,
         history: list[dict[str, float]],
+        probe: Any,
     ) -> None:
         super().__init__()
         self.task, self.max_length, self.every = task, max_length, every
         self.episodes, self.seed, self.history = episodes, seed, history
+        self.probe = probe  # the SequenceMatch objective that measures d_hat
+        self.demos = task.demonstrations("test", episodes, max_length, seed=seed)
         self.next_eval = every
 
     def _on_step(self) -> bool:
@@ -146,8 +179,11 @@ class _EvalCallback(BaseCallback):
             prompt_seed=self.seed,
             use_cache=False,
         )
-        self.model.policy.set_training_mode(True)
         row = {f"eval/{key}": value for key, value in result.metrics.items()}
+        row["eval/divergence"] = divergence_estimate(
+            policy, self.probe, self.demos, result.episodes
+        )
+        self.model.policy.set_training_mode(True)
         for key, value in row.items():
             self.logger.record(key, value)
         self.history.append({"step": float(self.num_timesteps), **row})

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 from agents.buffer import ReplayBuffer
 from agents.collate import TrajectoryBatch, collate
-from agents.evaluation.evaluate import evaluate, headline, sample_lines
+from agents.evaluation.evaluate import divergence_estimate, evaluate, headline, sample_lines
 from agents.generate import generate
 from agents.models.policy import TransformerConfig, TransformerPolicy
 from agents.objectives import (
@@ -508,15 +508,11 @@ class Trainer:
                 noise_fn=self.noise_fn,
                 keys=keys.tolist(),
             )
-        batch = ObjectiveBatch(
-            data=collate(demos).to(self.device), model=collate(episodes).to(self.device)
-        )
         self.policy.eval()
         try:
-            out = self.divergence_probe(self.policy, batch)
+            return divergence_estimate(self.policy, self.divergence_probe, demos, episodes)
         finally:
             self.policy.train()
-        return float(out.metrics["divergence"])
 
     # -- checkpoints -------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:

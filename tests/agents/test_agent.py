@@ -114,3 +114,32 @@ def test_the_facade_trains_in_the_environment_s_disturbance() -> None:
     assert (agent.trainer.config.noise, agent.trainer.config.noise_type) == (0.2, "ground_truth")
     assert agent.trainer.disturbance is not None and agent.trainer.disturbance.p == 0.2
     assert BC(env, noise=0.05, **TINY).trainer.config.noise == 0.05
+
+
+def test_ppo_policy_scores_each_state_of_a_refeed_batch() -> None:
+    """The PPO wrapper's re-feed pass gives, at every state row, the logits SB3 gives that state
+    as an observation of its own (so the divergence estimate measures PPO like the others)."""
+    from stable_baselines3 import PPO
+
+    from agents.collate import collate
+    from agents.experiments.ppo import PPOPolicyModel
+    from seqenv.trajectory import Trajectory
+
+    env = gym.make(seqenv.ENV_ID, task="dyck")
+    special = env.unwrapped.vocab.special
+    model = PPO("MlpPolicy", env, n_steps=32, batch_size=16, seed=0, device="cpu")
+    max_length = env.observation_space.shape[0]
+    policy = PPOPolicyModel(model.policy, special, max_length)
+    open_, close = env.unwrapped.vocab.encode("()")
+    trajectory = Trajectory([0], [open_, open_, special.backspace_id, close, special.eos_id],
+                            True, False, special)  # fmt: skip
+    batch = collate([trajectory])
+    with torch.no_grad():
+        logits = policy.forward_batch(batch)[0]  # (T, A)
+        for t, state in enumerate(
+            [[0], [0, open_], [0, open_, open_], [0, open_], [0, open_, close]]
+        ):
+            obs = torch.full((1, max_length), special.pad_id, dtype=torch.float32)
+            obs[0, : len(state)] = torch.tensor(state, dtype=torch.float32)
+            alone = model.policy.get_distribution(obs).distribution.logits[0]
+            torch.testing.assert_close(logits[batch.state_rows[0, t]], alone)
