@@ -10,6 +10,10 @@ sides interleaved iteration by iteration so that drift of a shared machine hits 
   KV-cache sampling loop (target >= 0.9).
 - ``rollback_vs_recompute_generate``: the same, over recomputing every live state from scratch at
   each step (target >= 5 at 256 new tokens).
+- ``hf_masked_vs_causal_train``: the masked pass of a Hugging Face model (a GPT-2 built from a
+  config) over its plain causal pass on the same tokens (target >= 0.9), at a small shape where
+  attention is a visible share of the cost (at a real LM's size the output layer dominates and
+  the ratio is about 1 whatever the mask costs). Needs ``transformers``; skipped without it.
 
 On ``device="cuda"`` the model has the GPT-2-small shape (12 layers, width 768, 1,024 tokens,
 batch 16, bf16 autocast, ``torch.compile``), and the masked pass runs on FlexAttention; the rates
@@ -283,6 +287,55 @@ def _measure_generate(
     }
 
 
+def _measure_hf_train(quick: bool, device: str, sync: Callable[[], None]) -> dict[str, float]:
+    """Forward + backward tokens/s of a transformers GPT-2's masked pass over its causal pass."""
+    try:
+        from transformers import GPT2Config
+
+        from agents.models.hf import HFPolicy
+    except ImportError:
+        return {}
+    num_tokens = 254  # + <eos> in the model's vocabulary, + <bkspc> added by HFPolicy
+    config = GPT2Config(
+        vocab_size=num_tokens + 1, n_positions=512, n_embd=128, n_layer=2, n_head=4,
+        eos_token_id=num_tokens, bos_token_id=num_tokens,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    policy = HFPolicy.from_config(config).to(device).train()
+    shape = Shape(
+        TransformerConfig(), num_tokens=num_tokens, batch_size=4, rows=256, noise=0.1,
+        train_iters=3 if quick else 10, gen_batch=1, prompt_length=16, new_tokens=1,
+        backspace_bias=0.0,
+    )  # fmt: skip
+    trajectories = _trajectories(shape, policy.special, np.random.default_rng(0))
+    batch = collate(trajectories, pad_to_multiple=shape.rows).to(device)
+    B, T = batch.input_ids.shape
+    causal_positions = torch.arange(T, device=device).expand(B, T)
+    targets = torch.randint(0, policy.special.num_actions, (B, T), device=device)
+
+    def step(masked: bool) -> None:
+        if masked:
+            logits = policy.forward_batch(batch)  # the re-feed mask: built in every step
+        else:
+            logits = policy(batch.input_ids, causal_positions, None)
+        F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).backward()
+        policy.zero_grad(set_to_none=True)
+
+    fns: dict[str, Callable[[], Any]] = {
+        "causal": lambda: step(False),
+        "masked": lambda: step(True),
+    }
+    for fn in fns.values():  # warm-up
+        fn()
+    seconds = interleaved_fastest(fns, shape.train_iters, sync)
+    rates = {name: B * T / s for name, s in seconds.items()}
+    return {
+        "hf_masked_vs_causal_train": rates["masked"] / rates["causal"],
+        "hf_masked_train_tokens_per_s": rates["masked"],
+        "hf_causal_train_tokens_per_s": rates["causal"],
+    }
+
+
 def measure(
     quick: bool = False,
     device: str = "cpu",
@@ -335,4 +388,5 @@ def _measure(quick: bool, device: str, shape: Shape | None) -> dict[str, float]:
     if shape.bf16:
         generator_policy = generator_policy.to(torch.bfloat16)
     figures.update(_measure_generate(generator_policy, shape, device, sync))
+    figures.update(_measure_hf_train(quick, device, sync))
     return figures
