@@ -24,6 +24,7 @@ from typing import Any, SupportsFloat, TypeVar
 import numpy as np
 import tyro
 
+from agents.evaluation.checkpoint import MAX_SEQUENCES
 from agents.experiments.compare import CompareConfig
 from agents.training.config import RunError, TrainConfig
 
@@ -39,9 +40,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     NotADirectoryError,
 )
 
-MAX_SEQUENCES = 1_000_000
 T = TypeVar("T")
-"""The most episodes (eval) or samples (generate) one command takes; each is held in memory."""
 
 
 @dataclass

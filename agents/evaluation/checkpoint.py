@@ -26,8 +26,8 @@ from agents.training.checkpoint import CheckpointError, load_policy, read_metada
 from seqenv.tasks import Example, Split, Task, make_task
 from seqenv.vocab import PretrainedVocab, Vocab, VocabularyError, vocab_from_json
 
-MAX_EPISODES = 1_000_000
-"""More held-out episodes than any evaluation needs; a larger count is a typo, not a request."""
+MAX_SEQUENCES = 1_000_000
+"""More episodes or samples than any evaluation or generation needs: a larger count is a typo."""
 
 
 class StoredPrompts(Task):
@@ -152,8 +152,8 @@ def evaluate_checkpoint(
         ``data/examples`` and the records' backspace statistics. ``output`` receives the
         generations of ``data`` as JSONL.
     """
-    if not 1 <= episodes <= MAX_EPISODES:
-        raise ValueError(f"--episodes must be in [1, {MAX_EPISODES}], got {episodes}")
+    if not 1 <= episodes <= MAX_SEQUENCES:
+        raise ValueError(f"--episodes must be in [1, {MAX_SEQUENCES}], got {episodes}")
     metadata = read_metadata(checkpoint)
     the_task = checkpoint_task(metadata, task, task_args)
     settings = trained_settings(metadata)
@@ -230,8 +230,8 @@ def generate_from_checkpoint(
     device: str = "auto",
 ) -> list[tuple[str, str]]:
     """``num`` continuations of ``prompt``: (final text, action trace) pairs."""
-    if num < 1:
-        raise ValueError(f"--num must be >= 1, got {num}")
+    if not 1 <= num <= MAX_SEQUENCES:
+        raise ValueError(f"--num must be in [1, {MAX_SEQUENCES}], got {num}")
     metadata = read_metadata(checkpoint)
     greedy, temperature = sampling_settings(metadata, greedy, temperature)
     policy, metadata = load_policy(checkpoint, device)

@@ -204,7 +204,7 @@ CASES = {
         "nowhere.jsonl: no such file",
     ),
     "zero_episodes": Case([*EVAL, "--episodes", "0"], "--episodes must be in [1,"),
-    "zero_samples": Case([*GENERATE, "--num", "0"], "--num must be >= 1"),
+    "zero_samples": Case([*GENERATE, "--num", "0"], "--num must be in [1,"),
     "prompt_outside_the_vocabulary": Case(
         [*GENERATE[:-4], "--prompt", "hello"], "not in the vocabulary",
     ),
