@@ -306,12 +306,6 @@ def run_one(
     """Train and evaluate one agent with one seed; a row of results.json."""
     start = time.perf_counter()
     policy: Any  # a TransformerPolicy, or PPO's policy seen as one
-    if agent == "ppo":
-        torch_device = resolve_device(device)
-        policy, history = train_ppo(config, task, seed, out, torch_device)
-        max_length = policy.max_length
-        max_steps = step_budget(max_length)
-        allow_backspace, use_cache = True, False
     evaluation = config.get("eval", {})
     disturbance = _disturbance(config)
     exact = evaluation.get("exact")
