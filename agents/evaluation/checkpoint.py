@@ -20,9 +20,10 @@ import torch
 
 from agents.data import load_prompt_records
 from agents.evaluation.episodes import backspace_stats
-from agents.evaluation.evaluate import default_greedy, evaluate, parse_task_args
+from agents.evaluation.evaluate import default_greedy, evaluate
 from agents.generate import generate
 from agents.training.checkpoint import CheckpointError, load_policy, read_metadata
+from agents.training.config import parse_task_args
 from seqenv.tasks import Example, Split, Task, make_task
 from seqenv.vocab import PretrainedVocab, Vocab, VocabularyError, vocab_from_json
 

@@ -13,7 +13,6 @@ are properties of the distribution the policy generates).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -26,14 +25,12 @@ from agents.evaluation.episodes import (
     backspace_stats,
     dyck_metrics,
     episode_scores,
-    final_generated,
     recovery_metrics,
     recovery_starts,
 )
 from agents.evaluation.exact import exact_report
 from agents.evaluation.occupancy import GrammarTask, enumerate_states, policy_probs_from_model
 from agents.evaluation.text import (
-    continuation_texts,
     distinct_n,
     mauve_score,
     ngram_entropy,
@@ -220,10 +217,6 @@ def exact_metrics(
     return headline_metrics, raw
 
 
-def _words(vocab: Any, generated: Sequence[Sequence[int]]) -> list[str]:
-    return [vocab.decode(ids) for ids in generated]
-
-
 @torch.no_grad()
 def evaluate(
     policy: PolicyModel,
@@ -338,7 +331,7 @@ def evaluate(
             metrics.update(headline_metrics)
             return Evaluation(metrics, prompts, trajectories, generated, raw, per_episode)
     elif task.name == "text" and full:
-        texts = _words(task.vocab, generated)
+        texts = [task.vocab.decode(ids) for ids in generated]  # final texts, after backspaces
         metrics["distinct_2"] = distinct_n(texts, TEXT_NGRAM)
         metrics["ngram_entropy"] = ngram_entropy(texts, TEXT_NGRAM)
         metrics["repetition"] = repetition(texts, TEXT_NGRAM)
@@ -347,9 +340,7 @@ def evaluate(
         metrics["perplexity"] = perplexity(nll, count)
         if mauve:
             true = [task.vocab.decode(e.completion) for e in examples]
-            metrics["mauve"] = mauve_score(
-                continuation_texts(task.vocab, trajectories), true, device=str(device)
-            )
+            metrics["mauve"] = mauve_score(texts, true, device=str(device))
     else:
         metrics["score"] = float(np.mean(episode_scores(task, trajectories, generated)))
     return Evaluation(metrics, prompts, trajectories, generated, episode_values=per_episode)
@@ -394,40 +385,3 @@ def sample_lines(vocab: Any, evaluation: Evaluation, num: int = 8) -> str:
         f"    {vocab.decode(p)!r} -> {vocab.decode(t.actions)!r} => {vocab.decode(g)!r}"
         for p, t, g in list(rows)[:num]
     )
-
-
-def data_accuracy(
-    policy: PolicyModel, demos: Sequence[Trajectory], *, max_length: int, max_steps: int
-) -> dict[str, float]:
-    """Greedy exact match against a user's demonstrations (prompt -> the demonstrated text)."""
-    out = generate(
-        policy,
-        [d.prompt.tolist() for d in demos],
-        max_length=max_length,
-        max_steps=max_steps,
-        greedy=True,
-    )
-    expected = final_generated(demos)
-    exact = [
-        t.terminated and got == want
-        for t, got, want in zip(out.trajectories, out.generated, expected, strict=True)
-    ]
-    stats = backspace_stats(out.trajectories)
-    return {
-        "accuracy": float(np.mean(exact)),
-        "examples": float(len(demos)),
-        "backspace_rate": stats["backspace_rate"],
-        "termination_rate": stats["termination_rate"],
-        "length": stats["mean_generated_length"],
-    }
-
-
-def parse_task_args(task_args: str) -> dict[str, Any]:
-    """``--task-args`` JSON as a dict, or a one-line ValueError."""
-    try:
-        kwargs = json.loads(task_args)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"--task-args is not valid JSON ({err.msg})") from None
-    if not isinstance(kwargs, dict):
-        raise ValueError("--task-args must be a JSON object")
-    return kwargs

@@ -34,7 +34,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -376,9 +376,7 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
                 f"{file} does not fit the adapters: missing {sorted(expected - set(tensors))[:3]}"
                 f", unexpected {sorted(set(tensors) - expected)[:3]}"
             )
-        bad = [name for name, t in tensors.items() if not torch.isfinite(t).all()]
-        if bad:
-            raise CheckpointError(f"{file} holds non-finite weights ({', '.join(bad[:3])})")
+        _refuse_non_finite(file, tensors.items())
         model.load_state_dict(tensors, strict=False)
         return
     try:
@@ -392,7 +390,12 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> None:
             f"{file} does not fit the model: missing {sorted(missing)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}"
         )
-    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    _refuse_non_finite(file, model.named_parameters())
+
+
+def _refuse_non_finite(file: Path, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """CheckpointError naming the first tensors of ``file`` that hold NaN or infinity."""
+    bad = [name for name, t in tensors if not torch.isfinite(t).all()]
     if bad:
         raise CheckpointError(f"{file} holds non-finite weights ({', '.join(bad[:3])})")
 

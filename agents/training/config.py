@@ -12,6 +12,7 @@ import torch
 
 from agents.models.policy import Positions
 from agents.objectives import Divergence, ValueSource, make_objective
+from seqenv.devices import check_device
 from seqenv.disturbance import DisturbanceKind
 from seqenv.trajectory import LabelKind
 
@@ -321,18 +322,23 @@ class TrainConfig:
 
     def task_kwargs(self) -> dict[str, Any]:
         """``task_args`` parsed; ValueError (one line) unless it is a JSON object."""
-        try:
-            kwargs = json.loads(self.task_args)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--task-args is not valid JSON ({err.msg})") from None
-        if not isinstance(kwargs, dict):
-            raise ValueError("--task-args must be a JSON object")
-        return kwargs
+        return parse_task_args(self.task_args)
 
     @property
     def run_name(self) -> str:
         """``name``, or ``AGENT-TASK-sSEED`` when it is empty."""
         return self.name or f"{self.agent}-{self.task}-s{self.seed}"
+
+
+def parse_task_args(task_args: str) -> dict[str, Any]:
+    """``--task-args`` JSON as a dict; ValueError (one line) unless it is a JSON object."""
+    try:
+        kwargs = json.loads(task_args)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--task-args is not valid JSON ({err.msg})") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError("--task-args must be a JSON object")
+    return kwargs
 
 
 def resolve_device(name: str) -> torch.device:
@@ -343,17 +349,10 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:  # torch's message for a bad string spans several lines
         raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda asked for, but no CUDA device is available")
-        if (device.index or 0) >= torch.cuda.device_count():
-            raise ValueError(
-                f"--device {name} asked for, but only {torch.cuda.device_count()} CUDA device(s) "
-                "exist"
-            )
-    elif device.type == "mps":
+    check_device(device, f"--device {name}")  # a CUDA device that is not on this machine
+    if device.type == "mps":
         if not torch.backends.mps.is_available():
             raise ValueError("--device mps asked for, but MPS is not available")
-    elif device.type != "cpu":  # torch knows the name (xla, meta, ...) but this build cannot run it
+    elif device.type not in ("cpu", "cuda"):  # torch knows it (xla, meta, ...); we cannot run it
         raise ValueError(f"--device {name}: not supported here; use auto, cpu, cuda or cuda:N")
     return device

@@ -83,6 +83,7 @@ from agents.training.config import RunError, TrainConfig, resolve_device
 from agents.training.logger import Logger
 from agents.training.memory import check_memory, training_bytes
 from seqenv.disturbance import KEY_BOUND, Disturbance
+from seqenv.env import noise_of
 from seqenv.rules import step_budget
 from seqenv.tasks import Task, make_task
 from seqenv.trajectory import LabelKind, Trajectory, disturbed_demonstrations, load_demonstrations
@@ -190,9 +191,7 @@ class Trainer:
         self.disturbance = (
             Disturbance(config.noise, config.noise_type) if uses_disturbance else None
         )
-        self.noise_fn = (
-            self.task.ground_truth_noise if config.noise_type == "ground_truth" else None
-        )
+        self.noise_fn = noise_of(self.disturbance, self.task) if self.disturbance else None
 
         # Policy, optimizer, schedule.
         torch.manual_seed(config.seed)
