@@ -4,35 +4,69 @@
 
 For each parameter, SequenceMatch is trained with each value (the others at the base config's
 setting) and evaluated with the task's metrics; the report gives mean and 95% interval over
-seeds. This is how the defaults of eta, c, p, gamma, the warm start, k_sample and the buffer
-size were chosen (benchmarks/README.md).
+seeds. This is how the defaults of eta, kappa (c * alpha), p, gamma, the warm start, k_sample and
+the buffer size were chosen (benchmarks/README.md). Each finished run is kept in
+``runs/<agent>-s<seed>[-<field>=<value>].json``, so a stopped sweep resumes where it stopped, and
+the base config's run is trained once for all parameters.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from agents.evaluation.evaluate import TASK_METRICS
-from agents.experiments.compare import CompareConfig, aggregate, load_config, run_one
+from agents.experiments.compare import (
+    CompareConfig,
+    aggregate,
+    load_config,
+    run_key,
+    run_one,
+    write_json_atomic,
+)
 from agents.experiments.report import _cell, _clean
 from agents.training.config import TrainConfig
 from seqenv.tasks import make_task
 
-# Parameter -> values; the base config's own value is among them.
+# Parameter -> values; the base config's own value is among them. `kappa` is c * alpha, the one
+# knob of the chi^2 divergences (docs/method.md §3): it is set through c at the config's alpha.
 GRID: dict[str, list] = {
-    "eta": [0.1, 0.5, 0.9],
+    "eta": [0.01, 0.1, 0.5, 1.0],
+    "kappa": [0.0025, 0.025],
+    "noise": [0.05, 0.1, 0.2],
     "c": [0.05, 0.25, 1.0],
-    "noise": [0.0, 0.1, 0.3],
     "noise_type": ["random", "ground_truth"],
     "gamma": [0.9, 0.998],
     "sm_warmup": [200, 400, 600],
     "k_sample": [5, 10, 50],
     "buffer_size": [64, 256, 1024],
 }
+
+
+def _base_value(config: dict, param: str) -> Any:
+    """The base config's value of a swept parameter (kappa: c * alpha)."""
+    train = config["train"]
+    if param == "kappa":
+        return float(train.get("alpha", TrainConfig.alpha)) * float(train.get("c", TrainConfig.c))
+    return train.get(param, getattr(TrainConfig(), param))
+
+
+def _override(config: dict, param: str, value: Any) -> dict[str, Any]:
+    """The trainer fields setting ``param`` to ``value`` (kappa: through c at the alpha)."""
+    if param == "kappa":
+        return {"c": value / float(config["train"].get("alpha", TrainConfig.alpha))}
+    return {param: value}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return math.isclose(a, float(b))
+    return a == b
 
 
 def write_report(results: dict, out: Path) -> str:
@@ -92,20 +126,27 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"task": config["task"], "base": config, "agent": args.agent, "params": {}}
     for param in [p.strip() for p in args.params.split(",") if p.strip()]:
         runs = []
-        base_value = config["train"].get(param, getattr(TrainConfig(), param))
+        base_value = _base_value(config, param)
         for value in GRID[param]:
-            if args.skip_base and value == base_value:
+            is_base = _same(value, base_value)
+            if args.skip_base and is_base:
                 continue
+            # The base value's run is the same run for every parameter: one key, trained once.
+            override = {} if is_base else _override(config, param, value)
             for seed in range(args.seeds):
-                print(f"[sweep] {param}={value} seed {seed}", file=sys.stderr, flush=True)
-                row = run_one(
-                    config, task, args.agent, seed, args.out, "auto", False, **{param: value}
-                )
-                row["value"] = value
-                runs.append(row)
+                path = args.out / "runs" / f"{run_key(args.agent, seed, override)}.json"
+                if path.is_file():
+                    row = json.loads(path.read_text())["row"]
+                else:
+                    print(f"[sweep] {param}={value} seed {seed}", file=sys.stderr, flush=True)
+                    row = _clean(
+                        run_one(config, task, args.agent, seed, args.out, "auto", False, **override)
+                    )
+                    write_json_atomic(path, {"format": 1, "config": config, "row": row})
+                runs.append({**row, "value": value})
         results["params"][param] = {"runs": runs, "by_value": aggregate(runs, key="value")}
         results["wall_seconds"] = time.perf_counter() - started
-        (args.out / "results.json").write_text(json.dumps(_clean(results), indent=1) + "\n")
+        write_json_atomic(args.out / "results.json", _clean(results))
         write_report(results, args.out)
     print(write_report(results, args.out))
     return 0
