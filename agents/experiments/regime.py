@@ -80,12 +80,15 @@ def flat_tolerance(curves: list[dict[str, Any]], key: str, episodes: int) -> flo
     return FLAT_CHANGE + 2.0 * float(np.sqrt(2.0 * p * (1.0 - p) / max(episodes, 1)))
 
 
-def points(task: str) -> list[dict[str, Any]]:
-    """The scan's grid for a task: one dict per point (name, task_args, train overrides)."""
+def points(task: str, demonstrations: list[int] | None = None) -> list[dict[str, Any]]:
+    """The scan's grid for a task: one dict per point (name, task_args, train overrides).
+
+    ``demonstrations`` replaces the scan's list of demonstration counts.
+    """
     scan = SCANS[task]
     out = []
     for (length, task_args), (model, size), demos in itertools.product(
-        scan["lengths"].items(), MODELS.items(), scan["num_demonstrations"]
+        scan["lengths"].items(), MODELS.items(), demonstrations or scan["num_demonstrations"]
     ):
         out.append(
             {
@@ -222,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=2, help="seeds per point (from 100)")
     parser.add_argument("--points", default=None, help="comma-separated point names (a subset)")
     parser.add_argument("--steps", type=int, default=None, help="updates (the base config's)")
+    parser.add_argument(
+        "--demonstrations", default=None, help="comma-separated demonstration counts to scan"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     import torch
@@ -231,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config(CompareConfig(config=SCANS[args.task]["base"]))
     if args.steps is not None:
         base["train"]["steps"] = args.steps
-    grid = points(args.task)
+    demos = [int(n) for n in args.demonstrations.split(",")] if args.demonstrations else None
+    grid = points(args.task, demos)
     if args.points:
         wanted = {p.strip() for p in args.points.split(",")}
         unknown = wanted - {p["name"] for p in grid}
@@ -256,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         for seed in meta["seeds"]:
             path = out / "runs" / f"{point['name']}-s{seed}.json"
             if path.is_file():
-                row = json.loads(path.read_text())["row"]
+                stored = json.loads(path.read_text())
+                if stored["config"] != _clean(config):
+                    parser.error(f"{path} was run with another config: pass another --out")
+                row = stored["row"]
             else:
                 print(f"[regime] {point['name']} seed {seed}", file=sys.stderr, flush=True)
                 # TensorBoard runs go under runs/<point>/, apart from the other points' runs.

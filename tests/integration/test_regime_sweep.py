@@ -83,6 +83,9 @@ def test_regime_scan_reports_each_point_and_resumes(
     assert len(fake.calls) == 8
     with pytest.raises(SystemExit):
         regime.main(["--task", "dyck", "--out", str(out), "--points", "nosuch"])
+    with pytest.raises(SystemExit):  # the stored runs were trained for another number of updates
+        regime.main([*args, "--steps", "7"])
+    assert len(fake.calls) == 8
 
 
 def test_sweep_sets_kappa_through_c_trains_the_base_once_and_resumes(
