@@ -30,8 +30,9 @@ this package) or given by path. Keys: ``task``, ``task_args``, ``seeds``, ``trai
 :class:`agents.training.config.TrainConfig` common to all agents), ``agents`` (per-agent overrides;
 ``ppo`` takes ``timesteps``, ``n_steps``, ``width``...), ``eval`` (``episodes``, ``exact``: the
 exact-divergence settings for a small dyck, ``mauve``), ``sweep`` (optional: ``param``,
-``values``, ``agents``), ``quick`` (overrides applied with ``--quick``) and ``needs_model`` (the
-pretrained LM a config is written for, which ``--model`` must give).
+``values``, ``agents``), ``quick`` (overrides applied with ``--quick``), ``needs_model`` (the
+pretrained LM a config is written for, which ``--model`` must give) and ``description`` (what
+the config is for; not part of what a resumed run must match).
 """
 
 from __future__ import annotations
@@ -518,7 +519,7 @@ def runs_config(config: dict[str, Any]) -> dict[str, Any]:
     kept = {
         k: v
         for k, v in config.items()
-        if k not in ("name", "seeds", "quick", "sweep", "agent_list")
+        if k not in ("name", "description", "seeds", "quick", "sweep", "agent_list")
     }
     return json.loads(json.dumps(kept))
 

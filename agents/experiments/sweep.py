@@ -45,7 +45,15 @@ GRID: dict[str, list] = {
     "sm_warmup": [200, 400, 600],
     "k_sample": [5, 10, 50],
     "buffer_size": [64, 256, 1024],
+    "run_cost": ["off", "mbs16", "mbs8"],
 }
+RUN_COST: dict[str, dict[str, Any]] = {
+    "off": {"model_batch_size": None, "model_batch_buckets": 1, "rollout_length_factor": None},
+    "mbs16": {"model_batch_size": 16, "model_batch_buckets": 4, "rollout_length_factor": 2.0},
+    "mbs8": {"model_batch_size": 8, "model_batch_buckets": 4, "rollout_length_factor": 2.0},
+}
+"""The settings that cut a SequenceMatch run's cost (benchmarks/README.md, `sm_vs_bc_run`), as
+bundles: each changes what is optimised, so each is checked against quality before a default."""
 
 
 def _base_value(config: dict, param: str) -> Any:
@@ -53,6 +61,10 @@ def _base_value(config: dict, param: str) -> Any:
     train = config["train"]
     if param == "kappa":
         return float(train.get("alpha", TrainConfig.alpha)) * float(train.get("c", TrainConfig.c))
+    if param == "run_cost":
+        defaults = TrainConfig()
+        fields = {k: train.get(k, getattr(defaults, k)) for k in RUN_COST["off"]}
+        return next((name for name, bundle in RUN_COST.items() if bundle == fields), None)
     return train.get(param, getattr(TrainConfig(), param))
 
 
@@ -60,6 +72,8 @@ def _override(config: dict, param: str, value: Any) -> dict[str, Any]:
     """The trainer fields setting ``param`` to ``value`` (kappa: through c at the alpha)."""
     if param == "kappa":
         return {"c": value / float(config["train"].get("alpha", TrainConfig.alpha))}
+    if param == "run_cost":
+        return dict(RUN_COST[value])
     return {param: value}
 
 

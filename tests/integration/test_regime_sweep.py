@@ -106,3 +106,14 @@ def test_sweep_sets_kappa_through_c_trains_the_base_once_and_resumes(
     assert set(results["params"]["kappa"]["by_value"]) == {"0.0025", "0.025"}
     assert sweep.main(args) == 0
     assert len(fake.calls) == 5
+
+
+def test_sweep_run_cost_bundles_and_the_base_bundle() -> None:
+    config = {"train": {"eta": 0.1}}
+    assert sweep._base_value(config, "run_cost") == "off"
+    assert sweep._override(config, "run_cost", "mbs8") == {
+        "model_batch_size": 8,
+        "model_batch_buckets": 4,
+        "rollout_length_factor": 2.0,
+    }
+    assert sweep._base_value({"train": sweep.RUN_COST["mbs16"]}, "run_cost") == "mbs16"
