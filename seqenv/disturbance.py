@@ -125,6 +125,35 @@ def step_generator(key: int, counter: int) -> np.random.Generator:
     return np.random.default_rng([key, counter])
 
 
+def ground_truth_token(
+    noise_fn: NoiseFn,
+    key: int,
+    step: int,
+    prompt: Sequence[int],
+    generated: Sequence[int],
+    target: int,
+    fallback: int,
+    is_token: Callable[[int], bool],
+) -> int:
+    """The task's noise at a disturbed step of the row with ``key``, at its step ``step``.
+
+    Drawn from :func:`step_generator`; a draw equal to the intended ``target`` is redrawn a few
+    times, then replaced by ``fallback`` (random noise), so that the noise always differs from
+    the intended token.
+
+    Raises:
+        ValueError: if the noise function returns something other than an ordinary token.
+    """
+    rng = step_generator(key, step)
+    for _ in range(8):
+        token = int(noise_fn(rng, prompt, generated, target))
+        if not is_token(token):
+            raise ValueError(f"noise function returned {token}, not an ordinary token")
+        if token != target:
+            return token
+    return fallback
+
+
 __all__ = [
     "DISTURBANCE_KINDS",
     "KEY_BOUND",
@@ -133,6 +162,7 @@ __all__ = [
     "NoiseFn",
     "counter_hash",
     "draw_below",
+    "ground_truth_token",
     "resolve_disturbance",
     "step_generator",
 ]

@@ -28,7 +28,7 @@ from seqenv.disturbance import (
     NoiseFn,
     counter_hash,
     draw_below,
-    step_generator,
+    ground_truth_token,
 )
 from seqenv.rules import allowed_actions, last_live_index, step_budget
 from seqenv.vocab import SpecialIds
@@ -345,17 +345,15 @@ class SequenceMDP:
         noise = fallback.clone()
         keys, steps = self.keys[rows].tolist(), self.num_steps[rows].tolist()
         targets, starts = intended[rows].tolist(), self.prompt_length[rows].tolist()
-        for row, key, step, target, start in zip(rows, keys, steps, targets, starts, strict=True):
-            rng = step_generator(key, step)
+        fallbacks = fallback[rows].tolist()
+        for row, key, step, target, start, spare in zip(
+            rows, keys, steps, targets, starts, fallbacks, strict=True
+        ):
             state = self.state(row)
-            prompt, generated = state[:start], state[start:]
-            for _ in range(8):
-                token = int(self.noise_fn(rng, prompt, generated, target))
-                if not self.special.is_token(token):
-                    raise ValueError(f"noise function returned {token}, not an ordinary token")
-                if token != target:
-                    noise[row] = token
-                    break
+            noise[row] = ground_truth_token(
+                self.noise_fn, key, step, state[:start], state[start:], target, spare,
+                self.special.is_token,
+            )  # fmt: skip
         return noise
 
     def generated(self, row: int) -> list[int]:

@@ -18,7 +18,15 @@ from typing import IO, Literal
 import numpy as np
 import torch
 
-from seqenv.disturbance import KEY_BOUND, Disturbance, NoiseFn
+from seqenv.disturbance import (
+    KEY_BOUND,
+    LOW32,
+    Disturbance,
+    NoiseFn,
+    counter_hash,
+    draw_below,
+    ground_truth_token,
+)
 from seqenv.mdp import SequenceMDP
 from seqenv.rules import step_budget
 from seqenv.vocab import SpecialIds, Vocab, VocabularyError
@@ -284,6 +292,29 @@ def replay(
     return [mdp.generated(i) for i in range(len(trajectories))]
 
 
+def check_episodes(
+    trajectories: Sequence[Trajectory], max_length: int, max_steps: int, chunk: int = 1024
+) -> None:
+    """Check that each trajectory is an episode of the MDP (``max_length``, ``max_steps``).
+
+    :func:`replay` in chunks of ``chunk`` rows, so that a large demonstration set is checked in
+    bounded memory.
+
+    Raises:
+        DemonstrationError: naming the first trajectory that is not such an episode.
+    """
+    for start in range(0, len(trajectories), chunk):
+        try:
+            replay(trajectories[start : start + chunk], max_length, max_steps)
+        except DemonstrationError as err:
+            message = str(err)
+            match = re.match(r"trajectory (\d+) ", message)
+            if match:  # the index within the chunk -> within the whole set
+                index = start + int(match.group(1))
+                message = f"trajectory {index} " + message[match.end() :]
+            raise DemonstrationError(message) from None
+
+
 # --------------------------------------------------------------------------------------------
 # Demonstrations in the disturbed MDP (docs/method.md §5, the disturbance view)
 
@@ -296,14 +327,19 @@ def disturbed_demonstrations(
     noise_fn: NoiseFn | None = None,
     rng: np.random.Generator | None = None,
     keys: Sequence[int] | None = None,
+    check: bool = True,
 ) -> list[Trajectory]:
     """The expert of each clean trajectory, acting in the disturbed MDP (like DART).
 
     The expert intends its next action; where the MDP disturbs it (a noise token runs instead),
     the expert intends ``<bkspc>`` (never disturbed), then the same action again (which can be
-    disturbed again). All rows run in one batched :class:`~seqenv.mdp.SequenceMDP`, with the same
-    disturbance as the environments. With random noise, a fraction p/(1+p) of the token steps
-    are backspaces. The result keeps the executed actions in ``actions`` and the expert's in
+    disturbed again). The disturbance is the environments' own: the same counter-based draws
+    (:func:`seqenv.disturbance.counter_hash` of the row's key and step) and the same rules as
+    :meth:`seqenv.mdp.SequenceMDP.step`, so a demonstration is exactly what the expert would do
+    in ``SequenceGen-v0`` with that key. The draws of all rows and steps are computed in one
+    tensor operation and each row is then walked in plain Python (stepping a batched MDP costs
+    tensor operations per step). With random noise, a fraction p/(1+p) of the token steps are
+    backspaces. The result keeps the executed actions in ``actions`` and the expert's in
     ``intended``; it replays to the clean text, or is cut where the step budget runs out (a
     truncated episode of the MDP).
 
@@ -315,59 +351,86 @@ def disturbed_demonstrations(
         noise_fn: the noise of a ``ground_truth`` disturbance (the task's).
         rng: draws one key per trajectory when ``keys`` is None.
         keys: one key in [0, 2**63) per trajectory (the random stream of its episode).
+        check: first check that each clean trajectory is an episode of that MDP (a caller that
+            draws many batches from checked demonstrations passes False).
 
     Raises:
-        DemonstrationError: if a clean trajectory is not an episode of that MDP.
+        DemonstrationError: if ``check`` and a clean trajectory is not an episode of that MDP.
     """
     if not clean:
         return []
     special = clean[0].special
     budget = step_budget(max_length, max_steps)
-    replay(clean, max_length=max_length, max_steps=budget)  # each is an episode of this MDP
+    if check:
+        replay(clean, max_length=max_length, max_steps=budget)
+    if disturbance.kind == "ground_truth" and disturbance.active and noise_fn is None:
+        raise ValueError("a ground_truth disturbance needs noise_fn (the task's noise)")
     if keys is None:
         rng = np.random.default_rng() if rng is None else rng
         keys = rng.integers(KEY_BOUND, size=len(clean), dtype=np.int64).tolist()
-    B = len(clean)
-    mdp = SequenceMDP(
-        special, max_length, budget, batch_size=B, disturbance=disturbance, noise_fn=noise_fn
+    tokens = [a for a in range(special.num_actions) if special.is_token(a)]
+    if disturbance.active and len(tokens) < 2:
+        raise ValueError("a disturbance needs at least two ordinary tokens to draw noise")
+    token_index = {a: i for i, a in enumerate(tokens)}
+    # Every draw a row could need: (B, budget) 64-bit hashes of (key, step), as in the MDP.
+    bits = counter_hash(
+        torch.as_tensor(list(keys), dtype=torch.int64).reshape(-1, 1),
+        torch.arange(budget, dtype=torch.int64).reshape(1, -1),
     )
-    mdp.reset_rows(range(B), [t.prompt.tolist() for t in clean], keys=keys)
-    plans = [t.actions.tolist() for t in clean]
-    position = [0] * B  # the next clean action of each row
-    repairing = [False] * B  # the last action was disturbed: the expert backspaces
-    intended: list[list[int]] = [[] for _ in range(B)]
-    executed: list[list[int]] = [[] for _ in range(B)]
-    live = list(range(B))
-    while live:
-        chosen = np.full(B, special.eos_id, dtype=np.int64)  # done rows ignore their action
-        for i in live:
+    hit = (((bits >> 32) & LOW32) < disturbance.threshold).tolist()
+    draws = draw_below(bits, max(len(tokens) - 1, 1)).tolist()
+    eos, backspace = special.eos_id, special.backspace_id
+    out = []
+    for row, t in enumerate(clean):
+        plan, state = t.actions.tolist(), t.prompt.tolist()
+        start = len(state)
+        position, step, repairing = 0, 0, False
+        intended: list[int] = []
+        executed: list[int] = []
+        terminated = truncated = False
+        while not (terminated or truncated):
             # Adding disturbances only adds steps, so the MDP ends each row by its last action.
-            assert position[i] < len(plans[i]), "a clean episode outlived its actions"
-            chosen[i] = special.backspace_id if repairing[i] else plans[i][position[i]]
-        result = mdp.step(torch.from_numpy(chosen))
-        ran = result.executed.tolist()
-        for i in live:
-            intended[i].append(int(chosen[i]))
-            executed[i].append(ran[i])
-            if repairing[i]:
-                repairing[i] = False
-            elif ran[i] != chosen[i]:
-                repairing[i] = True
+            assert position < len(plan), "a clean episode outlived its actions"
+            chosen = backspace if repairing else plan[position]
+            ran = chosen
+            # Eligible: an ordinary token whose append leaves room to delete it.
+            if chosen not in (eos, backspace) and len(state) + 1 < max_length and hit[row][step]:
+                draw = draws[row][step]
+                ran = tokens[draw + (draw >= token_index[chosen])]
+                if disturbance.kind == "ground_truth":
+                    assert noise_fn is not None
+                    ran = ground_truth_token(
+                        noise_fn, int(keys[row]), step, state[:start], state[start:], chosen, ran,
+                        special.is_token,
+                    )  # fmt: skip
+            intended.append(chosen)
+            executed.append(ran)
+            step += 1
+            if ran == eos:
+                terminated = True
+            elif ran == backspace:
+                if len(state) > start:
+                    state.pop()
             else:
-                position[i] += 1
-        done = mdp.done.tolist()
-        live = [i for i in live if not done[i]]
-    return [
-        Trajectory(
-            t.prompt,
-            np.asarray(executed[i], dtype=np.int64),
-            bool(mdp.terminated[i]),
-            bool(mdp.truncated[i]),
-            special,
-            intended=np.asarray(intended[i], dtype=np.int64),
+                state.append(ran)
+            truncated = not terminated and (step >= budget or len(state) >= max_length)
+            if repairing:
+                repairing = False
+            elif ran != chosen:
+                repairing = True
+            else:
+                position += 1
+        out.append(
+            Trajectory(
+                t.prompt,
+                np.asarray(executed, dtype=np.int64),
+                terminated,
+                truncated,
+                special,
+                intended=np.asarray(intended, dtype=np.int64),
+            )
         )
-        for i, t in enumerate(clean)
-    ]
+    return out
 
 
 def disturbed_demonstration(

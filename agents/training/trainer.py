@@ -86,7 +86,13 @@ from seqenv.disturbance import KEY_BOUND, Disturbance
 from seqenv.env import noise_of
 from seqenv.rules import step_budget
 from seqenv.tasks import Task, make_task
-from seqenv.trajectory import LabelKind, Trajectory, disturbed_demonstrations, load_demonstrations
+from seqenv.trajectory import (
+    LabelKind,
+    Trajectory,
+    check_episodes,
+    disturbed_demonstrations,
+    load_demonstrations,
+)
 from seqenv.vocab import SpecialIds, Vocab
 
 if TYPE_CHECKING:
@@ -192,6 +198,9 @@ class Trainer:
             Disturbance(config.noise, config.noise_type) if uses_disturbance else None
         )
         self.noise_fn = noise_of(self.disturbance, self.task) if self.disturbance else None
+        if self.disturbance is not None:
+            # Checked once here: every batch then draws its disturbances without rechecking.
+            check_episodes(self.demonstrations, self.max_length, self.max_steps)
 
         # Policy, optimizer, schedule.
         torch.manual_seed(config.seed)
@@ -302,6 +311,7 @@ class Trainer:
             self.max_steps,
             noise_fn=self.noise_fn,
             keys=keys[mine].tolist(),
+            check=False,
         )
 
     def _rollouts(self, prompts: list[list[int]]) -> list[Trajectory]:

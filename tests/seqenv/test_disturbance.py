@@ -18,7 +18,9 @@ from seqenv.env import SequenceGenEnv
 from seqenv.mdp import SequenceMDP
 from seqenv.tasks import make_task
 from seqenv.trajectory import (
+    DemonstrationError,
     Trajectory,
+    check_episodes,
     disturbed_demonstration,
     disturbed_demonstrations,
     from_completion,
@@ -319,3 +321,96 @@ def test_ground_truth_demonstrations(task_kwargs: dict[str, dict[str, Any]]) -> 
         rng=np.random.default_rng(6),
     )
     assert again == demos
+
+
+def expert_in_the_env(
+    clean: Sequence[Trajectory],
+    disturbance: Disturbance,
+    max_length: int,
+    max_steps: int,
+    keys: Sequence[int],
+    noise_fn: Any = None,
+) -> list[Trajectory]:
+    """The reference: the expert stepping a batched SequenceMDP, one MDP step at a time."""
+    special = clean[0].special
+    mdp = SequenceMDP(
+        special, max_length, max_steps, batch_size=len(clean), disturbance=disturbance,
+        noise_fn=noise_fn,
+    )  # fmt: skip
+    mdp.reset_rows(range(len(clean)), [t.prompt.tolist() for t in clean], keys=keys)
+    plans = [t.actions.tolist() for t in clean]
+    position, repairing = [0] * len(clean), [False] * len(clean)
+    intended: list[list[int]] = [[] for _ in clean]
+    executed: list[list[int]] = [[] for _ in clean]
+    while not bool(mdp.done.all()):
+        live = (~mdp.done).tolist()
+        chosen = [
+            special.backspace_id if repairing[i] else plans[i][min(position[i], len(plans[i]) - 1)]
+            for i in range(len(clean))
+        ]
+        ran = mdp.step(torch.tensor(chosen)).executed.tolist()
+        for i in range(len(clean)):
+            if not live[i]:
+                continue
+            intended[i].append(chosen[i])
+            executed[i].append(ran[i])
+            if repairing[i]:
+                repairing[i] = False
+            elif ran[i] != chosen[i]:
+                repairing[i] = True
+            else:
+                position[i] += 1
+    return [
+        Trajectory(
+            t.prompt,
+            executed[i],
+            bool(mdp.terminated[i]),
+            bool(mdp.truncated[i]),
+            special,
+            intended=intended[i],
+        )
+        for i, t in enumerate(clean)
+    ]
+
+
+@pytest.mark.parametrize(("p", "max_length", "max_steps"), [(0.1, 64, 128), (0.5, 40, 40)])
+def test_demonstrations_equal_the_expert_stepping_the_env(
+    p: float, max_length: int, max_steps: int
+) -> None:
+    """The per-row walk of disturbed_demonstrations is the environment's dynamics exactly:
+    the same draws, the same eligibility, budget and buffer ends (truncation included)."""
+    rng = np.random.default_rng(11)
+    clean = clean_demonstrations(300, rng, max_length)
+    keys = rng.integers(0, 2**63, size=len(clean)).tolist()
+    fast = disturbed_demonstrations(clean, Disturbance(p), max_length, max_steps, keys=keys)
+    reference = expert_in_the_env(clean, Disturbance(p), max_length, max_steps, keys)
+    assert fast == reference
+    assert any(d.truncated for d in fast) == (p == 0.5)
+
+
+def test_ground_truth_demonstrations_equal_the_expert_stepping_the_env(
+    task_kwargs: dict[str, dict[str, Any]],
+) -> None:
+    task = make_task("arithmetic", **task_kwargs["arithmetic"])
+    max_length = task.default_max_length
+    clean = task.demonstrations("train", 200, max_length)
+    keys = list(range(1000, 1200))
+    disturbance = Disturbance(0.4, "ground_truth")
+    budget = 2 * max_length
+    fast = disturbed_demonstrations(
+        clean, disturbance, max_length, budget, noise_fn=task.ground_truth_noise, keys=keys
+    )
+    reference = expert_in_the_env(
+        clean, disturbance, max_length, budget, keys, noise_fn=task.ground_truth_noise
+    )
+    assert fast == reference and sum(d.num_disturbances for d in fast) > 20
+
+
+def test_check_episodes_names_the_bad_trajectory_across_chunks() -> None:
+    rng = np.random.default_rng(12)
+    clean = clean_demonstrations(10, rng, 64)
+    check_episodes(clean, 64, 128, chunk=3)
+    # 46 steps do not fit a step budget of 40: trajectory 7 (in the third chunk) is named.
+    long = from_completion([0], [1] * 45, S, 64)
+    with pytest.raises(DemonstrationError, match=r"^trajectory 7 "):
+        check_episodes([*clean[:7], long, *clean[8:]], 64, 40, chunk=3)
