@@ -31,8 +31,9 @@ this package) or given by path. Keys: ``task``, ``task_args``, ``seeds``, ``trai
 ``ppo`` takes ``timesteps``, ``n_steps``, ``width``...), ``eval`` (``episodes``, ``exact``: the
 exact-divergence settings for a small dyck, ``mauve``), ``sweep`` (optional: ``param``,
 ``values``, ``agents``), ``quick`` (overrides applied with ``--quick``), ``needs_model`` (the
-pretrained LM a config is written for, which ``--model`` must give) and ``description`` (what
-the config is for; not part of what a resumed run must match).
+pretrained LM a config is written for, which ``--model`` must give), ``description`` (what the
+config is for) and ``targets`` (claims answered in the report, :func:`check_targets`); the last
+two are not part of what a resumed run must match.
 """
 
 from __future__ import annotations
@@ -500,6 +501,44 @@ def differences(
     return out
 
 
+def check_targets(
+    runs: Sequence[dict[str, Any]], targets: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Answer a config's ``targets`` on the mean over seeds.
+
+    A target is ``{"text", "metric", "agent", "other", "relation": "<=" | ">=", "scale": 1,
+    "offset": 0}``: met when mean(agent) relation scale * mean(other) + offset. Each answer adds
+    both means, the bound, ``met`` (None while a side has no runs) and the bootstrap interval of
+    mean(agent) - scale * mean(other) - offset (``ci95``), so a reader sees how sure the answer is.
+    """
+    answers = []
+    for target in targets:
+        metric, scale = target["metric"], float(target.get("scale", 1.0))
+        offset, relation = float(target.get("offset", 0.0)), target["relation"]
+        if relation not in ("<=", ">="):
+            raise ValueError(f"target relation must be '<=' or '>=', got {relation!r}")
+        sides = [
+            [
+                v
+                for v in (_run_values(r, metric) for r in runs if r["agent"] == agent)
+                if v is not None
+            ]
+            for agent in (target["agent"], target["other"])
+        ]
+        answer: dict[str, Any] = {**target, "met": None}
+        if all(sides):
+            means = [float(np.mean([np.mean(v) for v in side])) for side in sides]
+            bound = scale * means[1] + offset
+            diff, lo, hi = bootstrap_diff_ci95(sides[0], sides[1], factor=scale)
+            met = means[0] <= bound if relation == "<=" else means[0] >= bound
+            answer.update(
+                mean=means[0], other_mean=means[1], bound=bound, met=bool(met),
+                diff=diff - offset, ci95=[lo - offset, hi - offset],
+            )  # fmt: skip
+        answers.append(answer)
+    return answers
+
+
 # --------------------------------------------------------------------------------------------
 # Finished runs on disk: one JSON file each, the resume point of a stopped comparison
 
@@ -519,7 +558,7 @@ def runs_config(config: dict[str, Any]) -> dict[str, Any]:
     kept = {
         k: v
         for k, v in config.items()
-        if k not in ("name", "description", "seeds", "quick", "sweep", "agent_list")
+        if k not in ("name", "description", "targets", "seeds", "quick", "sweep", "agent_list")
     }
     return json.loads(json.dumps(kept))
 
@@ -834,6 +873,7 @@ def build_results(
         "runs": runs,
         "agents": aggregate(runs),
         "differences": differences(runs),
+        "targets": check_targets(runs, config.get("targets", [])),
         "reference": reference,
     }
     sweep = config.get("sweep")

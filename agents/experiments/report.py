@@ -20,7 +20,13 @@ AGENT_LABELS = {
 }
 
 
-AGENT_SHORT = {"mle": "MLE", "bc": "BC", "sequencematch": "SequenceMatch"}
+AGENT_SHORT = {
+    "mle": "MLE",
+    "bc": "BC",
+    "bc_executed": "BC (executed)",
+    "sequencematch": "SequenceMatch",
+    "sequencematch_no_bkspc": "SequenceMatch, no backspace",
+}
 """Names in the difference table."""
 
 REFERENCE_LABELS = {"human_text": "human text (same prompts and sample size)"}
@@ -154,6 +160,36 @@ def verdicts(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def target_lines(results: dict[str, Any]) -> list[str]:
+    """The config's targets, each answered on the mean over seeds (compare.check_targets)."""
+    lines = []
+    for t in results.get("targets", []):
+        name = AGENT_SHORT.get(t["agent"], t["agent"])
+        if t.get("met") is None:
+            lines.append(f"- {t['text']}: **not measured** (a side has no finished runs).")
+            continue
+        lo, hi = t["ci95"]
+        sure = (
+            "the interval of the margin excludes 0"
+            if (lo > 0 or hi < 0)
+            else "the interval of the margin includes 0: not a clear difference"
+        )
+        lines.append(
+            f"- {t['text']}: **{'met' if t['met'] else 'not met'}**. {t['metric']}: {name} "
+            f"{t['mean']:.3f}, {AGENT_SHORT.get(t['other'], t['other'])} {t['other_mean']:.3f}, "
+            f"bound {t['bound']:.3f}; margin {t['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}], {sure}."
+        )
+    return lines
+
+
+def target_section(results: dict[str, Any]) -> list[str]:
+    """The report's section of targets, or nothing when the config states none."""
+    if not results.get("targets"):
+        return []
+    head = ["## Targets", "", "Judged on the mean over seeds (clean evaluation).", ""]
+    return [*head, *target_lines(results), ""]
+
+
 def budgets(results: dict[str, Any]) -> list[str]:
     """What each agent was trained with: updates and batch, or PPO's environment steps."""
     config = results["config"]
@@ -238,6 +274,7 @@ def report(results: dict[str, Any]) -> str:
         "",
         *verdicts(results),
         "",
+        *target_section(results),
     ]
     if "sweep" in results:
         sweep = results["sweep"]

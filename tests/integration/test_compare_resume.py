@@ -249,3 +249,32 @@ def test_two_jobs_give_the_runs_of_one_job(tmp_path: Path) -> None:
     one, two = rows(1), rows(2)
     assert set(one) == {"mle-s0.json", "sequencematch-s0.json"}
     assert one == two
+
+
+def test_targets_are_answered_in_the_report(tmp_path: Path, fake: FakeRunOne) -> None:
+    config = {**compare.DEFAULT_CONFIG, "name": "with-targets"}
+    config["targets"] = [
+        {"text": "SM at least MLE + 0.4", "metric": "accuracy", "agent": "sequencematch",
+         "other": "mle", "relation": ">=", "offset": 0.4},
+        {"text": "SM at most half of BC", "metric": "accuracy", "agent": "sequencematch",
+         "other": "bc", "relation": "<=", "scale": 0.5},
+        {"text": "needs PPO", "metric": "accuracy", "agent": "sequencematch", "other": "ppo",
+         "relation": ">="},
+    ]  # fmt: skip
+    path = tmp_path / "targets.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "out"
+    run_compare(CompareConfig(config=str(path), out=str(out), agents=AGENTS, progress=False))
+    results = json.loads((out / "results.json").read_text())
+    first, second, third = results["targets"]
+    # The fake's accuracies: SM 0.8/0.85/0.9 (mean 0.85) over 3 seeds, MLE 0.35, BC 0.55.
+    assert first["met"] is True and first["bound"] == pytest.approx(0.35 + 0.4)
+    assert first["diff"] == pytest.approx(0.85 - 0.35 - 0.4)
+    assert first["ci95"][0] <= first["diff"] <= first["ci95"][1]
+    assert second["met"] is False and second["bound"] == pytest.approx(0.55 / 2)
+    assert third["met"] is None
+    report = (out / "report.md").read_text()
+    assert "## Targets" in report and "SM at least MLE + 0.4: **met**" in report
+    assert (
+        "SM at most half of BC: **not met**" in report and "needs PPO: **not measured**" in report
+    )
