@@ -33,6 +33,7 @@ from agents.experiments.compare import (
     aggregate,
     load_config,
     run_one,
+    runs_config,
     write_json_atomic,
 )
 from agents.experiments.report import _cell, _clean
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             path = out / "runs" / f"{point['name']}-s{seed}.json"
             if path.is_file():
                 stored = json.loads(path.read_text())
-                if stored["config"] != _clean(config):
+                if runs_config(stored["config"]) != runs_config(config):
                     parser.error(f"{path} was run with another config: pass another --out")
                 row = stored["row"]
             else:

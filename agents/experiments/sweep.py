@@ -27,6 +27,7 @@ from agents.experiments.compare import (
     load_config,
     run_key,
     run_one,
+    runs_config,
     write_json_atomic,
 )
 from agents.experiments.report import _cell, _clean
@@ -150,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
             for seed in range(args.seeds):
                 path = args.out / "runs" / f"{run_key(args.agent, seed, override)}.json"
                 if path.is_file():
-                    row = json.loads(path.read_text())["row"]
+                    stored = json.loads(path.read_text())
+                    if runs_config(stored["config"]) != runs_config(config):
+                        parser.error(f"{path} was run with another config: pass another --out")
+                    row = stored["row"]
                 else:
                     print(f"[sweep] {param}={value} seed {seed}", file=sys.stderr, flush=True)
                     row = _clean(

@@ -106,6 +106,9 @@ def test_sweep_sets_kappa_through_c_trains_the_base_once_and_resumes(
     assert set(results["params"]["kappa"]["by_value"]) == {"0.0025", "0.025"}
     assert sweep.main(args) == 0
     assert len(fake.calls) == 5
+    with pytest.raises(SystemExit):  # the stored runs belong to another config
+        sweep.main([*args[:1], "dyck_small_cpu", *args[2:]])
+    assert len(fake.calls) == 5
 
 
 def test_sweep_run_cost_bundles_and_the_base_bundle() -> None:
