@@ -79,10 +79,20 @@ def metrics_of(results: dict[str, Any]) -> list[str]:
     return [m for m in TASK_METRICS[results["task"]] if m in present]
 
 
-def table(results: dict[str, Any]) -> str:
-    """The markdown table: one row per agent, mean [95% bootstrap interval] over seeds."""
-    metrics = metrics_of(results)
-    arrows = [f"{m} {_arrow(m)}".rstrip() for m in metrics]
+def disturbed_metrics_of(results: dict[str, Any]) -> list[str]:
+    """The task's metrics measured under the training disturbance (``disturbed/<metric>``)."""
+    present = {m for stats in results["agents"].values() for m in stats}
+    wanted = [f"disturbed/{m}" for m in TASK_METRICS[results["task"]]]
+    return [m for m in wanted if m in present]
+
+
+def table(results: dict[str, Any], metrics: list[str] | None = None) -> str:
+    """The markdown table: one row per agent, mean [95% bootstrap interval] over seeds.
+
+    ``metrics``: the columns (default: the task's metrics, clean evaluation).
+    """
+    metrics = metrics_of(results) if metrics is None else metrics
+    arrows = [f"{m} {_arrow(m.removeprefix('disturbed/'))}".rstrip() for m in metrics]
     lines = ["| agent | " + " | ".join(arrows) + " |", "|---" * (len(metrics) + 1) + "|"]
     for agent, stats in results["agents"].items():
         cells = [_cell(stats.get(m)) for m in metrics]
@@ -182,6 +192,20 @@ def target_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def disturbed_section(results: dict[str, Any]) -> list[str]:
+    """The table of the evaluation under the training disturbance, when it was measured."""
+    metrics = disturbed_metrics_of(results)
+    if not metrics:
+        return []
+    return [
+        "Under the training disturbance (the environment replaces a token action by noise with "
+        "the training probability: can the agent repair errors it did not choose?):",
+        "",
+        table(results, metrics),
+        "",
+    ]
+
+
 def target_section(results: dict[str, Any]) -> list[str]:
     """The report's section of targets, or nothing when the config states none."""
     if not results.get("targets"):
@@ -261,6 +285,7 @@ def report(results: dict[str, Any]) -> str:
         "",
         table(results),
         "",
+        *disturbed_section(results),
         "Budgets:",
         "",
         *budgets(results),
