@@ -322,6 +322,48 @@ def length_distances(model_lengths: Sequence[int], data_lengths: Sequence[int]) 
     return {"length_tv": float(tv), "length_wasserstein": wasserstein}
 
 
+def dyck_failures(task: Grammar, trajectories: Sequence[Trajectory]) -> dict[str, float]:
+    """Where the invalid samples go wrong, and whether they backspaced.
+
+    For each failed episode (not a valid complete sequence), its final text is classified:
+
+    - ``failed_wrong_bracket``: some bracket is impossible under the grammar (a mismatched or
+      unopened close, an open beyond the limits); ``first_error_position`` is the mean relative
+      position of the first one, index / final length, in [0, 1);
+    - ``failed_bad_end``: every bracket is possible but the sequence ended where it may not
+      (brackets left open, too short), or never ended (truncated).
+
+    ``failed_backspace_rate`` and ``valid_backspace_rate`` pool backspaces / steps over the
+    failed and the valid episodes: a learner that repairs would backspace more where it failed.
+    Rates over no episodes are NaN.
+    """
+    failed_steps = failed_bksp = valid_steps = valid_bksp = 0
+    wrong, positions, bad_end = 0, [], 0
+    for t in trajectories:
+        ids = t.generated()
+        bksp = t.num_backspaces
+        if t.terminated and task.is_valid(ids):
+            valid_steps, valid_bksp = valid_steps + t.num_steps, valid_bksp + bksp
+            continue
+        failed_steps, failed_bksp = failed_steps + t.num_steps, failed_bksp + bksp
+        prefixes = (task.log_prob(ids[: i + 1], terminated=False) for i in range(len(ids)))
+        first = next((i for i, lp in enumerate(prefixes) if lp == -math.inf), None)
+        if first is None:
+            bad_end += 1
+        else:
+            wrong += 1
+            positions.append(first / len(ids))
+    failed = wrong + bad_end
+    nan = float("nan")
+    return {
+        "failed_wrong_bracket": wrong / failed if failed else nan,
+        "failed_bad_end": bad_end / failed if failed else nan,
+        "first_error_position": float(np.mean(positions)) if positions else nan,
+        "failed_backspace_rate": failed_bksp / failed_steps if failed_steps else nan,
+        "valid_backspace_rate": valid_bksp / valid_steps if valid_steps else nan,
+    }
+
+
 def dyck_metrics(
     task: Grammar, samples: Sequence[Sample], data: Sequence[Sample]
 ) -> dict[str, float]:

@@ -23,6 +23,7 @@ import torch
 from agents.collate import collate
 from agents.evaluation.episodes import (
     backspace_stats,
+    dyck_failures,
     dyck_metrics,
     episode_scores,
     recovery_metrics,
@@ -75,6 +76,11 @@ METRICS: dict[str, Metric] = {
     "invalid_rate": Metric("samples that are not valid complete sequences", False, UNIT),
     "true_logprob": Metric("mean log-probability of valid samples under the grammar", True),
     "length_tv": Metric("TV between sample and data length distributions", False, UNIT),
+    "failed_wrong_bracket": Metric("failures holding an impossible bracket", None, UNIT),
+    "failed_bad_end": Metric("failures ended where they may not, or never ended", None, UNIT),
+    "first_error_position": Metric("first impossible bracket / final length, failures", None, UNIT),
+    "failed_backspace_rate": Metric("backspaces / steps over the failed episodes", None, UNIT),
+    "valid_backspace_rate": Metric("backspaces / steps over the valid episodes", None, UNIT),
     "exact_target_chi2": Metric(
         "exact chi^2-mixture to the target (the marginalised expert, disturbed MDP, gamma 0.9)",
         False,
@@ -324,6 +330,8 @@ def evaluate(
         ]
         metrics["true_logprob"] = dyck.get("mean_log_prob", float("nan"))
         metrics["length_tv"] = dyck.get("length_tv", float("nan"))
+        if full:  # where the failures go wrong (benchmarks/README.md, the regime comparison)
+            metrics.update(dyck_failures(cast(Any, task), trajectories))
         if full and exact:
             headline_metrics, raw = exact_metrics(
                 policy, cast(GrammarTask, task), exact, max_length, allow_backspace

@@ -179,15 +179,19 @@ def target_lines(results: dict[str, Any]) -> list[str]:
             lines.append(f"- {t['text']}: **not measured** (a side has no finished runs).")
             continue
         lo, hi = t["ci95"]
-        sure = (
-            "the interval of the margin excludes 0"
-            if (lo > 0 or hi < 0)
-            else "the interval of the margin includes 0: not a clear difference"
-        )
+        if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+            interval, sure = "", "no interval (too few runs)"
+        else:
+            interval = f" [{lo:+.3f}, {hi:+.3f}]"
+            sure = (
+                "the interval of the margin excludes 0"
+                if (lo > 0 or hi < 0)
+                else "the interval of the margin includes 0: not a clear difference"
+            )
         lines.append(
             f"- {t['text']}: **{'met' if t['met'] else 'not met'}**. {t['metric']}: {name} "
             f"{t['mean']:.3f}, {AGENT_SHORT.get(t['other'], t['other'])} {t['other_mean']:.3f}, "
-            f"bound {t['bound']:.3f}; margin {t['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}], {sure}."
+            f"bound {t['bound']:.3f}; margin {t['diff']:+.3f}{interval}, {sure}."
         )
     return lines
 

@@ -15,6 +15,7 @@ from agents.evaluation.episodes import (
     accuracy,
     backspace_stats,
     backtrack_lengths,
+    dyck_failures,
     dyck_metrics,
     final_generated,
     length_distances,
@@ -213,6 +214,29 @@ def test_dyck_validity_and_log_prob_by_hand(dyck: DyckTask) -> None:
     assert stats["num_valid"] == 3
     assert sequence_lengths(samples) == [2, 0, 1, 2, 2, 2]
     assert math.isnan(log_prob_stats(dyck, [[2]])["mean_log_prob"])
+
+
+def test_dyck_failures_by_hand(dyck: DyckTask) -> None:
+    """max_depth 1, at most 4 brackets: "(" is 1, ")" is 2."""
+    v = dyck.vocab
+    bk, eos = v.backspace_id, v.eos_id
+    episodes = [
+        traj([0], [1, 2, eos], v),  # "()": valid, 3 steps
+        traj([0], [1, 1, bk, 2, eos], v),  # "()" after a repair: valid, 5 steps, 1 backspace
+        traj([0], [1, 2, 2, eos], v),  # "())": the third bracket is impossible (2 / 3)
+        traj([0], [1, 1, eos], v),  # "((": the second is beyond depth 1 (1 / 2)
+        traj([0], [1, bk, 1, eos], v),  # "(": every bracket possible, ended open; 1 backspace
+        traj([0], [1, 2], v),  # truncated "()": never ended
+    ]
+    out = dyck_failures(dyck, episodes)
+    assert out["failed_wrong_bracket"] == pytest.approx(2 / 4)
+    assert out["failed_bad_end"] == pytest.approx(2 / 4)
+    assert out["first_error_position"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert out["failed_backspace_rate"] == pytest.approx(1 / (4 + 3 + 4 + 2))
+    assert out["valid_backspace_rate"] == pytest.approx(1 / (3 + 5))
+    only_valid = dyck_failures(dyck, episodes[:2])
+    assert math.isnan(only_valid["failed_wrong_bracket"])
+    assert math.isnan(only_valid["first_error_position"])
 
 
 def test_length_distances_by_hand() -> None:
