@@ -28,6 +28,11 @@ Agent = Literal["mle", "bc", "sequencematch"]
 AGENTS = ("mle", "bc", "sequencematch")
 
 
+DEFAULT_MODEL_BATCH = 8
+"""Rollouts per model batch when model_batch_size is unset (benchmarks/README.md: the cost of a
+SequenceMatch run against BC, and the quality check that chose it)."""
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs; stored in full in its checkpoints and logs."""
@@ -162,22 +167,24 @@ class TrainConfig:
     temperature: float = 1.0
     """Sampling temperature of the rollouts (not the soft-Q temperature --alpha)."""
 
-    # --- Run cost (off by default: each changes what is optimised, and needs a quality check) ---
+    # --- Run cost: defaults chosen by the quality check in benchmarks/README.md ---
 
     model_batch_size: int | None = None
-    """Rollouts per model batch of a SequenceMatch update (per process); batch_size if unset.
-    Each term is normalised by its own number of sequences, but the pooled value term (mix)
-    then weighs data and model samples in proportion to the two sizes."""
-    model_batch_buckets: int = 1
+    """Rollouts per model batch of a SequenceMatch update (per process); unset: the smaller of
+    8 and batch_size, rounded up to a multiple of grad_accum. Each term is normalised by its own
+    number of sequences, but the pooled value term (mix) then weighs data and model samples in
+    proportion to the two sizes. Set it to batch_size for a model batch as large as the data
+    batch (the first version's setting)."""
+    model_batch_buckets: int = 4
     """Draw model batches by length: every this many updates, draw that many model batches'
     worth of rollouts from the buffer at once (uniformly, with replacement, as usual), sort
     them by length and serve them as that many batches of similar lengths, in random order,
     so that a batch pads to less. Each rollout is still drawn uniformly; what changes is which
-    rollouts share an update. 1: one uniform draw per update (the default)."""
-    rollout_length_factor: float | None = None
+    rollouts share an update. 1: one uniform draw per update."""
+    rollout_length_factor: float | None = 2.0
     """Cap the rollouts' step budget at ceil(factor * the rollout_length_quantile of the
     demonstrations' step counts), never above max_steps; longer rollouts are truncated (their
-    last state bootstrapped, docs/method.md §3). Unset: the full step budget (the default)."""
+    last state bootstrapped, docs/method.md §3). None: the full step budget."""
     rollout_length_quantile: float = 0.99
     """The quantile of the demonstrations' step counts that rollout_length_factor scales."""
 
@@ -202,6 +209,14 @@ class TrainConfig:
     """bf16 autocast on a GPU (ignored on the CPU)."""
     progress: bool = True
     """Show a progress bar."""
+
+    @property
+    def resolved_model_batch_size(self) -> int:
+        """The model batch of a SequenceMatch update: model_batch_size, or its default."""
+        if self.model_batch_size is not None:
+            return self.model_batch_size
+        smallest = min(DEFAULT_MODEL_BATCH, self.batch_size)
+        return -(-smallest // self.grad_accum) * self.grad_accum
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""

@@ -257,8 +257,8 @@ class Trainer:
         self.data_rng = np.random.default_rng([config.seed, 1])
         self.rollout_generator = torch.Generator(self.device).manual_seed(config.seed + 2)
         self.buffer = ReplayBuffer(config.buffer_size)
-        # Run-cost settings (TrainConfig; all off by default).
-        self.model_batch_size = config.model_batch_size or config.batch_size
+        # Run-cost settings (TrainConfig): the model batch, its length buckets, the rollout cap.
+        self.model_batch_size = config.resolved_model_batch_size
         self._model_pool: list[list[Trajectory]] = []  # length-bucketed batches still to serve
         self.rollout_max_steps = rollout_step_cap(
             self.demonstrations,

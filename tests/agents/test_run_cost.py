@@ -1,5 +1,5 @@
-"""The run-cost settings of SequenceMatch (model batch size, length buckets, rollout cap): off
-by default, exact with their neutral values, and in effect when set."""
+"""The run-cost settings of SequenceMatch (model batch size, length buckets, rollout cap): their
+defaults, exact with their neutral values, and in effect when set."""
 
 from __future__ import annotations
 
@@ -33,20 +33,31 @@ def _weights(trainer: Trainer) -> list[torch.Tensor]:
     return [p.detach().clone() for p in trainer.policy.parameters()]
 
 
-def test_defaults_are_off() -> None:
+OFF = {"model_batch_size": 8, "model_batch_buckets": 1, "rollout_length_factor": None}
+"""A model batch as large as the data batch (8), one uniform draw, no cap: the first version."""
+
+
+def test_defaults() -> None:
     config = TrainConfig()
-    assert config.model_batch_size is None
-    assert config.model_batch_buckets == 1
-    assert config.rollout_length_factor is None
-    trainer = Trainer(_config())
-    assert trainer.model_batch_size == trainer.config.batch_size
-    assert trainer.rollout_max_steps == trainer.max_steps
+    assert config.model_batch_size is None and config.resolved_model_batch_size == 8
+    assert config.model_batch_buckets == 4
+    assert config.rollout_length_factor == 2.0
+    # Never more than the data batch, and a whole number of micro-batches.
+    assert TrainConfig(batch_size=4).resolved_model_batch_size == 4
+    assert TrainConfig(batch_size=36, grad_accum=3).resolved_model_batch_size == 9
+    assert TrainConfig(model_batch_size=32).resolved_model_batch_size == 32
+    trainer = Trainer(_config(batch_size=32))
+    assert trainer.model_batch_size == 8
+    assert trainer.rollout_max_steps < trainer.max_steps
+    off = Trainer(_config(**OFF))
+    assert off.model_batch_size == off.config.batch_size
+    assert off.rollout_max_steps == off.max_steps
 
 
-def test_neutral_settings_give_the_default_run_exactly() -> None:
-    default = Trainer(_config())
+def test_neutral_settings_give_the_plain_run_exactly() -> None:
+    default = Trainer(_config(model_batch_buckets=1, rollout_length_factor=None))  # 8 = batch
     default.train()
-    neutral = Trainer(_config(model_batch_size=8, model_batch_buckets=1))
+    neutral = Trainer(_config(**OFF))
     neutral.train()
     for a, b in zip(_weights(default), _weights(neutral), strict=True):
         assert torch.equal(a, b)
@@ -55,7 +66,7 @@ def test_neutral_settings_give_the_default_run_exactly() -> None:
 
 def test_default_model_batch_is_one_uniform_draw() -> None:
     """The draw the trainer made before these settings existed: one sample of batch_size."""
-    trainer = Trainer(_config())
+    trainer = Trainer(_config(**OFF))
     trainer._refresh_buffer()
     rng = copy.deepcopy(trainer.data_rng)
     expected = trainer.buffer.sample(trainer.config.batch_size, rng)
