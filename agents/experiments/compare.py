@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -763,8 +764,11 @@ def run_compare(options: CompareConfig) -> dict[str, Any]:
         episodes = int(config.get("eval", {}).get("episodes", 200))
         reference["human_text"] = human_text_metrics(task, episodes)
 
+    # A resumed comparison's wall time includes the sessions before it (its last results.json).
+    earlier = _earlier_wall_seconds(out) if kept else 0.0
+
     def elapsed() -> float:
-        return time.perf_counter() - started
+        return earlier + time.perf_counter() - started
 
     def finish(spec: RunSpec, row: dict[str, Any]) -> None:
         nonlocal done
@@ -795,6 +799,15 @@ def run_compare(options: CompareConfig) -> dict[str, Any]:
             build_results(config, options, out, specs, elapsed(), reference)
         raise
     return build_results(config, options, out, specs, elapsed(), reference)
+
+
+def _earlier_wall_seconds(out: Path) -> float:
+    """The wall time recorded by the comparison in ``out`` before this session (0 if none)."""
+    try:
+        value = json.loads((out / "results.json").read_text()).get("wall_seconds", 0.0)
+    except (OSError, ValueError, AttributeError):
+        return 0.0
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else 0.0
 
 
 def _run_parallel(

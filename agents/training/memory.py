@@ -25,9 +25,7 @@ def training_bytes(config: TrainConfig, num_actions: int, max_length: int, max_s
     """
     width, layers = config.width, config.layers
     params = _parameters(width, layers, num_actions + 4, max_length)
-    model_rows = (
-        config.resolved_model_batch_size if config.agent == "sequencematch" else 0
-    )
+    model_rows = config.resolved_model_batch_size if config.agent == "sequencematch" else 0
     rows = (config.batch_size + model_rows) // config.grad_accum
     T = max_length + max_steps
     activations = rows * T * (layers * (16 * width + config.heads * T) + 3 * num_actions)

@@ -99,7 +99,12 @@ def test_runs_are_written_as_they_finish_and_resume_skips_them(
 
     again = FakeRunOne()  # everything finished: the outputs are rebuilt, nothing retrained
     monkeypatch.setattr(compare, "run_one", again)
-    assert run_compare(options(out))["runs_done"] == 9 and again.calls == []
+    earlier = json.loads((out / "results.json").read_text())
+    earlier["wall_seconds"] = 1000.0  # as if the earlier sessions had taken that long
+    (out / "results.json").write_text(json.dumps(earlier))
+    rebuilt = run_compare(options(out))
+    assert rebuilt["runs_done"] == 9 and again.calls == []
+    assert 1000.0 <= rebuilt["wall_seconds"] < 1100.0  # the earlier wall time is kept
 
 
 def test_more_seeds_reuse_the_finished_ones(tmp_path: Path, fake: FakeRunOne) -> None:
