@@ -31,6 +31,9 @@ from seqenv.mdp import SequenceMDP
 from seqenv.rules import allowed_actions, last_live_index
 from seqenv.trajectory import Trajectory
 
+COMPACT_AT = 0.75
+"""Generation drops the done rows from the KV cache once at most this share of them is live."""
+
 
 @dataclass(frozen=True)
 class GenerationOutput:
@@ -181,6 +184,7 @@ def generate(
     )
 
     cache = model.init_cache(B, max_length) if use_cache else None
+    active = rows  # the rows of the mdp that the cache holds, in its order
     if cache is not None:
         # Prefill: the prompts, padded on the right; each row's s_0 sits at its last prompt token.
         P = int(mdp.length.max())
@@ -210,11 +214,24 @@ def generate(
         if cache is None:
             logits = _recompute(model, mdp)
             continue
-        # Every row feeds the last token of its new state at its position: the appended token,
-        # or after a backspace the token returned to (the re-feed). Rows already done re-feed
-        # their last token too, harmlessly.
-        last = last_live_index(mdp.length)[:, None]  # (B, 1)
-        logits = model.decode(mdp.tokens.gather(1, last), last, cache)[:, 0]  # (B, A)
+        # Once a quarter of the decoded rows are done, drop them from the cache: the batch then
+        # costs what its live rows cost, not its longest row's. A done row's action is ignored,
+        # so its logits stay zero (the draws of the live rows do not depend on them).
+        live = ~mdp.done[active]
+        if hasattr(cache, "keep_rows") and int(live.sum()) <= COMPACT_AT * len(active):
+            keep = torch.nonzero(live).reshape(-1)
+            cache.keep_rows(keep)
+            active = active[keep]
+        # Every decoded row feeds the last token of its new state at its position: the appended
+        # token, or after a backspace the token returned to (the re-feed). Rows done since the
+        # last compaction re-feed their last token too, harmlessly.
+        last = last_live_index(mdp.length)[active, None]  # (R, 1)
+        decoded = model.decode(mdp.tokens[active].gather(1, last), last, cache)[:, 0]  # (R, A)
+        if len(active) == B:
+            logits = decoded
+        else:
+            logits = decoded.new_zeros((B, decoded.shape[-1]))
+            logits[active] = decoded
 
     num_steps = mdp.num_steps.tolist()
     chosen = actions_taken.cpu().numpy()

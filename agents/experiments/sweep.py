@@ -13,6 +13,7 @@ the base config's run is trained once for all parameters.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -49,12 +50,35 @@ GRID: dict[str, list] = {
     "run_cost": ["off", "mbs16", "mbs8"],
 }
 RUN_COST: dict[str, dict[str, Any]] = {
-    "off": {"model_batch_size": None, "model_batch_buckets": 1, "rollout_length_factor": None},
+    "off": {
+        "model_batch_size": "batch_size",
+        "model_batch_buckets": 1,
+        "rollout_length_factor": None,
+    },
     "mbs16": {"model_batch_size": 16, "model_batch_buckets": 4, "rollout_length_factor": 2.0},
     "mbs8": {"model_batch_size": 8, "model_batch_buckets": 4, "rollout_length_factor": 2.0},
 }
 """The settings that cut a SequenceMatch run's cost (benchmarks/README.md, `sm_vs_bc_run`), as
-bundles: each changes what is optimised, so each is checked against quality before a default."""
+bundles: each changes what is optimised, so each is checked against quality before a default.
+"off" is the first version's run (a model batch as large as the data batch, one draw, no cap);
+"mbs8" is today's default at a batch of 64."""
+
+
+def _run_cost_bundle(train: dict[str, Any], name: str) -> dict[str, Any]:
+    """The trainer fields of a run-cost bundle for a config's train block."""
+    batch = train.get("batch_size", TrainConfig.batch_size)
+    return {k: batch if v == "batch_size" else v for k, v in RUN_COST[name].items()}
+
+
+def _run_cost_of(train: dict[str, Any]) -> tuple[int, int, float | None]:
+    """(model batch, buckets, rollout factor) that a train block resolves to."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in train.items() if k in names})
+    return (
+        config.resolved_model_batch_size,
+        config.model_batch_buckets,
+        config.rollout_length_factor,
+    )
 
 
 def _base_value(config: dict, param: str) -> Any:
@@ -63,9 +87,15 @@ def _base_value(config: dict, param: str) -> Any:
     if param == "kappa":
         return float(train.get("alpha", TrainConfig.alpha)) * float(train.get("c", TrainConfig.c))
     if param == "run_cost":
-        defaults = TrainConfig()
-        fields = {k: train.get(k, getattr(defaults, k)) for k in RUN_COST["off"]}
-        return next((name for name, bundle in RUN_COST.items() if bundle == fields), None)
+        resolved = _run_cost_of(train)
+        return next(
+            (
+                n
+                for n in RUN_COST
+                if _run_cost_of({**train, **_run_cost_bundle(train, n)}) == resolved
+            ),
+            None,
+        )
     return train.get(param, getattr(TrainConfig(), param))
 
 
@@ -74,7 +104,7 @@ def _override(config: dict, param: str, value: Any) -> dict[str, Any]:
     if param == "kappa":
         return {"c": value / float(config["train"].get("alpha", TrainConfig.alpha))}
     if param == "run_cost":
-        return dict(RUN_COST[value])
+        return _run_cost_bundle(config["train"], value)
     return {param: value}
 
 

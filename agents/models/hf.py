@@ -229,6 +229,12 @@ class SlotCache(Cache):
         """The number of slots the current decode step reads."""
         return self.num_slots
 
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep only the rows ``index`` (1-D int64), in that order."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.num_rows = int(index.numel())
+
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, Tq, Tk) bool -> (B, 1, Tq, Tk) float: 0 where allowed, the dtype's minimum elsewhere."""

@@ -62,7 +62,11 @@ class PolicyModel(Protocol):
         ...
 
     def init_cache(self, batch_size: int, capacity: int) -> Any:
-        """An empty KV cache of ``capacity`` positions for ``batch_size`` rows."""
+        """An empty KV cache of ``capacity`` positions for ``batch_size`` rows.
+
+        The cache may offer ``keep_rows(index)``, which keeps only the rows ``index`` (a 1-D
+        int64 tensor) in that order; generation then stops decoding the rows that are done.
+        """
         ...
 
     def decode(

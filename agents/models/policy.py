@@ -81,6 +81,11 @@ class KVCache:
         """Number of positions the cache holds."""
         return self.keys[0].shape[2]
 
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Keep only the rows ``index`` (1-D int64), in that order."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
 
 _compiled_flex: object | None = None
 

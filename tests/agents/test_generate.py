@@ -241,3 +241,46 @@ def test_disturbed_generation_keeps_intended_and_executed(policy: TransformerPol
     assert [t.actions.tolist() for t in plain.trajectories] == [
         t.actions.tolist() for t in again.trajectories
     ]
+
+
+@pytest.mark.parametrize("kind", ["ours", "gpt2", "llama"])
+def test_dropping_done_rows_from_the_cache_changes_nothing(
+    kind: str, policy: TransformerPolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Generation decodes only live rows once enough are done; the output is the same as
+    decoding every row to the end (episodes, and logits to float tolerance)."""
+    from agents import generate as generation
+    from tests.agents.test_hf import make_policy
+
+    model: Any = policy if kind == "ours" else make_policy(kind, "eager", backspace_scale=1.5)
+    prompts = [[1], [2, 3], [4, 5, 1], [3]] * 6
+    if kind != "ours":
+        prompts = [[t % 10 for t in p] for p in prompts]  # the tiny HF vocabulary
+
+    kept: list[int] = []
+    cache_type = type(model.init_cache(1, 4))
+    original = cache_type.keep_rows
+
+    def spy(self: Any, index: torch.Tensor) -> None:
+        kept.append(int(index.numel()))
+        original(self, index)
+
+    def run(compact_at: float) -> Any:
+        monkeypatch.setattr(generation, "COMPACT_AT", compact_at)
+        with torch.no_grad():
+            return generate(
+                model, prompts, max_length=20, max_steps=30, temperature=1.5, return_logits=True,
+                generator=torch.Generator().manual_seed(3),
+            )  # fmt: skip
+
+    monkeypatch.setattr(cache_type, "keep_rows", spy)
+    compacted = run(0.75)
+    assert kept and kept[-1] < len(prompts)  # rows were dropped along the way
+    lengths = [t.num_steps for t in compacted.trajectories]
+    assert min(lengths) < max(lengths)
+    kept.clear()
+    full = run(0.0)  # never compacts
+    assert not kept
+    assert compacted.trajectories == full.trajectories
+    assert compacted.logits is not None and full.logits is not None
+    torch.testing.assert_close(compacted.logits, full.logits, atol=ATOL, rtol=0)

@@ -112,11 +112,13 @@ def test_sweep_sets_kappa_through_c_trains_the_base_once_and_resumes(
 
 
 def test_sweep_run_cost_bundles_and_the_base_bundle() -> None:
-    config = {"train": {"eta": 0.1}}
-    assert sweep._base_value(config, "run_cost") == "off"
-    assert sweep._override(config, "run_cost", "mbs8") == {
-        "model_batch_size": 8,
-        "model_batch_buckets": 4,
-        "rollout_length_factor": 2.0,
+    config = {"train": {"eta": 0.1, "batch_size": 64}}
+    assert sweep._base_value(config, "run_cost") == "mbs8"  # today's defaults at batch 64
+    assert sweep._override(config, "run_cost", "off") == {
+        "model_batch_size": 64,
+        "model_batch_buckets": 1,
+        "rollout_length_factor": None,
     }
+    off = {"train": {**config["train"], **sweep._override(config, "run_cost", "off")}}
+    assert sweep._base_value(off, "run_cost") == "off"
     assert sweep._base_value({"train": sweep.RUN_COST["mbs16"]}, "run_cost") == "mbs16"
