@@ -39,10 +39,17 @@ class ReplayBuffer:
 
     def sample(self, num: int, rng: np.random.Generator) -> list[Trajectory]:
         """``num`` trajectories drawn uniformly with replacement."""
+        return self.items(self.sample_indices(num, rng))
+
+    def sample_indices(self, num: int, rng: np.random.Generator) -> list[int]:
+        """The positions of ``num`` trajectories drawn uniformly with replacement (oldest 0)."""
         if not self._items:
             raise RuntimeError("the replay buffer is empty: add rollouts before sampling")
-        index = rng.integers(0, len(self._items), size=num)
-        return [self._items[i] for i in index]
+        return [int(i) for i in rng.integers(0, len(self._items), size=num)]
+
+    def items(self, indices: Sequence[int]) -> list[Trajectory]:
+        """The trajectories at ``indices`` (valid until the next :meth:`add`)."""
+        return [self._items[i] for i in indices]
 
     def to_json(self) -> list[dict]:
         """The contents, oldest first (checkpoints keep them so a resumed run is exact)."""

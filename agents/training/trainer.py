@@ -259,7 +259,7 @@ class Trainer:
         self.buffer = ReplayBuffer(config.buffer_size)
         # Run-cost settings (TrainConfig): the model batch, its length buckets, the rollout cap.
         self.model_batch_size = config.resolved_model_batch_size
-        self._model_pool: list[list[Trajectory]] = []  # length-bucketed batches still to serve
+        self._model_pool: list[list[int]] = []  # bucketed model batches to serve (buffer positions)
         self.rollout_max_steps = rollout_step_cap(
             self.demonstrations,
             self.max_steps,
@@ -351,11 +351,13 @@ class Trainer:
         if k == 1:
             return self.buffer.sample(total, self.data_rng)[mine]
         if not self._model_pool:
-            drawn = self.buffer.sample(k * total, self.data_rng)
-            drawn.sort(key=lambda t: t.num_steps + len(t.prompt))  # stable: ties keep draw order
+            drawn = self.buffer.sample_indices(k * total, self.data_rng)
+            items = self.buffer.items(drawn)
+            length = {i: t.num_steps + len(t.prompt) for i, t in zip(drawn, items, strict=True)}
+            drawn.sort(key=length.__getitem__)  # stable: ties keep draw order
             batches = [drawn[i * total : (i + 1) * total] for i in range(k)]
             self._model_pool = [batches[int(i)] for i in self.data_rng.permutation(k)]
-        return self._model_pool.pop()[mine]
+        return self.buffer.items(self._model_pool.pop())[mine]
 
     # -- one update --------------------------------------------------------------------------
     def train_step(self, logger: Logger) -> None:
@@ -542,6 +544,8 @@ class Trainer:
             "test_prompts": [d.prompt.tolist() for d in self.heldout],
             "data_rng": self.data_rng.bit_generator.state,
             "buffer": self.buffer.to_json(),
+            # The length-bucketed model batches still to serve, as positions in the buffer.
+            "model_pool": self._model_pool,
             "eval": self.last_eval,
         }
 
@@ -598,6 +602,14 @@ class Trainer:
         self.data_rng.bit_generator.state = metadata["data_rng"]
         self.rollout_generator.set_state(rng["rollout"])
         self.buffer.load_json(metadata["buffer"], self.special)
+        pool = metadata.get("model_pool", [])
+        if not (
+            isinstance(pool, list)
+            and all(isinstance(b, list) for b in pool)
+            and all(type(i) is int and 0 <= i < len(self.buffer) for b in pool for i in b)
+        ):
+            raise CheckpointError(f"{path}: model_pool does not index the saved replay buffer")
+        self._model_pool = pool
         self.last_eval = metadata.get("eval", {})
 
     # -- the loop ----------------------------------------------------------------------------

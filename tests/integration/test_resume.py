@@ -76,6 +76,26 @@ def test_resume_is_bit_for_bit(agent: str, tmp_path: Path, one_thread: None) -> 
     assert_same_checkpoint(tmp_path / "straight", tmp_path / "resumed")
 
 
+def test_resume_keeps_the_bucketed_model_batches_and_checks_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
+    """The model batches drawn by length and not yet served are part of the checkpoint."""
+    _train(tmp_path, "sequencematch", "run", N)
+    metadata = tmp_path / "run" / "latest"
+    folder = resolve_checkpoint(tmp_path / "run")
+    record = json.loads((folder / "checkpoint.json").read_text())
+    assert record["model_pool"] and all(isinstance(b, list) for b in record["model_pool"])
+    record["model_pool"] = [[10_000]]  # no such rollout in the saved buffer
+    (folder / "checkpoint.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    args = ["train", *AGENTS["sequencematch"], *COMMON, "--steps", str(2 * N), "--resume"]
+    args += ["--logdir", str(tmp_path / "runs"), "--name", "run", "--save", str(tmp_path / "run")]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model_pool" in err
+    assert metadata.exists()
+
+
 def assert_same_checkpoint(straight: Path, resumed: Path) -> None:
     """The current steps of two checkpoints hold the same tensors and training state."""
     straight, resumed = resolve_checkpoint(straight), resolve_checkpoint(resumed)
