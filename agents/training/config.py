@@ -199,6 +199,10 @@ class TrainConfig:
     (validity and likelihood of the distribution the policy generates)."""
     log_interval: int = 20
     """Updates between two logged rows of training metrics, >= 1."""
+    grad_share_interval: int = 100
+    """SequenceMatch updates between two measurements of the gradient shares
+    (``train/grad_share_sm``, ``train/grad_share_kappa``), each three extra backward passes;
+    logged with the next row. 0: never (a diagnostic only: training is the same either way)."""
     save_interval: int = 0
     """Updates between checkpoints (0: only at the end)."""
     device: str = "auto"
@@ -249,7 +253,8 @@ class TrainConfig:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
-        for name in ("eval_interval", "save_interval", "sm_warmup", "lr_warmup"):
+        non_negative = ("eval_interval", "save_interval", "sm_warmup", "lr_warmup")
+        for name in (*non_negative, "grad_share_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}"

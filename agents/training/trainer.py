@@ -377,14 +377,15 @@ class Trainer:
         losses: list[torch.Tensor] = []
         micro = config.batch_size // config.grad_accum
         model_micro = self.model_batch_size // config.grad_accum
-        # Gradient shares cost three extra backward passes: only on updates that get logged,
-        # and on the first micro-batch (shares are ratios, so grad_accum's 1/k cancels). Not
-        # under DDP: torch.autograd.grad bypasses its reducer, so each rank would see only its
-        # own slice; the shares would need an all-reduce of every part's gradient. Not under
-        # torch.compile: its backward donates buffers and refuses retain_graph=True.
-        logged = (self.step + 1) % config.log_interval == 0 or self.step + 1 == config.steps
+        # Gradient shares cost three extra backward passes: every grad_share_interval updates
+        # (and at the last), on the first micro-batch (shares are ratios, so grad_accum's 1/k
+        # cancels). Not under DDP: torch.autograd.grad bypasses its reducer, so each rank would
+        # see only its own slice; the shares would need an all-reduce of every part's gradient.
+        # Not under torch.compile: its backward donates buffers and refuses retain_graph=True.
+        every = config.grad_share_interval
+        sampled = every > 0 and ((self.step + 1) % every == 0 or self.step + 1 == config.steps)
         measure_shares = (
-            model is not None and logged and not self.distributed and not config.compile
+            model is not None and sampled and not self.distributed and not config.compile
         )
         labels = cast(LabelKind, config.labels)
         for k in range(config.grad_accum):

@@ -153,3 +153,20 @@ def test_rollout_cap_takes_effect() -> None:
     assert any(t.truncated for t in rollouts)
     # The evaluation keeps the full budget: the cap is the training rollouts' only.
     assert dataclasses.replace(capped.config).max_steps is None
+
+
+def test_gradient_shares_are_a_diagnostic_at_their_own_interval() -> None:
+    """Measured every grad_share_interval updates (and at the last); training is unchanged."""
+    never = Trainer(_config(grad_share_interval=0, steps=7))
+    never.train()
+    often = Trainer(_config(grad_share_interval=2, steps=7))
+    often.train()
+    assert not any("train/grad_share_sm" in row for row in never.history)
+    measured = [row["step"] for row in often.history if "train/grad_share_sm" in row]
+    # Rows are logged after updates 3, 6 and 7; the shares are measured at updates 4 and 6 (the
+    # SequenceMatch phase starts at update 3) and at the last, so they reach rows 6 and 7.
+    assert measured == [6, 7]
+    for a, b in zip(_weights(never), _weights(often), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="grad-share-interval"):
+        _config(grad_share_interval=-1).validate()
