@@ -564,6 +564,33 @@ def runs_config(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(kept))
 
 
+def stored_or_run(
+    path: Path,
+    config: dict[str, Any],
+    train: Callable[[], dict[str, Any]],
+    label: str,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The row of the finished run stored at ``path``, or ``train()``'s row, then stored there.
+
+    For the scan and the sweep, whose runs are one file each as a comparison's are. ``label``
+    is printed before training; ``extra`` is added to a new row (and so stored with it).
+
+    Raises:
+        ValueError: if the stored run belongs to another config (compared as
+            :func:`runs_config` does).
+    """
+    if path.is_file():
+        stored = read_run(path)
+        if runs_config(stored["config"]) != runs_config(config):
+            raise ValueError(f"{path} was run with another config: pass another --out")
+        return stored["row"]
+    print(label, file=sys.stderr, flush=True)
+    row = _clean({**train(), **(extra or {})})
+    write_json_atomic(path, {"format": RUN_FORMAT, "config": config, "row": row})
+    return row
+
+
 def run_key(agent: str, seed: int, overrides: dict[str, Any] | None = None) -> str:
     """The file name (without .json) of one run: ``<agent>-s<seed>[-<param>=<value>]``."""
     extra = "".join(f"-{k}={v}" for k, v in sorted((overrides or {}).items()))

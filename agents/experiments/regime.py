@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from agents.experiments.compare import (
     aggregate,
     load_config,
     run_one,
-    runs_config,
+    stored_or_run,
     write_json_atomic,
 )
 from agents.experiments.report import _cell, _clean
@@ -263,17 +263,14 @@ def main(argv: list[str] | None = None) -> int:
         task = make_task(config["task"], **config["task_args"])
         for seed in meta["seeds"]:
             path = out / "runs" / f"{point['name']}-s{seed}.json"
-            if path.is_file():
-                stored = json.loads(path.read_text())
-                if runs_config(stored["config"]) != runs_config(config):
-                    parser.error(f"{path} was run with another config: pass another --out")
-                row = stored["row"]
-            else:
-                print(f"[regime] {point['name']} seed {seed}", file=sys.stderr, flush=True)
-                # TensorBoard runs go under runs/<point>/, apart from the other points' runs.
-                row = run_one(config, task, "mle", seed, out / "runs" / point["name"], "cpu", False)
-                row["point"] = point
-                write_json_atomic(path, {"format": 1, "config": config, "row": _clean(row)})
+            # TensorBoard runs go under runs/<point>/, apart from the other points' runs.
+            folder = out / "runs" / point["name"]
+            train = partial(run_one, config, task, "mle", seed, folder, "cpu", False)
+            label = f"[regime] {point['name']} seed {seed}"
+            try:
+                row = stored_or_run(path, config, train, label, extra={"point": point})
+            except ValueError as err:
+                parser.error(str(err))
             rows.append(row)
         meta["wall_seconds"] = time.perf_counter() - started
         meta["compute_seconds"] = sum(r["train_seconds"] + r["eval_seconds"] for r in rows)

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from agents.experiments.compare import (
     load_config,
     run_key,
     run_one,
-    runs_config,
+    stored_or_run,
     write_json_atomic,
 )
 from agents.experiments.report import _cell, _clean
@@ -180,17 +179,14 @@ def main(argv: list[str] | None = None) -> int:
             override = {} if is_base else _override(config, param, value)
             for seed in range(args.seeds):
                 path = args.out / "runs" / f"{run_key(args.agent, seed, override)}.json"
-                if path.is_file():
-                    stored = json.loads(path.read_text())
-                    if runs_config(stored["config"]) != runs_config(config):
-                        parser.error(f"{path} was run with another config: pass another --out")
-                    row = stored["row"]
-                else:
-                    print(f"[sweep] {param}={value} seed {seed}", file=sys.stderr, flush=True)
-                    row = _clean(
-                        run_one(config, task, args.agent, seed, args.out, "auto", False, **override)
-                    )
-                    write_json_atomic(path, {"format": 1, "config": config, "row": row})
+                train = partial(
+                    run_one, config, task, args.agent, seed, args.out, "auto", False, **override
+                )
+                label = f"[sweep] {param}={value} seed {seed}"
+                try:
+                    row = stored_or_run(path, config, train, label)
+                except ValueError as err:
+                    parser.error(str(err))
                 runs.append({**row, "value": value})
         results["params"][param] = {"runs": runs, "by_value": aggregate(runs, key="value")}
         results["wall_seconds"] = time.perf_counter() - started
