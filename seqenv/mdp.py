@@ -30,7 +30,13 @@ from seqenv.disturbance import (
     draw_below,
     ground_truth_token,
 )
-from seqenv.rules import allowed_actions, last_live_index, step_budget
+from seqenv.rules import (
+    allowed_actions,
+    deletable_append,
+    last_live_index,
+    out_of_room,
+    step_budget,
+)
 from seqenv.vocab import SpecialIds
 
 
@@ -302,7 +308,7 @@ class SequenceMDP:
         self.num_steps += live.long()
 
         terminated = live & is_eos
-        out_of_budget = (self.num_steps >= self.max_steps) | (self.length >= self.max_length)
+        out_of_budget = out_of_room(self.num_steps, self.length, self.max_steps, self.max_length)
         truncated = live & ~terminated & out_of_budget
         self.terminated |= terminated
         self.truncated |= truncated
@@ -318,7 +324,7 @@ class SequenceMDP:
             live
             & (intended != s.eos_id)
             & (intended != s.backspace_id)
-            & (self.length + 1 < self.max_length)
+            & deletable_append(self.length, self.max_length)
         )
         bits = counter_hash(self.keys, self.num_steps)  # (B,) 64 random bits
         disturbed = eligible & ((bits >> 32) & 0xFFFFFFFF < self.disturbance.threshold)

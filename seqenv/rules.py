@@ -14,6 +14,8 @@ Shapes: ``...`` any batch shape, A actions.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from seqenv.vocab import SpecialIds
@@ -38,6 +40,22 @@ def allowed_actions(
 def step_budget(max_length: int, max_steps: int | None = None) -> int:
     """The step budget of an episode: ``max_steps``, or ``2 * max_length`` when unset."""
     return 2 * max_length if max_steps is None else max_steps
+
+
+def out_of_room(num_steps: Any, length: Any, max_steps: int, max_length: int) -> Any:
+    """Whether an episode that has not ended is cut here: budget spent or buffer full.
+
+    Ints or tensors (elementwise); the MDP and the disturbed demonstrations share it.
+    """
+    return (num_steps >= max_steps) | (length >= max_length)
+
+
+def deletable_append(length: Any, max_length: int) -> Any:
+    """Whether an append to a state of ``length`` tokens leaves room to delete it again.
+
+    Only such appends may be disturbed. Ints or tensors (elementwise).
+    """
+    return length + 1 < max_length
 
 
 def last_live_index(length: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from seqenv.disturbance import (
     ground_truth_token,
 )
 from seqenv.mdp import SequenceMDP
-from seqenv.rules import step_budget
+from seqenv.rules import deletable_append, out_of_room, step_budget
 from seqenv.vocab import SpecialIds, Vocab, VocabularyError
 
 LabelKind = Literal["intended", "executed"]
@@ -394,7 +394,11 @@ def disturbed_demonstrations(
             chosen = backspace if repairing else plan[position]
             ran = chosen
             # Eligible: an ordinary token whose append leaves room to delete it.
-            if chosen not in (eos, backspace) and len(state) + 1 < max_length and hit[row][step]:
+            if (
+                chosen not in (eos, backspace)
+                and deletable_append(len(state), max_length)
+                and hit[row][step]
+            ):
                 draw = draws[row][step]
                 ran = tokens[draw + (draw >= token_index[chosen])]
                 if disturbance.kind == "ground_truth":
@@ -413,7 +417,7 @@ def disturbed_demonstrations(
                     state.pop()
             else:
                 state.append(ran)
-            truncated = not terminated and (step >= budget or len(state) >= max_length)
+            truncated = not terminated and out_of_room(step, len(state), budget, max_length)
             if repairing:
                 repairing = False
             elif ran != chosen:
