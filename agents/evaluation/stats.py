@@ -1,9 +1,10 @@
-"""Confidence intervals over seeds."""
+"""Confidence intervals over seeds, and whether a training curve has flattened."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -169,3 +170,34 @@ def is_better(
     diff, lo, hi = bootstrap_diff_ci95(a_runs, b_runs, factor, num_resamples, seed)
     better = lo > 0 if higher_is_better else hi < 0
     return better, (diff, lo, hi)
+
+
+# --------------------------------------------------------------------------------------------
+# Convergence of a training curve
+
+
+FLAT_CHANGE = 0.03
+"""The largest change of the headline eval metric over the last quarter of the updates for a run
+to count as converged, beyond the eval curve's own sampling noise (:func:`flat_tolerance`)."""
+
+
+def flat_tolerance(curves: list[dict[str, Any]], key: str, episodes: int) -> float:
+    """FLAT_CHANGE plus twice the sampling noise of a difference of two eval points.
+
+    The headline metrics are rates in [0, 1] measured on ``episodes`` episodes, so each eval
+    point has a binomial standard error sqrt(p (1 - p) / episodes): at 100 episodes and p = 0.2
+    a difference of two points has noise 0.057, larger than FLAT_CHANGE itself.
+    """
+    values = [row[key] for row in curves if key in row]
+    p = min(max(float(np.mean(values[-2:])), 0.0), 1.0) if values else 0.5
+    return FLAT_CHANGE + 2.0 * float(np.sqrt(2.0 * p * (1.0 - p) / max(episodes, 1)))
+
+
+def last_quarter_change(curves: list[dict[str, Any]], key: str) -> float | None:
+    """The eval metric's last value minus its value at three quarters of training (or None)."""
+    series = [(row["step"], row[key]) for row in curves if key in row]
+    if len(series) < 2:
+        return None
+    last_step = series[-1][0]
+    before = [v for s, v in series if s <= 0.75 * last_step]
+    return float(series[-1][1] - before[-1]) if before else None

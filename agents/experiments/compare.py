@@ -10,6 +10,8 @@ disturbed demonstrations (docs/method.md §5), and the RL peer:
     sequencematch             SequenceMatch (chi^2-mixture) in the disturbed environment
     sequencematch_no_bkspc    SequenceMatch without backspace (clean data, backspace masked)
     ppo                       stable-baselines3 PPO on the task reward (arithmetic, dyck only)
+    untuned                   the pretrained LM as loaded, no update (with --model only; its
+                              <bkspc> row is masked, as for MLE): the baseline a fine-tune must beat
 
 Every metric is measured twice: in the clean environment, and under the training disturbance
 (``disturbed/<metric>``: can the agent repair errors it did not choose?).
@@ -31,9 +33,10 @@ this package) or given by path. Keys: ``task``, ``task_args``, ``seeds``, ``trai
 ``ppo`` takes ``timesteps``, ``n_steps``, ``width``...), ``eval`` (``episodes``, ``exact``: the
 exact-divergence settings for a small dyck, ``mauve``), ``sweep`` (optional: ``param``,
 ``values``, ``agents``), ``quick`` (overrides applied with ``--quick``), ``needs_model`` (the
-pretrained LM a config is written for, which ``--model`` must give), ``description`` (what the
-config is for) and ``targets`` (claims answered in the report, :func:`check_targets`); the last
-two are not part of what a resumed run must match.
+pretrained LM a config is written for, which ``--model`` must give), ``default_agents`` (the
+agents run without ``--agents``), ``description`` (what the config is for) and ``targets``
+(claims answered in the report, :func:`check_targets`); the last three are not part of what a
+resumed run must match.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from agents.evaluation.evaluate import (
     METRICS,
     evaluate,
     exact_metrics,
+    headline,
     human_text_metrics,
 )
 from agents.evaluation.occupancy import GrammarTask
@@ -69,7 +73,9 @@ from agents.evaluation.stats import (
     NUM_RESAMPLES,
     RunValues,
     bootstrap_diff_ci95,
+    flat_tolerance,
     hierarchical_bootstrap_ci95,
+    last_quarter_change,
 )
 from agents.experiments.ppo import train_ppo
 from agents.experiments.report import _clean, write_outputs
@@ -79,7 +85,15 @@ from seqenv.disturbance import Disturbance
 from seqenv.rules import step_budget
 from seqenv.tasks import Task, make_task
 
-AGENT_NAMES = ("mle", "bc", "bc_executed", "sequencematch", "sequencematch_no_bkspc", "ppo")
+AGENT_NAMES = (
+    "mle",
+    "bc",
+    "bc_executed",
+    "sequencematch",
+    "sequencematch_no_bkspc",
+    "ppo",
+    "untuned",
+)
 # How each agent maps onto the trainer; `backspace=False` masks it in training and generation.
 AGENT_TRAIN: dict[str, dict[str, Any]] = {
     "mle": {"agent": "mle", "backspace": False},
@@ -87,14 +101,18 @@ AGENT_TRAIN: dict[str, dict[str, Any]] = {
     "bc_executed": {"agent": "bc", "labels": "executed"},
     "sequencematch": {"agent": "sequencematch"},
     "sequencematch_no_bkspc": {"agent": "sequencematch", "backspace": False},
+    "untuned": {"agent": "mle", "backspace": False},  # built as MLE would be, never updated
 }
 DEFAULT_CONFIG: dict[str, Any] = {
     "name": "default",
     "task": "arithmetic",
     "task_args": {"base": 10, "min_digits": 1, "max_digits": 1},
     "seeds": 3,
+    # The ablations and PPO (which learns nothing at this budget) gain little here: their time
+    # went into updates, so that the curves flatten. `--agents all` brings them back.
+    "default_agents": ["mle", "bc", "sequencematch"],
     "train": {
-        "steps": 1000,
+        "steps": 2000,
         "batch_size": 64,
         "layers": 2,
         "width": 64,
@@ -102,11 +120,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "lr": 3e-3,
         "lr_warmup": 20,
         "num_demonstrations": 5000,
-        "eval_interval": 100,
+        "eval_interval": 200,
         "eval_episodes": 100,
         "log_interval": 20,
         "noise": 0.1,
-        "sm_warmup": 400,
+        "sm_warmup": 800,
         "k_sample": 10,
         "rollouts": 64,
         "buffer_size": 256,
@@ -145,7 +163,8 @@ class CompareConfig:
     out: str = "out/compare"
     """Output folder: results.json, report.md, plots, TensorBoard runs."""
     agents: str | None = None
-    """Comma-separated subset of the agents (default: all that apply to the task)."""
+    """Comma-separated subset of the agents, or `all`; default: the config's `default_agents`,
+    else all that apply to the task."""
     device: str = "auto"
     """auto (cuda when available), cpu, cuda or cuda:N; every run uses it."""
     threads: int | None = 1
@@ -242,16 +261,25 @@ def load_config(options: CompareConfig) -> dict[str, Any]:
     if int(config["seeds"]) < 1:
         raise ValueError(f"--seeds must be >= 1, got {config['seeds']}")
     # PPO trains its own small network on the task's reward: no text task, no pretrained model.
+    # The untuned baseline exists only where there is a pretrained model to leave untuned.
+    pretrained = bool(config.get("train", {}).get("model"))
     agents = [
         a
         for a in AGENT_NAMES
-        if not (a == "ppo" and (config["task"] == "text" or config.get("train", {}).get("model")))
+        if not (a == "ppo" and (config["task"] == "text" or pretrained))
+        and not (a == "untuned" and not pretrained)
     ]
-    if options.agents:
+    wanted = config.get("default_agents")
+    if options.agents and options.agents.strip() != "all":
         wanted = [a.strip() for a in options.agents.split(",") if a.strip()]
+    elif options.agents:
+        wanted = None
+    if wanted:
         unknown = sorted(set(wanted) - set(AGENT_NAMES))
         if unknown:
             raise ValueError(f"unknown agents {unknown}; known: {', '.join(AGENT_NAMES)}")
+        if "untuned" in wanted and not pretrained:
+            raise ValueError("agent 'untuned' needs a pretrained model: pass --model PATH")
         agents = [a for a in agents if a in wanted]
     config["agent_list"] = agents
     return config
@@ -328,6 +356,8 @@ def run_one(
         if two_phase:  # the schedule must not depend on where training pauses
             train.lr_schedule_steps = train.lr_schedule_steps or full_steps
         trainer = Trainer(train, task=task)
+        if agent == "untuned":  # evaluated as loaded: the adapter is fresh (a no-op)
+            trainer.config.steps = 0
         if two_phase:
             assert exact is not None
             # The warm start's own exact metrics, so the SequenceMatch phase is seen to keep or
@@ -410,7 +440,12 @@ def _disturbance(config: dict[str, Any]) -> Disturbance | None:
 # --------------------------------------------------------------------------------------------
 # Aggregation: bootstrap intervals over seeds and episodes
 
-DIFFERENCES = (("sequencematch", "mle"), ("sequencematch", "bc"))
+DIFFERENCES = (
+    ("sequencematch", "mle"),
+    ("sequencematch", "bc"),
+    ("sequencematch", "untuned"),
+    ("mle", "untuned"),
+)
 """The pairs whose difference of means the report shows, with its interval."""
 
 
@@ -502,6 +537,36 @@ def differences(
     return out
 
 
+def convergence(runs: Sequence[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+    """Per agent: has its headline eval curve flattened over the last quarter of the updates?
+
+    ``change`` is the largest last-quarter move over the seeds and ``flat`` whether every seed
+    moved within :func:`~agents.evaluation.stats.flat_tolerance` (a fixed 0.03 plus the eval
+    curve's own binomial noise). Only for headlines that are shares of episodes (accuracy, the
+    invalid rate), whose noise is binomial; agents without an eval curve (PPO) are left out.
+    """
+    if headline(config["task"]) not in ("accuracy", "invalid_rate"):
+        return {}
+    key = f"eval/{headline(config['task'])}"
+    out: dict[str, Any] = {}
+    for agent in dict.fromkeys(r["agent"] for r in runs):
+        fields = {**config.get("train", {}), **config.get("agents", {}).get(agent, {})}
+        episodes = int(fields.get("eval_episodes", TrainConfig.eval_episodes))
+        moves = [
+            (change, flat_tolerance(r["curves"], key, episodes))
+            for r in runs
+            if r["agent"] == agent
+            and (change := last_quarter_change(r.get("curves", []), key)) is not None
+        ]
+        if moves:
+            out[agent] = {
+                "change": max(abs(c) for c, _ in moves),
+                "flat": all(abs(c) <= tolerance for c, tolerance in moves),
+                "tolerance": max(t for _, t in moves),
+            }
+    return out
+
+
 def check_targets(
     runs: Sequence[dict[str, Any]], targets: Sequence[dict[str, Any]]
 ) -> list[dict[str, Any]]:
@@ -551,16 +616,18 @@ RESULT_FILES = ("results.json", "report.md")
 """Files a comparison writes at its top level (besides PNG plots and the runs/ folders)."""
 
 
+NOT_RUN_KEYS = frozenset(
+    ("name", "description", "targets", "seeds", "quick", "sweep", "agent_list", "default_agents")
+)
+"""Config keys that do not change any run's result (a resumed comparison may differ in them)."""
+
+
 def runs_config(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a comparison's config that decides each run's result.
 
     As JSON reads it back: what a resumed comparison must share with the runs it keeps.
     """
-    kept = {
-        k: v
-        for k, v in config.items()
-        if k not in ("name", "description", "targets", "seeds", "quick", "sweep", "agent_list")
-    }
+    kept = {k: v for k, v in config.items() if k not in NOT_RUN_KEYS}
     return json.loads(json.dumps(kept))
 
 
@@ -914,6 +981,7 @@ def build_results(
         "agents": aggregate(runs),
         "differences": differences(runs),
         "targets": check_targets(runs, config.get("targets", [])),
+        "convergence": convergence(runs, config),
         "reference": reference,
     }
     sweep = config.get("sweep")

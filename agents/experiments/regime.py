@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from agents.evaluation.evaluate import METRICS, headline
+from agents.evaluation.stats import FLAT_CHANGE, flat_tolerance, last_quarter_change
 from agents.experiments.compare import (
     CompareConfig,
     _merge,
@@ -64,21 +65,6 @@ SCANS: dict[str, dict[str, Any]] = {
         },
     },
 }
-FLAT_CHANGE = 0.03
-"""The largest change of the headline eval metric over the last quarter of the updates for a run
-to count as converged, beyond the eval curve's own sampling noise (:func:`flat_tolerance`)."""
-
-
-def flat_tolerance(curves: list[dict[str, Any]], key: str, episodes: int) -> float:
-    """FLAT_CHANGE plus twice the sampling noise of a difference of two eval points.
-
-    The headline metrics of the scan are rates in [0, 1] measured on ``episodes`` episodes, so
-    each eval point has a binomial standard error sqrt(p (1 - p) / episodes): at 100 episodes
-    and p = 0.2 a difference of two points has noise 0.057, larger than FLAT_CHANGE itself.
-    """
-    values = [row[key] for row in curves if key in row]
-    p = min(max(float(np.mean(values[-2:])), 0.0), 1.0) if values else 0.5
-    return FLAT_CHANGE + 2.0 * float(np.sqrt(2.0 * p * (1.0 - p) / max(episodes, 1)))
 
 
 def points(task: str, demonstrations: list[int] | None = None) -> list[dict[str, Any]]:
@@ -102,16 +88,6 @@ def points(task: str, demonstrations: list[int] | None = None) -> list[dict[str,
             }
         )
     return out
-
-
-def last_quarter_change(curves: list[dict[str, Any]], key: str) -> float | None:
-    """The eval metric's last value minus its value at three quarters of training (or None)."""
-    series = [(row["step"], row[key]) for row in curves if key in row]
-    if len(series) < 2:
-        return None
-    last_step = series[-1][0]
-    before = [v for s, v in series if s <= 0.75 * last_step]
-    return float(series[-1][1] - before[-1]) if before else None
 
 
 def summarise(task: str, rows: list[dict[str, Any]], episodes: int) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ AGENT_LABELS = {
     "sequencematch": "SequenceMatch",
     "sequencematch_no_bkspc": "SequenceMatch, no backspace",
     "ppo": "PPO (task reward)",
+    "untuned": "the pretrained model, untuned",
 }
 
 
@@ -26,6 +27,7 @@ AGENT_SHORT = {
     "bc_executed": "BC (executed)",
     "sequencematch": "SequenceMatch",
     "sequencematch_no_bkspc": "SequenceMatch, no backspace",
+    "untuned": "untuned",
 }
 """Names in the difference table."""
 
@@ -218,6 +220,25 @@ def target_section(results: dict[str, Any]) -> list[str]:
     return [*head, *target_lines(results), ""]
 
 
+def convergence_lines(results: dict[str, Any]) -> list[str]:
+    """Whether each agent's headline eval curve flattened over the last quarter of training."""
+    flat = results.get("convergence") or {}
+    if not flat:
+        return []
+    parts = [
+        f"{AGENT_SHORT.get(agent, agent)} {'flat' if c['flat'] else 'NOT flat'} "
+        f"(moved {c['change']:.3f}, tolerance {c['tolerance']:.3f})"
+        for agent, c in flat.items()
+    ]
+    return [
+        "Converged? The largest move of each agent's eval curve over the last quarter of the "
+        "updates, over seeds, against 0.03 plus twice the eval points' binomial noise: "
+        + "; ".join(parts)
+        + ".",
+        "",
+    ]
+
+
 def budgets(results: dict[str, Any]) -> list[str]:
     """What each agent was trained with: updates and batch, or PPO's environment steps."""
     config = results["config"]
@@ -234,6 +255,8 @@ def budgets(results: dict[str, Any]) -> list[str]:
                 f"- {AGENT_LABELS[agent]}: {fields.get('timesteps', '?')} environment steps on "
                 f"the task reward{why}"
             )
+        elif agent == "untuned":
+            lines.append(f"- {AGENT_LABELS[agent]}: no update (its fresh adapter is a no-op)")
         else:
             lines.append(
                 f"- {AGENT_LABELS.get(agent, agent)}: {fields.get('steps', '?')} updates of "
@@ -265,6 +288,7 @@ def plot_files(results: dict[str, Any]) -> list[str]:
 def report(results: dict[str, Any]) -> str:
     """The markdown of report.md: setup, table, differences, verdicts and any sweep."""
     config = results["config"]
+    untuned = "untuned" in config.get("agent_list", [])
     status = []
     if not results.get("complete", True):
         status = [
@@ -294,7 +318,9 @@ def report(results: dict[str, Any]) -> str:
         "",
         *budgets(results),
         "",
-        "## SequenceMatch against MLE and BC",
+        *convergence_lines(results),
+        "## SequenceMatch against MLE and BC"
+        + (" (and the fine-tunes against the untuned model)" if untuned else ""),
         "",
         "Difference of means [95% bootstrap interval of the difference]; a difference is called "
         "where the interval excludes 0.",

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from agents.cli import main
+from agents.experiments import compare
 from agents.experiments.compare import CompareConfig, load_config
 
 
@@ -66,3 +68,42 @@ def test_configs_load_and_bad_options_fail_clearly() -> None:
         load_config(CompareConfig(agents="mle,gail"))
     with pytest.raises(ValueError, match="is for task 'dyck'"):
         load_config(CompareConfig(config="dyck_cpu", task="arithmetic"))
+
+
+def test_default_agents_and_all() -> None:
+    default = load_config(CompareConfig())
+    assert default["agent_list"] == ["mle", "bc", "sequencematch"]
+    everything = load_config(CompareConfig(agents="all"))["agent_list"]
+    assert everything == [
+        "mle",
+        "bc",
+        "bc_executed",
+        "sequencematch",
+        "sequencematch_no_bkspc",
+        "ppo",
+    ]
+    # A config without default_agents runs every agent that applies to its task.
+    assert "sequencematch_no_bkspc" in load_config(CompareConfig(config="dyck_cpu"))["agent_list"]
+    with pytest.raises(ValueError, match="needs a pretrained model"):
+        load_config(CompareConfig(agents="mle,untuned"))
+
+
+def test_convergence_reads_each_agents_last_quarter() -> None:
+    config = {"task": "arithmetic", "train": {"eval_episodes": 100}}
+
+    def run(agent: str, values: list[float]) -> dict[str, Any]:
+        steps = range(100, 100 * len(values) + 1, 100)
+        curves = [{"step": s, "eval/accuracy": v} for s, v in zip(steps, values, strict=True)]
+        return {"agent": agent, "curves": curves}
+
+    runs = [
+        run("mle", [0.2, 0.5, 0.9, 0.92]),  # the last quarter moved 0.02: flat
+        run("mle", [0.2, 0.5, 0.88, 0.9]),
+        run("bc", [0.1, 0.2, 0.3, 0.7]),  # still climbing
+        {"agent": "ppo", "curves": []},  # no eval curve: left out
+    ]
+    flat = compare.convergence(runs, config)
+    assert set(flat) == {"mle", "bc"}
+    assert flat["mle"]["flat"] and flat["mle"]["change"] == pytest.approx(0.02)
+    assert not flat["bc"]["flat"] and flat["bc"]["change"] == pytest.approx(0.4)
+    assert compare.convergence(runs, {"task": "text"}) == {}  # MAUVE's noise is not binomial

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from agents.evaluation import stats
 from agents.experiments import regime, sweep
 
 
@@ -46,16 +47,16 @@ class CountingRunOne:
 
 def test_last_quarter_change_reads_the_eval_curve_at_three_quarters() -> None:
     curves = [{"step": s, "eval/accuracy": s / 1000} for s in (200, 400, 600, 800, 1000)]
-    assert regime.last_quarter_change(curves, "eval/accuracy") == pytest.approx(1.0 - 0.6)
-    assert regime.last_quarter_change(curves[-1:], "eval/accuracy") is None
-    assert regime.last_quarter_change(curves, "eval/invalid_rate") is None
+    assert stats.last_quarter_change(curves, "eval/accuracy") == pytest.approx(1.0 - 0.6)
+    assert stats.last_quarter_change(curves[-1:], "eval/accuracy") is None
+    assert stats.last_quarter_change(curves, "eval/invalid_rate") is None
     # The tolerance grows with the eval curve's binomial noise: none at a rate of 0 or 1.
     flat = [{"step": 1, "eval/accuracy": 1.0}, {"step": 2, "eval/accuracy": 1.0}]
-    assert regime.flat_tolerance(flat, "eval/accuracy", 100) == pytest.approx(regime.FLAT_CHANGE)
+    assert stats.flat_tolerance(flat, "eval/accuracy", 100) == pytest.approx(stats.FLAT_CHANGE)
     half = [{"step": 1, "eval/accuracy": 0.5}, {"step": 2, "eval/accuracy": 0.5}]
-    noisy = regime.flat_tolerance(half, "eval/accuracy", 100)
-    assert noisy == pytest.approx(regime.FLAT_CHANGE + 2 * (2 * 0.25 / 100) ** 0.5)
-    assert regime.flat_tolerance(half, "eval/accuracy", 10_000) < noisy
+    noisy = stats.flat_tolerance(half, "eval/accuracy", 100)
+    assert noisy == pytest.approx(stats.FLAT_CHANGE + 2 * (2 * 0.25 / 100) ** 0.5)
+    assert stats.flat_tolerance(half, "eval/accuracy", 10_000) < noisy
 
 
 def test_regime_scan_reports_each_point_and_resumes(
