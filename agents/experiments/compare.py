@@ -49,7 +49,9 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -79,6 +81,7 @@ from agents.evaluation.stats import (
 )
 from agents.experiments.ppo import train_ppo
 from agents.experiments.report import _clean, write_outputs
+from agents.training.checkpoint import POINTER
 from agents.training.config import TrainConfig, resolve_device
 from agents.training.trainer import Trainer
 from seqenv.disturbance import Disturbance
@@ -355,6 +358,8 @@ def run_one(
         two_phase = exact is not None and train.agent == "sequencematch" and train.sm_warmup > 0
         if two_phase:  # the schedule must not depend on where training pauses
             train.lr_schedule_steps = train.lr_schedule_steps or full_steps
+        if not two_phase:
+            _save_and_resume(train, out)
         trainer = Trainer(train, task=task)
         if agent == "untuned":  # evaluated as loaded: the adapter is fresh (a no-op)
             trainer.config.steps = 0
@@ -416,6 +421,24 @@ def run_one(
         "eval_seconds": time.perf_counter() - start - train_seconds,
         **overrides,
     }
+
+
+def _save_and_resume(train: TrainConfig, out: Path) -> None:
+    """With ``train.save_interval`` set, a run saves to ``out/checkpoints/<run>`` and resumes there.
+
+    A long run (a pretrained model's: an hour on a CPU) stopped mid-way then continues from its
+    last save when the comparison is resumed, instead of starting over; the finished run's
+    checkpoint stays for `seqmatch eval` and `generate`.
+    """
+    if not train.save_interval:
+        return
+    save = out / "checkpoints" / train.run_name
+    train.save = str(save)
+    if (save / POINTER).is_file():
+        train.resume = True
+        print(f"[compare] {train.run_name}: resuming from {save}", file=sys.stderr, flush=True)
+    elif save.exists():  # claimed by a run stopped before its first save
+        train.overwrite = True
 
 
 def comparison_task(config: dict[str, Any]) -> Task:
@@ -809,6 +832,21 @@ def _worker_task(
         raise RuntimeError(f"{spec.describe()}: {err or 'interrupted'}") from None
 
 
+def _exit_with_parent(parent: int) -> None:
+    """In a worker: exit once ``parent`` is gone, rather than train on for nobody.
+
+    The pool terminates its workers on any exception in the parent, but a SIGKILL (or a
+    SIGTERM to the parent alone) leaves no chance to; the worker is then re-parented.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def _specs(config: dict[str, Any], out: Path) -> list[RunSpec]:
     """Every run of the comparison, main runs first, then the sweep's."""
     seeds = range(int(config["seeds"]))
@@ -881,6 +919,10 @@ def run_compare(options: CompareConfig) -> dict[str, Any]:
         build_results(config, options, out, specs, elapsed(), reference, with_plots=redraw)
 
     plotted = [time.perf_counter()]
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        # `kill` stops the comparison as Ctrl-C does: workers terminated, partial report kept.
+        signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         if options.jobs == 1:
             for spec in todo:
@@ -892,7 +934,14 @@ def run_compare(options: CompareConfig) -> dict[str, Any]:
         if done:  # a stopped comparison keeps a partial report of what finished
             build_results(config, options, out, specs, elapsed(), reference)
         raise
+    finally:
+        if threading.current_thread() is threading.main_thread() and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return build_results(config, options, out, specs, elapsed(), reference)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
 def _earlier_wall_seconds(out: Path) -> float:
@@ -917,7 +966,10 @@ def _run_parallel(
     """
     context = multiprocessing.get_context("spawn")
     tasks = [(config, spec, options.device, options.threads) for spec in todo]
-    pool = context.Pool(options.jobs, maxtasksperchild=1)  # a fresh process per run
+    # A fresh process per run, which exits by itself once this process is gone (killed).
+    pool = context.Pool(
+        options.jobs, initializer=_exit_with_parent, initargs=(os.getpid(),), maxtasksperchild=1
+    )
     try:
         for spec, row in pool.imap_unordered(_worker_task, tasks):
             finish(spec, row)

@@ -548,6 +548,7 @@ class Trainer:
             # The length-bucketed model batches still to serve, as positions in the buffer.
             "model_pool": self._model_pool,
             "eval": self.last_eval,
+            "history": self.history,  # a resumed run's learning curves start at update 0
         }
 
     def save(self, path: str | Path) -> None:
@@ -612,6 +613,7 @@ class Trainer:
             raise CheckpointError(f"{path}: model_pool does not index the saved replay buffer")
         self._model_pool = pool
         self.last_eval = metadata.get("eval", {})
+        self.history = list(metadata.get("history", []))
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> dict[str, float]:

@@ -4,6 +4,11 @@ and plots curves grouped by agent; run_one is replaced by a counting fake (no tr
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -283,3 +288,98 @@ def test_targets_are_answered_in_the_report(tmp_path: Path, fake: FakeRunOne) ->
     assert (
         "SM at most half of BC: **not met**" in report and "needs PPO: **not measured**" in report
     )
+
+
+def test_a_run_stopped_mid_way_resumes_from_its_last_save(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """With train.save_interval, a run continues from its checkpoint and ends where an
+    uninterrupted run does, its learning curve whole."""
+    config_file = tmp_path / "saving.json"
+    config = {
+        **compare.DEFAULT_CONFIG,
+        "name": "saving",
+        "seeds": 1,
+        "train": {**compare.DEFAULT_CONFIG["train"], "save_interval": 4},
+    }
+    config_file.write_text(json.dumps(config))
+    settings: dict[str, Any] = {
+        "config": str(config_file),
+        "agents": "mle",
+        "quick": True,
+        "seeds": 1,
+        "progress": False,
+    }
+    whole = run_compare(CompareConfig(out=str(tmp_path / "whole"), **settings))
+
+    out = tmp_path / "stopped"
+    loaded = compare.load_config(CompareConfig(out=str(out), **settings))
+    first = compare.train_config(loaded, "mle", 0, out, "cpu", False)
+    compare._save_and_resume(first, out)
+    trainer = compare.Trainer(first, task=compare.comparison_task(loaded))
+    step = trainer.train_step
+
+    def killed_after_update_9(logger: Any) -> None:  # the save at update 8 is the last
+        if trainer.step == 9:
+            raise KeyboardInterrupt
+        step(logger)
+
+    trainer.train_step = killed_after_update_9  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    resumed = run_compare(CompareConfig(out=str(out), **settings))
+    assert "mle-s0: resuming from" in capsys.readouterr().err
+    (row,) = resumed["runs"]
+    assert row["metrics"] == whole["runs"][0]["metrics"]
+    assert [r["step"] for r in row["curves"]] == [r["step"] for r in whole["runs"][0]["curves"]]
+    assert (out / "checkpoints" / "mle-s0" / "seqmatch-checkpoint").is_file()
+
+
+def test_sigterm_stops_like_ctrl_c_and_keeps_the_finished_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = FakeRunOne()
+
+    def terminated_on_the_third_run(*args: Any, **kw: Any) -> dict[str, Any]:
+        if len(runner.calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return runner(*args, **kw)
+
+    monkeypatch.setattr(compare, "run_one", terminated_on_the_third_run)
+    with pytest.raises(KeyboardInterrupt, match="signal"):
+        run_compare(options(tmp_path / "cmp"))
+    assert len(list((tmp_path / "cmp" / "runs").glob("*.json"))) == 2
+    assert "Partial: 2 of 9" in (tmp_path / "cmp" / "report.md").read_text()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_a_worker_exits_when_its_parent_is_killed(tmp_path: Path) -> None:
+    child = (
+        "import sys, time; from agents.experiments.compare import _exit_with_parent; "
+        "_exit_with_parent(int(sys.argv[1])); time.sleep(120)"
+    )
+    parent = (
+        "import os, subprocess, sys, time; "
+        f"p = subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid())]); "
+        "print(p.pid, flush=True); time.sleep(120)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    worker = int(proc.stdout.readline())
+    assert _alive(worker)  # it watches from the moment it has imported compare
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 20.0
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(worker)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status
