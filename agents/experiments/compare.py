@@ -19,15 +19,16 @@ Every metric is measured twice: in the clean environment, and under the training
 Every agent is trained with N seeds, then evaluated on held-out prompts with the task's metrics
 (:func:`agents.evaluation.evaluate.evaluate`); results are aggregated as mean and 95% interval
 over seeds (a percentile bootstrap over seeds, and over each seed's evaluation episodes where a
-run gives them). Outputs under ``--out``: ``results.json``, ``report.md``, PNG plots, TensorBoard
-runs, and one file per finished run, ``runs/<agent>-s<seed>.json`` (``sweep/runs/...`` for the
-sweep), written when the run ends: ``{"format": 1, "config": ..., "row": ...}`` where ``config``
-is what decides the run's result (the config without ``name``, ``seeds``, ``quick``, ``sweep``
-and the agent list) and ``row`` the run's row of results.json. A stopped comparison resumes from
-these files; results.json and report.md are rebuilt from them after every run.
+run gives them: :mod:`agents.experiments.summary`). Outputs under ``--out``: ``results.json``,
+``report.md``, PNG plots, TensorBoard runs, and one file per finished run,
+``runs/<agent>-s<seed>.json`` (``sweep/runs/...`` for the sweep), written when the run ends:
+``{"format": 1, "config": ..., "row": ...}`` where ``config`` is what decides the run's result
+(the config without :data:`NOT_RUN_KEYS`) and ``row`` the run's row of results.json. A stopped
+comparison resumes from these files (a run with ``train.save_interval`` also from its last
+checkpoint, ``checkpoints/<run>``); results.json and report.md are rebuilt after every run.
 
-A comparison is driven by a config: the embedded default (the arithmetic task at an easy
-setting, a few minutes on a CPU) or a JSON file, named (``configs/NAME.json`` shipped in
+A comparison is driven by a config: the embedded default (one-digit arithmetic, MLE, BC and
+SequenceMatch, about 10 minutes on 2 cores) or a JSON file, named (``configs/NAME.json`` shipped in
 this package) or given by path. Keys: ``task``, ``task_args``, ``seeds``, ``train`` (fields of
 :class:`agents.training.config.TrainConfig` common to all agents), ``agents`` (per-agent overrides;
 ``ppo`` takes ``timesteps``, ``n_steps``, ``width``...), ``eval`` (``episodes``, ``exact``: the
@@ -35,8 +36,8 @@ exact-divergence settings for a small dyck, ``mauve``), ``sweep`` (optional: ``p
 ``values``, ``agents``), ``quick`` (overrides applied with ``--quick``), ``needs_model`` (the
 pretrained LM a config is written for, which ``--model`` must give), ``default_agents`` (the
 agents run without ``--agents``), ``description`` (what the config is for) and ``targets``
-(claims answered in the report, :func:`check_targets`); the last three are not part of what a
-resumed run must match.
+(claims answered in the report by :func:`agents.experiments.summary.check_targets`); the last
+three are not part of what a resumed run must match.
 """
 
 from __future__ import annotations
@@ -60,27 +61,17 @@ from importlib.abc import Traversable
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
 import torch
 
 from agents.evaluation.evaluate import (
-    METRICS,
     evaluate,
     exact_metrics,
-    headline,
     human_text_metrics,
 )
 from agents.evaluation.occupancy import GrammarTask
-from agents.evaluation.stats import (
-    NUM_RESAMPLES,
-    RunValues,
-    bootstrap_diff_ci95,
-    flat_tolerance,
-    hierarchical_bootstrap_ci95,
-    last_quarter_change,
-)
 from agents.experiments.ppo import train_ppo
 from agents.experiments.report import _clean, write_outputs
+from agents.experiments.summary import aggregate, check_targets, convergence, differences
 from agents.training.checkpoint import POINTER
 from agents.training.config import TrainConfig, resolve_device
 from agents.training.trainer import Trainer
@@ -458,174 +449,6 @@ def _disturbance(config: dict[str, Any]) -> Disturbance | None:
     p = float(train.get("noise", TrainConfig.noise))
     kind = train.get("noise_type", TrainConfig.noise_type)
     return Disturbance(p, kind) if p > 0 else None
-
-
-# --------------------------------------------------------------------------------------------
-# Aggregation: bootstrap intervals over seeds and episodes
-
-DIFFERENCES = (
-    ("sequencematch", "mle"),
-    ("sequencematch", "bc"),
-    ("sequencematch", "untuned"),
-    ("mle", "untuned"),
-)
-"""The pairs whose difference of means the report shows, with its interval."""
-
-
-def _run_values(run: dict[str, Any], metric: str) -> RunValues | None:
-    """What the bootstrap resamples for one run.
-
-    Its episodes' values if given, else its metric (None where the metric is missing or not
-    finite).
-    """
-    episodes = (run.get("episode_values") or {}).get(metric)
-    if episodes:
-        return [float(v) for v in episodes]
-    value = run["metrics"].get(metric)
-    if value is None or not np.isfinite(value):
-        return None
-    return float(value)
-
-
-def interval_method(runs: Sequence[RunValues]) -> str:
-    """How :func:`hierarchical_bootstrap_ci95` treats ``runs``, in words for a report."""
-    with_episodes = sum(not isinstance(r, int | float) for r in runs)
-    if len(runs) == 1 and not with_episodes:
-        return "one seed: no interval"
-    if with_episodes == len(runs):
-        level = "seeds and episodes"
-    elif with_episodes:
-        level = "seeds (and episodes where given)"
-    else:
-        level = "seeds"
-    return f"bootstrap over {level}, {NUM_RESAMPLES:,} resamples"
-
-
-def aggregate(runs: Sequence[dict[str, Any]], key: str = "agent") -> dict[str, Any]:
-    """{group: {metric: {"mean", "ci95": [lo, hi], "n", "method"}}} over the seeds of each group.
-
-    The interval is a percentile bootstrap: seeds resampled with replacement and, for runs
-    whose row has ``episode_values[metric]`` (the values the metric is the mean of), the
-    episodes of each resampled seed as well; it is clipped to the metric's bounds.
-    """
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for run in runs:
-        groups.setdefault(str(run[key]), []).append(run)
-    out: dict[str, Any] = {}
-    for group, rows in groups.items():
-        out[group] = {}
-        for metric in rows[0]["metrics"]:
-            values = [v for v in (_run_values(r, metric) for r in rows) if v is not None]
-            if not values:
-                continue
-            known = METRICS.get(metric)
-            bounds = known.bounds if known else (-np.inf, np.inf)
-            mean, lo, hi = hierarchical_bootstrap_ci95(values, bounds=bounds)
-            out[group][metric] = {
-                "mean": mean,
-                "ci95": [lo, hi],
-                "n": len(values),
-                "method": interval_method(values),
-            }
-    return out
-
-
-def differences(
-    runs: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]] = DIFFERENCES
-) -> dict[str, Any]:
-    """{"a - b": {metric: {"diff", "ci95", "better"}}} for each pair of agents that both ran.
-
-    ``better`` is "a", "b" or None: whose mean is better where the bootstrap interval of the
-    difference excludes zero (None where it does not, or the metric has no direction).
-    """
-    out: dict[str, Any] = {}
-    for a, b in pairs:
-        a_rows = [r for r in runs if r["agent"] == a]
-        b_rows = [r for r in runs if r["agent"] == b]
-        if not a_rows or not b_rows:
-            continue
-        pair: dict[str, Any] = {}
-        for metric in a_rows[0]["metrics"]:
-            a_values = [v for v in (_run_values(r, metric) for r in a_rows) if v is not None]
-            b_values = [v for v in (_run_values(r, metric) for r in b_rows) if v is not None]
-            if not a_values or not b_values:
-                continue
-            diff, lo, hi = bootstrap_diff_ci95(a_values, b_values)
-            known = METRICS.get(metric)
-            better = None
-            if known is not None and known.higher_is_better is not None and (lo > 0 or hi < 0):
-                better = a if (lo > 0) == known.higher_is_better else b
-            pair[metric] = {"diff": diff, "ci95": [lo, hi], "better": better}
-        out[f"{a} - {b}"] = pair
-    return out
-
-
-def convergence(runs: Sequence[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
-    """Per agent: has its headline eval curve flattened over the last quarter of the updates?
-
-    ``change`` is the largest last-quarter move over the seeds and ``flat`` whether every seed
-    moved within :func:`~agents.evaluation.stats.flat_tolerance` (a fixed 0.03 plus the eval
-    curve's own binomial noise). Only for headlines that are shares of episodes (accuracy, the
-    invalid rate), whose noise is binomial; agents without an eval curve (PPO) are left out.
-    """
-    if headline(config["task"]) not in ("accuracy", "invalid_rate"):
-        return {}
-    key = f"eval/{headline(config['task'])}"
-    out: dict[str, Any] = {}
-    for agent in dict.fromkeys(r["agent"] for r in runs):
-        fields = {**config.get("train", {}), **config.get("agents", {}).get(agent, {})}
-        episodes = int(fields.get("eval_episodes", TrainConfig.eval_episodes))
-        moves = [
-            (change, flat_tolerance(r["curves"], key, episodes))
-            for r in runs
-            if r["agent"] == agent
-            and (change := last_quarter_change(r.get("curves", []), key)) is not None
-        ]
-        if moves:
-            out[agent] = {
-                "change": max(abs(c) for c, _ in moves),
-                "flat": all(abs(c) <= tolerance for c, tolerance in moves),
-                "tolerance": max(t for _, t in moves),
-            }
-    return out
-
-
-def check_targets(
-    runs: Sequence[dict[str, Any]], targets: Sequence[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """Answer a config's ``targets`` on the mean over seeds.
-
-    A target is ``{"text", "metric", "agent", "other", "relation": "<=" | ">=", "scale": 1,
-    "offset": 0}``: met when mean(agent) relation scale * mean(other) + offset. Each answer adds
-    both means, the bound, ``met`` (None while a side has no runs) and the bootstrap interval of
-    mean(agent) - scale * mean(other) - offset (``ci95``), so a reader sees how sure the answer is.
-    """
-    answers = []
-    for target in targets:
-        metric, scale = target["metric"], float(target.get("scale", 1.0))
-        offset, relation = float(target.get("offset", 0.0)), target["relation"]
-        if relation not in ("<=", ">="):
-            raise ValueError(f"target relation must be '<=' or '>=', got {relation!r}")
-        sides = [
-            [
-                v
-                for v in (_run_values(r, metric) for r in runs if r["agent"] == agent)
-                if v is not None
-            ]
-            for agent in (target["agent"], target["other"])
-        ]
-        answer: dict[str, Any] = {**target, "met": None}
-        if all(sides):
-            means = [float(np.mean([np.mean(v) for v in side])) for side in sides]
-            bound = scale * means[1] + offset
-            diff, lo, hi = bootstrap_diff_ci95(sides[0], sides[1], factor=scale)
-            met = means[0] <= bound if relation == "<=" else means[0] >= bound
-            answer.update(
-                mean=means[0], other_mean=means[1], bound=bound, met=bool(met),
-                diff=diff - offset, ci95=[lo - offset, hi - offset],
-            )  # fmt: skip
-        answers.append(answer)
-    return answers
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,13 +31,13 @@ from agents.evaluation.stats import FLAT_CHANGE, flat_tolerance, last_quarter_ch
 from agents.experiments.compare import (
     CompareConfig,
     _merge,
-    aggregate,
     load_config,
     run_one,
     stored_or_run,
     write_json_atomic,
 )
 from agents.experiments.report import _cell, _clean
+from agents.experiments.summary import aggregate
 from seqenv.tasks import make_task
 
 SCAN_SEED = 100

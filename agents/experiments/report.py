@@ -173,7 +173,7 @@ def verdicts(results: dict[str, Any]) -> list[str]:
 
 
 def target_lines(results: dict[str, Any]) -> list[str]:
-    """The config's targets, each answered on the mean over seeds (compare.check_targets)."""
+    """The config's targets, each answered on the mean over seeds (summary.check_targets)."""
     lines = []
     for t in results.get("targets", []):
         name = AGENT_SHORT.get(t["agent"], t["agent"])

@@ -23,7 +23,6 @@ from typing import Any
 from agents.evaluation.evaluate import TASK_METRICS
 from agents.experiments.compare import (
     CompareConfig,
-    aggregate,
     load_config,
     run_key,
     run_one,
@@ -31,6 +30,7 @@ from agents.experiments.compare import (
     write_json_atomic,
 )
 from agents.experiments.report import _cell, _clean
+from agents.experiments.summary import aggregate
 from agents.training.config import TrainConfig
 from seqenv.tasks import make_task
 

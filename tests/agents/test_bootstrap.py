@@ -12,7 +12,7 @@ from agents.evaluation.stats import (
     hierarchical_bootstrap_ci95,
     is_better,
 )
-from agents.experiments.compare import aggregate, differences
+from agents.experiments.summary import aggregate, differences
 
 
 def test_identical_seeds_give_the_interval_of_the_episodes_alone() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from agents.cli import main
-from agents.experiments import compare
+from agents.experiments import summary
 from agents.experiments.compare import CompareConfig, load_config
 
 
@@ -102,8 +102,8 @@ def test_convergence_reads_each_agents_last_quarter() -> None:
         run("bc", [0.1, 0.2, 0.3, 0.7]),  # still climbing
         {"agent": "ppo", "curves": []},  # no eval curve: left out
     ]
-    flat = compare.convergence(runs, config)
+    flat = summary.convergence(runs, config)
     assert set(flat) == {"mle", "bc"}
     assert flat["mle"]["flat"] and flat["mle"]["change"] == pytest.approx(0.02)
     assert not flat["bc"]["flat"] and flat["bc"]["change"] == pytest.approx(0.4)
-    assert compare.convergence(runs, {"task": "text"}) == {}  # MAUVE's noise is not binomial
+    assert summary.convergence(runs, {"task": "text"}) == {}  # MAUVE's noise is not binomial
