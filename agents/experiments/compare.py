@@ -788,6 +788,9 @@ def _run_parallel(
     are lost (they rerun on resume), the finished ones are already on disk.
     """
     context = multiprocessing.get_context("spawn")
+    # SequenceMatch's runs (rollouts) are the longest: started first, none is left to run alone
+    # at the end while the other cores idle.
+    todo = sorted(todo, key=lambda spec: not spec.agent.startswith("sequencematch"))
     tasks = [(config, spec, options.device, options.threads) for spec in todo]
     # A fresh process per run, which exits by itself once this process is gone (killed).
     pool = context.Pool(
