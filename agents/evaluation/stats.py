@@ -181,23 +181,32 @@ FLAT_CHANGE = 0.03
 to count as converged, beyond the eval curve's own sampling noise (:func:`flat_tolerance`)."""
 
 
+def _last_quarter(curves: list[dict[str, Any]], key: str) -> tuple[float, float] | None:
+    """The eval metric at three quarters of training (last point up to there) and at the end."""
+    series = [(row["step"], row[key]) for row in curves if key in row]
+    if len(series) < 2:
+        return None
+    before = [v for s, v in series if s <= 0.75 * series[-1][0]]
+    return (float(before[-1]), float(series[-1][1])) if before else None
+
+
 def flat_tolerance(curves: list[dict[str, Any]], key: str, episodes: int) -> float:
-    """FLAT_CHANGE plus twice the sampling noise of a difference of two eval points.
+    """FLAT_CHANGE plus twice the sampling noise of the difference of the two eval points.
 
     The headline metrics are rates in [0, 1] measured on ``episodes`` episodes, so each eval
-    point has a binomial standard error sqrt(p (1 - p) / episodes): at 100 episodes and p = 0.2
-    a difference of two points has noise 0.057, larger than FLAT_CHANGE itself.
+    point has a binomial variance p (1 - p) / episodes at its own p: at 100 episodes, points at
+    0.2 and 0.3 differ by noise 0.061, larger than FLAT_CHANGE itself. (A point near 1 has
+    little noise; one at 0.9 before it still has its own.)
     """
-    values = [row[key] for row in curves if key in row]
-    p = min(max(float(np.mean(values[-2:])), 0.0), 1.0) if values else 0.5
-    return FLAT_CHANGE + 2.0 * float(np.sqrt(2.0 * p * (1.0 - p) / max(episodes, 1)))
+    points = _last_quarter(curves, key)
+    if points is None:
+        return FLAT_CHANGE + 2.0 * float(np.sqrt(2.0 * 0.25 / max(episodes, 1)))
+    rates = np.clip(points, 0.0, 1.0)
+    variance = float(np.sum(rates * (1.0 - rates)))
+    return FLAT_CHANGE + 2.0 * float(np.sqrt(variance / max(episodes, 1)))
 
 
 def last_quarter_change(curves: list[dict[str, Any]], key: str) -> float | None:
     """The eval metric's last value minus its value at three quarters of training (or None)."""
-    series = [(row["step"], row[key]) for row in curves if key in row]
-    if len(series) < 2:
-        return None
-    last_step = series[-1][0]
-    before = [v for s, v in series if s <= 0.75 * last_step]
-    return float(series[-1][1] - before[-1]) if before else None
+    points = _last_quarter(curves, key)
+    return None if points is None else points[1] - points[0]

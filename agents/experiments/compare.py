@@ -106,7 +106,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # went into updates, so that the curves flatten. `--agents all` brings them back.
     "default_agents": ["mle", "bc", "sequencematch"],
     "train": {
-        "steps": 2000,
+        "steps": 1600,
         "batch_size": 64,
         "layers": 2,
         "width": 64,
@@ -118,7 +118,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "eval_episodes": 100,
         "log_interval": 20,
         "noise": 0.1,
-        "sm_warmup": 800,
+        "sm_warmup": 600,
         "k_sample": 10,
         "rollouts": 64,
         "buffer_size": 256,

@@ -226,15 +226,14 @@ def convergence_lines(results: dict[str, Any]) -> list[str]:
     if not flat:
         return []
     parts = [
-        f"{AGENT_SHORT.get(agent, agent)} {'flat' if c['flat'] else 'NOT flat'} "
-        f"(moved {c['change']:.3f}, tolerance {c['tolerance']:.3f})"
+        f"{AGENT_SHORT.get(agent, agent)}: {c['flat_seeds']} of {c['seeds']} seeds flat "
+        f"(nearest to the bound: moved {c['worst']['change']:+.3f}, allowed "
+        f"{c['worst']['tolerance']:.3f})"
         for agent, c in flat.items()
     ]
     return [
-        "Converged? The largest move of each agent's eval curve over the last quarter of the "
-        "updates, over seeds, against 0.03 plus twice the eval points' binomial noise: "
-        + "; ".join(parts)
-        + ".",
+        "Converged? Each seed's eval curve from three quarters of the updates to the end may move "
+        "by 0.03 plus twice the binomial noise of its two points: " + "; ".join(parts) + ".",
         "",
     ]
 

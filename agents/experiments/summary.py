@@ -144,10 +144,13 @@ def convergence(runs: Sequence[dict[str, Any]], config: dict[str, Any]) -> dict[
             and (change := last_quarter_change(r.get("curves", []), key)) is not None
         ]
         if moves:
+            worst = max(moves, key=lambda m: abs(m[0]) - m[1])  # the seed nearest to failing
             out[agent] = {
                 "change": max(abs(c) for c, _ in moves),
                 "flat": all(abs(c) <= tolerance for c, tolerance in moves),
-                "tolerance": max(t for _, t in moves),
+                "flat_seeds": sum(abs(c) <= tolerance for c, tolerance in moves),
+                "seeds": len(moves),
+                "worst": {"change": worst[0], "tolerance": worst[1]},
             }
     return out
 

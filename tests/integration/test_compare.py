@@ -105,5 +105,6 @@ def test_convergence_reads_each_agents_last_quarter() -> None:
     flat = summary.convergence(runs, config)
     assert set(flat) == {"mle", "bc"}
     assert flat["mle"]["flat"] and flat["mle"]["change"] == pytest.approx(0.02)
+    assert (flat["mle"]["flat_seeds"], flat["mle"]["seeds"]) == (2, 2)
     assert not flat["bc"]["flat"] and flat["bc"]["change"] == pytest.approx(0.4)
     assert summary.convergence(runs, {"task": "text"}) == {}  # MAUVE's noise is not binomial

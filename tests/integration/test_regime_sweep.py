@@ -57,6 +57,10 @@ def test_last_quarter_change_reads_the_eval_curve_at_three_quarters() -> None:
     noisy = stats.flat_tolerance(half, "eval/accuracy", 100)
     assert noisy == pytest.approx(stats.FLAT_CHANGE + 2 * (2 * 0.25 / 100) ** 0.5)
     assert stats.flat_tolerance(half, "eval/accuracy", 10_000) < noisy
+    # Each point counts with its own noise: 0.9 then 1.0 is not judged as if both were near 1.
+    rising = [{"step": 1, "eval/accuracy": 0.9}, {"step": 2, "eval/accuracy": 1.0}]
+    tolerance = stats.flat_tolerance(rising, "eval/accuracy", 100)
+    assert tolerance == pytest.approx(stats.FLAT_CHANGE + 2 * (0.09 / 100) ** 0.5)
 
 
 def test_regime_scan_reports_each_point_and_resumes(
