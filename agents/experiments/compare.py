@@ -742,9 +742,11 @@ def run_compare(options: CompareConfig) -> dict[str, Any]:
         build_results(config, options, out, specs, elapsed(), reference, with_plots=redraw)
 
     plotted = [time.perf_counter()]
+    # `kill` stops the comparison as Ctrl-C does: workers terminated, partial report kept.
+    # (Only the main thread may install a handler.)
+    on_main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is threading.main_thread():
-        # `kill` stops the comparison as Ctrl-C does: workers terminated, partial report kept.
+    if on_main:
         signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         if options.jobs == 1:
@@ -758,7 +760,7 @@ def run_compare(options: CompareConfig) -> dict[str, Any]:
             build_results(config, options, out, specs, elapsed(), reference)
         raise
     finally:
-        if threading.current_thread() is threading.main_thread() and previous is not None:
+        if on_main and previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return build_results(config, options, out, specs, elapsed(), reference)
 

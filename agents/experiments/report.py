@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from agents.evaluation.evaluate import METRICS, TASK_METRICS, headline
+from agents.evaluation.stats import FLAT_CHANGE
 
 AGENT_LABELS = {
     "mle": "MLE",
@@ -233,7 +234,9 @@ def convergence_lines(results: dict[str, Any]) -> list[str]:
     ]
     return [
         "Converged? Each seed's eval curve from three quarters of the updates to the end may move "
-        "by 0.03 plus twice the binomial noise of its two points: " + "; ".join(parts) + ".",
+        f"by {FLAT_CHANGE} plus twice the binomial noise of its two points: "
+        + "; ".join(parts)
+        + ".",
         "",
     ]
 
