@@ -5,7 +5,7 @@
     from agents import SequenceMatch
 
     env = gym.make("SequenceGen-v0", task="dyck")
-    model = SequenceMatch(env, eta=0.1, c=0.25, alpha=0.01, verbose=1)
+    model = SequenceMatch(env, eta=0.3, c=0.25, alpha=0.01, verbose=1)
     model.learn(total_timesteps=100_000)
     action, _ = model.predict(obs, deterministic=True)
     model.save("checkpoints/sm-dyck")

@@ -122,7 +122,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "k_sample": 10,
         "rollouts": 64,
         "buffer_size": 256,
-        "eta": 0.1,
+        "eta": 0.3,
     },
     "agents": {"ppo": {"timesteps": 2000, "n_steps": 256, "width": 64, "layers": 1}},
     "eval": {"episodes": 200},
@@ -396,7 +396,9 @@ def run_one(
         {
             k: v
             for k, v in row.items()
-            if k == "step" or k.startswith("eval/") or k in ("losses/sm/divergence", "losses/loss")
+            if k == "step"
+            or k.startswith(("eval/", "train/grad_share_"))
+            or k in ("losses/sm/divergence", "losses/loss")
         }
         for row in history
     ]
