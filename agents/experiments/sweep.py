@@ -37,7 +37,7 @@ from seqenv.tasks import make_task
 # Parameter -> values; the base config's own value is among them. `kappa` is c * alpha, the one
 # knob of the chi^2 divergences (docs/method.md §3): it is set through c at the config's alpha.
 GRID: dict[str, list] = {
-    "eta": [0.01, 0.1, 0.5, 1.0],
+    "eta": [0.01, 0.1, 0.3, 0.5, 1.0],
     "kappa": [0.0025, 0.025],
     "noise": [0.05, 0.1, 0.2],
     "c": [0.05, 0.25, 1.0],

@@ -105,15 +105,22 @@ def test_sweep_sets_kappa_through_c_trains_the_base_once_and_resumes(
     overrides = [
         {k: v for k, v in c.items() if k not in ("agent", "seed", "config")} for c in fake.calls
     ]
-    # kappa 0.0025 and eta 0.1 are the base (alpha 0.01, c 0.25): one run serves both.
-    assert overrides == [{}, {"c": pytest.approx(2.5)}, {"eta": 0.01}, {"eta": 0.5}, {"eta": 1.0}]
+    # kappa 0.0025 and eta 0.3 are the base (alpha 0.01, c 0.25): one run serves both.
+    assert overrides == [
+        {},
+        {"c": pytest.approx(2.5)},
+        {"eta": 0.01},
+        {"eta": 0.1},
+        {"eta": 0.5},
+        {"eta": 1.0},
+    ]
     results = json.loads((out / "results.json").read_text())
     assert set(results["params"]["kappa"]["by_value"]) == {"0.0025", "0.025"}
     assert sweep.main(args) == 0
-    assert len(fake.calls) == 5
+    assert len(fake.calls) == 6
     with pytest.raises(SystemExit):  # the stored runs belong to another config
         sweep.main([*args[:1], "dyck_small_cpu", *args[2:]])
-    assert len(fake.calls) == 5
+    assert len(fake.calls) == 6
 
 
 def test_sweep_run_cost_bundles_and_the_base_bundle() -> None:
