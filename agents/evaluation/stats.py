@@ -190,6 +190,12 @@ def _last_quarter(curves: list[dict[str, Any]], key: str) -> tuple[float, float]
     return (float(before[-1]), float(series[-1][1])) if before else None
 
 
+def _tolerance(points: tuple[float, float], episodes: int) -> float:
+    rates = np.clip(points, 0.0, 1.0)
+    variance = float(np.sum(rates * (1.0 - rates)))
+    return FLAT_CHANGE + 2.0 * float(np.sqrt(variance / max(episodes, 1)))
+
+
 def flat_tolerance(curves: list[dict[str, Any]], key: str, episodes: int) -> float:
     """FLAT_CHANGE plus twice the sampling noise of the difference of the two eval points.
 
@@ -201,12 +207,22 @@ def flat_tolerance(curves: list[dict[str, Any]], key: str, episodes: int) -> flo
     points = _last_quarter(curves, key)
     if points is None:
         return FLAT_CHANGE + 2.0 * float(np.sqrt(2.0 * 0.25 / max(episodes, 1)))
-    rates = np.clip(points, 0.0, 1.0)
-    variance = float(np.sum(rates * (1.0 - rates)))
-    return FLAT_CHANGE + 2.0 * float(np.sqrt(variance / max(episodes, 1)))
+    return _tolerance(points, episodes)
 
 
 def last_quarter_change(curves: list[dict[str, Any]], key: str) -> float | None:
     """The eval metric's last value minus its value at three quarters of training (or None)."""
     points = _last_quarter(curves, key)
     return None if points is None else points[1] - points[0]
+
+
+def last_quarter_move(
+    curves: list[dict[str, Any]], key: str, episodes: int
+) -> tuple[float, float] | None:
+    """(change, tolerance) of the last quarter from one read of the curve, or None.
+
+    The two are :func:`last_quarter_change` and :func:`flat_tolerance`; the run is flat when
+    abs(change) <= tolerance.
+    """
+    points = _last_quarter(curves, key)
+    return None if points is None else (points[1] - points[0], _tolerance(points, episodes))

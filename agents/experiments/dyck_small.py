@@ -51,13 +51,15 @@ def expert_backspace_rate(run: Run) -> float:
     return float(run["exact"]["g0.9/expert/backspace_rate"])
 
 
-def label(run: Run, param: str | None) -> str:
-    """``agent`` or ``agent param=value`` for a sweep run."""
-    return f"{run['agent']} {param}={run[param]}" if param and param in run else run["agent"]
+def per_seed_table(results: dict[str, Any]) -> list[str]:
+    """Markdown rows of every run's exact figures, its warm start's beneath it, and its shares.
 
-
-def per_seed_table(runs: Sequence[Run], param: str | None) -> list[str]:
-    """Markdown rows: each run's exact figures, its warm start's beneath it, and its shares."""
+    The comparison's runs come first, then its sweep's, labelled with the swept value.
+    """
+    sweep = results.get("sweep") or {}
+    param = sweep.get("param")
+    labelled = [(run, run["agent"]) for run in results["runs"]]
+    labelled += [(run, f"{run['agent']} {param}={run[param]}") for run in sweep.get("runs", [])]
     head = [
         "run",
         "seed",
@@ -65,13 +67,11 @@ def per_seed_table(runs: Sequence[Run], param: str | None) -> list[str]:
         "grad share SM (mean; lowest)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for run in runs:
+    for run, label in labelled:
         share = grad_share(run)
         share_text = f"{share[0]:.3f}; {share[1]:.3f}" if share else "–"
         cells = [f"{run['metrics'].get(c, math.nan):.4f}" for c in COLUMNS]
-        lines.append(
-            f"| {label(run, param)} | {run['seed']} | {' | '.join(cells)} | {share_text} |"
-        )
+        lines.append(f"| {label} | {run['seed']} | {' | '.join(cells)} | {share_text} |")
         if run.get("warm_start"):
             warm = [f"{run['warm_start'].get(c, math.nan):.4f}" for c in COLUMNS]
             lines.append(f"|   warm start | {run['seed']} | {' | '.join(warm)} | |")
@@ -160,14 +160,9 @@ def acceptance(results: dict[str, Any], kappa: dict[str, Any] | None) -> str:
         out += ["", "Negative control at kappa = 0.25 (it should fail):", ""]
         for value, runs in sorted(sequencematch_by_eta(kappa).items()):
             out += bound_lines(f"kappa 0.25, eta {value}", runs)
-    out += ["", "## Per seed", "", *per_seed_table(results["runs"], None)]
-    sweep = results.get("sweep") or {}
-    if sweep.get("runs"):
-        out += per_seed_table(sweep["runs"], sweep["param"])[2:]
+    out += ["", "## Per seed", "", *per_seed_table(results)]
     if kappa is not None:
-        out += ["", "Negative control (kappa = 0.25):", "", *per_seed_table(kappa["runs"], None)]
-        if (kappa.get("sweep") or {}).get("runs"):
-            out += per_seed_table(kappa["sweep"]["runs"], kappa["sweep"]["param"])[2:]
+        out += ["", "Negative control (kappa = 0.25):", "", *per_seed_table(kappa)]
     return "\n".join(out) + "\n"
 
 

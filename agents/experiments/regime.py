@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from agents.evaluation.evaluate import METRICS, headline
-from agents.evaluation.stats import FLAT_CHANGE, flat_tolerance, last_quarter_change
+from agents.evaluation.stats import FLAT_CHANGE, last_quarter_move
 from agents.experiments.compare import (
     CompareConfig,
     _merge,
@@ -104,9 +104,11 @@ def summarise(task: str, rows: list[dict[str, Any]], episodes: int) -> list[dict
     for runs in by_point.values():
         stats = aggregate(runs, key="agent")["mle"]
         key = f"eval/{head}"
-        changes = [(last_quarter_change(r["curves"], key), r["curves"]) for r in runs]
-        known = [abs(c) for c, _ in changes if c is not None]
-        flat = [abs(c) <= flat_tolerance(cv, key, episodes) for c, cv in changes if c is not None]
+        moves = [
+            m for r in runs if (m := last_quarter_move(r["curves"], key, episodes)) is not None
+        ]
+        known = [abs(c) for c, _ in moves]
+        flat = [abs(c) <= tolerance for c, tolerance in moves]
         out.append(
             {
                 "point": runs[0]["point"],

@@ -19,9 +19,8 @@ from agents.evaluation.stats import (
     NUM_RESAMPLES,
     RunValues,
     bootstrap_diff_ci95,
-    flat_tolerance,
     hierarchical_bootstrap_ci95,
-    last_quarter_change,
+    last_quarter_move,
 )
 from agents.training.config import TrainConfig
 
@@ -138,10 +137,10 @@ def convergence(runs: Sequence[dict[str, Any]], config: dict[str, Any]) -> dict[
         fields = {**config.get("train", {}), **config.get("agents", {}).get(agent, {})}
         episodes = int(fields.get("eval_episodes", TrainConfig.eval_episodes))
         moves = [
-            (change, flat_tolerance(r["curves"], key, episodes))
+            move
             for r in runs
             if r["agent"] == agent
-            and (change := last_quarter_change(r.get("curves", []), key)) is not None
+            and (move := last_quarter_move(r.get("curves", []), key, episodes)) is not None
         ]
         if moves:
             worst = max(moves, key=lambda m: abs(m[0]) - m[1])  # the seed nearest to failing

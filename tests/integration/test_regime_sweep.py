@@ -61,6 +61,9 @@ def test_last_quarter_change_reads_the_eval_curve_at_three_quarters() -> None:
     rising = [{"step": 1, "eval/accuracy": 0.9}, {"step": 2, "eval/accuracy": 1.0}]
     tolerance = stats.flat_tolerance(rising, "eval/accuracy", 100)
     assert tolerance == pytest.approx(stats.FLAT_CHANGE + 2 * (0.09 / 100) ** 0.5)
+    # Both from one read of the curve, as the convergence checks use them.
+    assert stats.last_quarter_move(rising, "eval/accuracy", 100) == pytest.approx((0.1, tolerance))
+    assert stats.last_quarter_move(curves[-1:], "eval/accuracy", 100) is None
 
 
 def test_regime_scan_reports_each_point_and_resumes(
