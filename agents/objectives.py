@@ -348,18 +348,31 @@ def _run(
 
 
 def _cross_entropy(
-    data: StepValues, targets: torch.Tensor, normaliser_length: int | None
+    data: StepValues, targets: torch.Tensor, normaliser_length: int | None, level_penalty: float
 ) -> LossOutput:
-    """-sum of log pi over ``targets`` / (B L), with the per-step mean NLL as a metric."""
+    """-sum of log pi over ``targets`` / (B L), plus the level penalty; the mean NLL as a metric.
+
+    The penalty is ``level_penalty`` sum V(s_t)^2 / (B L) over the same steps, V = logsumexp
+    of the logits over the allowed actions (the logits' common level, which pi ignores).
+    """
     L = normaliser_length or data.num_steps
     log_prob = torch.where(targets, data.log_prob, 0.0)
     loss = -log_prob.sum() / (data.num_sequences * L)
     metrics = {
-        "loss": loss.detach(),
         "nll": -_masked_mean(data.log_prob, targets),
         "num_targets": targets.sum().float(),
+        "level": _masked_mean(data.v, targets),
     }
+    if level_penalty:
+        level = torch.where(targets, data.v, 0.0)
+        loss = loss + level_penalty * level.square().sum() / (data.num_sequences * L)
+    metrics["loss"] = loss.detach()
     return LossOutput(loss, metrics)
+
+
+def _check_level_penalty(level_penalty: float) -> None:
+    if not (math.isfinite(level_penalty) and level_penalty >= 0):
+        raise ValueError(f"level_penalty must be finite and >= 0, got {level_penalty}")
 
 
 @dataclass(frozen=True)
@@ -369,19 +382,26 @@ class MLE(_Objective):
     Args:
         normaliser_length: L (see the module docstring); None: the batch's padded step count.
         allow_backspace: False masks ``<bkspc>`` out of the policy everywhere.
+        level_penalty: weight of sum_t V(s_t)^2 / (B L), V the logsumexp of the logits over the
+            allowed actions (a z-loss). pi ignores the logits' common level, so this leaves the
+            policy's optimum where it was and only pins the level; SequenceMatch reads it
+            (docs/method.md §3, "The logits' level"), which is why its warm start sets it.
 
-    Metrics: ``loss``, ``nll`` (mean over target steps), ``num_targets``, ``backspace_rate_data``.
+    Metrics: ``loss``, ``nll`` (mean over target steps), ``num_targets``, ``level`` (mean V over
+    them), ``backspace_rate_data``.
     """
 
     normaliser_length: int | None = None
     allow_backspace: bool = True
+    level_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         _check_normaliser(self.normaliser_length)
+        _check_level_penalty(self.level_penalty)
 
     def from_values(self, data: StepValues, model: StepValues | None) -> LossOutput:
         """The loss on the data batch's step values; ``model`` is not read."""
-        return _cross_entropy(data, data.valid, self.normaliser_length)
+        return _cross_entropy(data, data.valid, self.normaliser_length, self.level_penalty)
 
 
 @dataclass(frozen=True)
@@ -393,6 +413,7 @@ class BC(_Objective):
             as in the paper; False leaves them out (the backspaces that delete them still are).
         normaliser_length: L (see the module docstring); None: the batch's padded step count.
         allow_backspace: False masks ``<bkspc>`` out of the policy everywhere.
+        level_penalty: as :class:`MLE`.
 
     Metrics: as :class:`MLE`.
     """
@@ -400,14 +421,16 @@ class BC(_Objective):
     noise_targets: bool = True
     normaliser_length: int | None = None
     allow_backspace: bool = True
+    level_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         _check_normaliser(self.normaliser_length)
+        _check_level_penalty(self.level_penalty)
 
     def from_values(self, data: StepValues, model: StepValues | None) -> LossOutput:
         """The loss on the data batch's step values; ``model`` is not read."""
         targets = data.valid if self.noise_targets else data.valid & ~data.undone
-        return _cross_entropy(data, targets, self.normaliser_length)
+        return _cross_entropy(data, targets, self.normaliser_length, self.level_penalty)
 
 
 @dataclass(frozen=True)

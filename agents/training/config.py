@@ -155,6 +155,12 @@ class TrainConfig:
     share of the gradient norm that comes from SM is about eta (0.10 at 0.1, 0.31 at 0.3 on
     dyck_small); 0.3 gives it a quarter or more while keeping the exact bounds on dyck_small,
     and eta from 0.01 to 1 made no measured difference on dyck_hard (benchmarks/README.md)."""
+    level_penalty: float = 0.01
+    """Weight of the log-partition penalty (a z-loss: V(s)^2 per target step) in SequenceMatch's
+    warm start and in the BC part of its mixture. The policy ignores the logits' common level;
+    the chi^2 terms read it, and the level plain BC leaves (about 3.5 on dyck_small) lowers the
+    fixed point's <eos> probability (docs/method.md §3, "The logits' level"). The mle and bc
+    agents train without it. 0 turns it off."""
     value_source: ValueSource = "mix"
     """Trajectories of the value term: mix, data or model."""
     sm_warmup: int = 200
@@ -297,6 +303,8 @@ class TrainConfig:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         if not (math.isfinite(self.alpha) and self.alpha > 0.0):
             raise ValueError(f"--alpha must be finite and > 0, got {self.alpha}")
+        if not (math.isfinite(self.level_penalty) and self.level_penalty >= 0.0):
+            raise ValueError(f"--level-penalty must be finite and >= 0, got {self.level_penalty}")
         if not self.grad_clip > 0.0:
             raise ValueError(f"--grad-clip must be > 0, got {self.grad_clip}")
         if not self.weight_decay >= 0.0:

@@ -223,10 +223,14 @@ class Trainer:
         # Objectives: the warm-start one, and the SequenceMatch mixture after it.
         # One normaliser for every term (docs/method.md §3), so that eta weighs like with like.
         common = {"normaliser_length": self.max_steps, "allow_backspace": config.backspace}
+        # SequenceMatch's warm start pins the logits' level, which its chi^2 terms read.
+        level = {"level_penalty": config.level_penalty} if config.agent == "sequencematch" else {}
         if config.agent == "mle":
             self.warm_objective = make_objective("mle", **common)
         else:
-            self.warm_objective = make_objective("bc", noise_targets=config.noise_targets, **common)
+            self.warm_objective = make_objective(
+                "bc", noise_targets=config.noise_targets, **common, **level
+            )
         self.sm_objective = None
         if config.agent == "sequencematch":
             sm = make_objective(

@@ -418,6 +418,67 @@ def test_mle_matches_the_reference_log_likelihood(
     torch.testing.assert_close(out.metrics["nll"], -total / count)
 
 
+def test_level_penalty_by_hand(
+    vocab: CharVocab, random_trajectory: Callable[..., Trajectory]
+) -> None:
+    trajectories = random_trajectories(random_trajectory, vocab, 6, seed=22)
+    batch = collate(trajectories)
+    B, T = batch.input_ids.shape
+    policy = TableLogits(vocab.special, random_table(vocab.special, B, T, seed=3))
+    plain = BC(normaliser_length=30)(policy, ObjectiveBatch(batch))
+    out = BC(normaliser_length=30, level_penalty=0.2)(policy, ObjectiveBatch(batch))
+    # V(s_t) by hand: logsumexp over the allowed actions of each step's state row.
+    squares, levels = [], []
+    for b, trajectory in enumerate(trajectories):
+        generated = 0
+        for t, action in enumerate(trajectory.actions.tolist()):
+            row = policy.table.detach()[b, int(batch.state_rows[b, t])]
+            allowed = [
+                a
+                for a in range(vocab.special.num_actions)
+                if a != vocab.special.backspace_id or generated > 0
+            ]
+            level = torch.logsumexp(row[allowed], dim=0)
+            squares.append(level**2)
+            levels.append(level)
+            generated += (
+                1
+                if vocab.special.is_token(action)
+                else -1
+                if action == vocab.special.backspace_id
+                else 0
+            )
+    torch.testing.assert_close(out.loss, plain.loss + 0.2 * sum(squares) / (B * 30))
+    torch.testing.assert_close(out.metrics["level"], sum(levels) / len(levels))
+    torch.testing.assert_close(out.metrics["nll"], plain.metrics["nll"])
+
+
+def test_level_penalty_pins_the_level_and_keeps_the_policy() -> None:
+    """Cross-entropy plus the penalty on one state: pi lands on the data frequencies, LSE on 0."""
+    counts = torch.tensor([5.0, 3.0, 2.0], dtype=torch.float64)
+    # A level (logsumexp) of about 4, like the one plain BC leaves on dyck_small.
+    logits = torch.tensor([4.0, 1.0, -3.0], dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS(
+        [logits],
+        max_iter=1000,
+        tolerance_grad=1e-14,
+        tolerance_change=0.0,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = (
+            -(counts * logits.log_softmax(0)).sum() / counts.sum() + 0.01 * logits.logsumexp(0) ** 2
+        )
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    torch.testing.assert_close(logits.detach().softmax(0), counts / counts.sum(), atol=1e-6, rtol=0)
+    assert abs(float(logits.detach().logsumexp(0))) < 1e-6
+
+
 def test_allow_backspace_false_masks_it_everywhere() -> None:
     """Prompt [a]; actions [b, <eos>]; s1 = [a b] would allow <bkspc> (logit 5)."""
     vocab = CharVocab("ab")
@@ -521,6 +582,8 @@ def test_make_objective() -> None:
         (lambda: SequenceMatch(alpha=math.inf), r"alpha must be finite and > 0, got inf"),
         (lambda: SequenceMatch(alpha=math.nan), r"alpha must be finite and > 0, got nan"),
         (lambda: MLE(normaliser_length=0), r"normaliser_length must be >= 1"),
+        (lambda: BC(level_penalty=-0.1), r"level_penalty must be finite and >= 0, got -0.1"),
+        (lambda: MLE(level_penalty=math.nan), r"level_penalty must be finite and >= 0, got nan"),
     ],
 )
 def test_bad_names_and_values_raise_clear_errors(call: Callable[[], object], message: str) -> None:
