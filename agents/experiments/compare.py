@@ -23,8 +23,9 @@ run gives them: :mod:`agents.experiments.summary`). Outputs under ``--out``: ``r
 ``report.md``, PNG plots, TensorBoard runs, and one file per finished run,
 ``runs/<agent>-s<seed>.json`` (``sweep/runs/...`` for the sweep), written when the run ends:
 ``{"format": 1, "config": ..., "row": ...}`` where ``config`` is what decides the run's result
-(the config without :data:`NOT_RUN_KEYS`) and ``row`` the run's row of results.json. A stopped
-comparison resumes from these files (a run with ``train.save_interval`` also from its last
+(the config without :data:`NOT_RUN_KEYS`, with the library's training defaults under
+``library_defaults``) and ``row`` the run's row of results.json. A stopped comparison resumes
+from these files (a run with ``train.save_interval`` also from its last
 checkpoint, ``checkpoints/<run>``); results.json and report.md are rebuilt after every run.
 
 A comparison is driven by a config: the embedded default (one-digit arithmetic, MLE, BC and
@@ -55,7 +56,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
@@ -171,10 +172,12 @@ class CompareConfig:
     threads; a run's result does not depend on the number of jobs."""
     resume: bool = False
     """Continue the comparison in --out, keeping its finished runs (a folder holding runs of
-    the same config is resumed without it; this flag fails where there is nothing to resume)."""
+    the same config, and of the same library defaults, is resumed without it; this flag fails
+    where there is nothing to resume)."""
     overwrite: bool = False
-    """Replace a comparison of another config (or a finished one without per-run results) in
-    --out instead of refusing."""
+    """Replace a comparison of another config or other library defaults (or a finished one
+    without per-run results) in --out instead of refusing. Runs of the same config and defaults
+    are kept, not rerun: remove --out to train them again."""
     model: str | None = None
     """Fine-tune this pretrained LM (folder or .gguf) instead of training our transformer; sets
     the config's train.model (LoRA settings come from train.lora_r etc.)."""
@@ -276,7 +279,18 @@ def load_config(options: CompareConfig) -> dict[str, Any]:
             raise ValueError("agent 'untuned' needs a pretrained model: pass --model PATH")
         agents = [a for a in agents if a in wanted]
     config["agent_list"] = agents
+    config["library_defaults"] = library_defaults()
     return config
+
+
+def library_defaults() -> dict[str, Any]:
+    """The defaults of :class:`TrainConfig` in this version of the library, as JSON reads them.
+
+    Part of every comparison's config and so of every stored run: a comparison is not resumed
+    over runs that a default changed since (in the code, not in the config file) would train
+    differently.
+    """
+    return cast(dict[str, Any], json.loads(json.dumps(asdict(TrainConfig()))))
 
 
 # --------------------------------------------------------------------------------------------

@@ -140,6 +140,24 @@ def test_a_folder_of_another_config_is_refused_unless_overwrite(
     assert record["config"]["train"]["steps"] == compare.DEFAULT_CONFIG["train"]["steps"]
 
 
+def test_runs_from_other_library_defaults_are_not_resumed(
+    tmp_path: Path, fake: FakeRunOne, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A default changed in the code (not in the config file) changes the runs: no silent reuse."""
+    out = tmp_path / "cmp"
+    run_compare(options(out, agents="mle"))
+    record = json.loads((out / "runs" / "mle-s0.json").read_text())
+    assert record["config"]["library_defaults"]["level_penalty"] == 0.01
+    changed = {**compare.library_defaults(), "level_penalty": 0.5}
+    monkeypatch.setattr(compare, "library_defaults", lambda: changed)
+    with pytest.raises(FileExistsError, match="runs of a different config"):
+        run_compare(options(out, agents="mle"))
+    run_compare(options(out, agents="mle", overwrite=True))
+    assert len(fake.calls) == 6
+    record = json.loads((out / "runs" / "mle-s0.json").read_text())
+    assert record["config"]["library_defaults"]["level_penalty"] == 0.5
+
+
 def test_resume_needs_runs_and_a_legacy_comparison_is_kept(
     tmp_path: Path, fake: FakeRunOne
 ) -> None:
