@@ -223,13 +223,15 @@ class Trainer:
         # Objectives: the warm-start one, and the SequenceMatch mixture after it.
         # One normaliser for every term (docs/method.md §3), so that eta weighs like with like.
         common = {"normaliser_length": self.max_steps, "allow_backspace": config.backspace}
-        # SequenceMatch's warm start pins the logits' level, which its chi^2 terms read.
-        level = {"level_penalty": config.level_penalty} if config.agent == "sequencematch" else {}
         if config.agent == "mle":
             self.warm_objective = make_objective("mle", **common)
         else:
+            # SequenceMatch's warm start pins the logits' level, which its chi^2 terms read.
             self.warm_objective = make_objective(
-                "bc", noise_targets=config.noise_targets, **common, **level
+                "bc",
+                noise_targets=config.noise_targets,
+                level_penalty=config.level_penalty if config.agent == "sequencematch" else 0.0,
+                **common,
             )
         self.sm_objective = None
         if config.agent == "sequencematch":

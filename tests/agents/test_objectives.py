@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -51,24 +51,30 @@ def random_table(special: SpecialIds, B: int, T: int, seed: int = 0, scale: floa
     return scale * torch.randn(B, T, special.num_actions, generator=g)
 
 
-def reference_log_probs(
+def reference_steps(
     logits: torch.Tensor, batch: TrajectoryBatch, trajectories: list[Trajectory]
-) -> list[list[torch.Tensor]]:
-    """log pi(a_t | s_t) per step, with <bkspc> masked where nothing is generated, step by step."""
-    out = []
+) -> Iterator[tuple[int, int, torch.Tensor, list[int]]]:
+    """(sequence, action, logits of its state, allowed actions) per step, walked step by step:
+    <bkspc> is allowed only where something is generated."""
     for b, trajectory in enumerate(trajectories):
         s = trajectory.special
         generated = 0
-        steps = []
         for t, action in enumerate(trajectory.actions.tolist()):
-            row = logits[b, int(batch.state_rows[b, t])]
             allowed = [a for a in range(s.num_actions) if a != s.backspace_id or generated > 0]
-            steps.append(row[action] - torch.logsumexp(row[allowed], dim=0))
+            yield b, action, logits[b, int(batch.state_rows[b, t])], allowed
             if action == s.backspace_id:
                 generated -= 1
             elif action != s.eos_id:
                 generated += 1
-        out.append(steps)
+
+
+def reference_log_probs(
+    logits: torch.Tensor, batch: TrajectoryBatch, trajectories: list[Trajectory]
+) -> list[list[torch.Tensor]]:
+    """log pi(a_t | s_t) per step of each sequence, from :func:`reference_steps`."""
+    out: list[list[torch.Tensor]] = [[] for _ in trajectories]
+    for b, action, row, allowed in reference_steps(logits, batch, trajectories):
+        out[b].append(row[action] - torch.logsumexp(row[allowed], dim=0))
     return out
 
 
@@ -428,26 +434,11 @@ def test_level_penalty_by_hand(
     plain = BC(normaliser_length=30)(policy, ObjectiveBatch(batch))
     out = BC(normaliser_length=30, level_penalty=0.2)(policy, ObjectiveBatch(batch))
     # V(s_t) by hand: logsumexp over the allowed actions of each step's state row.
-    squares, levels = [], []
-    for b, trajectory in enumerate(trajectories):
-        generated = 0
-        for t, action in enumerate(trajectory.actions.tolist()):
-            row = policy.table.detach()[b, int(batch.state_rows[b, t])]
-            allowed = [
-                a
-                for a in range(vocab.special.num_actions)
-                if a != vocab.special.backspace_id or generated > 0
-            ]
-            level = torch.logsumexp(row[allowed], dim=0)
-            squares.append(level**2)
-            levels.append(level)
-            generated += (
-                1
-                if vocab.special.is_token(action)
-                else -1
-                if action == vocab.special.backspace_id
-                else 0
-            )
+    levels = [
+        torch.logsumexp(row[allowed], dim=0)
+        for _, _, row, allowed in reference_steps(policy.table.detach(), batch, trajectories)
+    ]
+    squares = [level**2 for level in levels]
     torch.testing.assert_close(out.loss, plain.loss + 0.2 * sum(squares) / (B * 30))
     torch.testing.assert_close(out.metrics["level"], sum(levels) / len(levels))
     torch.testing.assert_close(out.metrics["nll"], plain.metrics["nll"])
