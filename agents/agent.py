@@ -21,6 +21,7 @@ temperature (Q = alpha * logits), apart from the rollouts' sampling ``temperatur
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -31,8 +32,8 @@ import numpy as np
 import torch
 
 from agents.models.interface import mask_logits
-from agents.training.checkpoint import read_metadata
-from agents.training.config import Agent, TrainConfig
+from agents.training.checkpoint import CheckpointError, read_metadata
+from agents.training.config import Agent, TrainConfig, saved_settings
 from agents.training.trainer import Trainer
 from seqenv.env import SequenceGenEnv
 from seqenv.tasks import make_task
@@ -175,39 +176,34 @@ class ImitationAgent:
     def load(
         cls, path: str | Path, env: gym.Env | None = None, device: str = "auto"
     ) -> ImitationAgent:
-        """An agent restored from ``save``: same weights, optimizer and random streams."""
+        """An agent restored from ``save``: same weights, optimizer and random streams.
+
+        Takes every setting from the checkpoint, so it loads what ``seqmatch train --save``
+        wrote as well as what ``save`` did. ``env``, when given, must hold the same task; by
+        default the task's environment is rebuilt (without disturbance).
+        """
         metadata = read_metadata(path)
-        saved = dict(metadata["config"])
+        saved = saved_settings(metadata["config"])
         if saved.get("agent") != cls.agent_name:
             raise ValueError(f"{path} holds a {saved.get('agent')!r} agent, not {cls.agent_name!r}")
-        if env is None:
-            env = SequenceGenEnv(
-                task=saved["task"],
-                max_length=saved["max_length"],
-                max_steps=saved["max_steps"],
-                **json.loads(saved["task_args"]),
-            )
-        own = {
-            "agent",
-            "task",
-            "task_args",
-            "max_length",
-            "max_steps",
-            "seed",
-            "device",
-            "logdir",
-            "progress",
-            "resume",
-            "save",
-            "json",
-        }
-        agent = cls(
-            env,
-            seed=saved["seed"],
-            device=device,
-            tensorboard_log=saved["logdir"],
-            verbose=int(saved["progress"]),
-            **{k: v for k, v in saved.items() if k not in own},
+        unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
+        if unknown:
+            raise CheckpointError(f"{path}: settings this version does not know: {unknown}")
+        config = TrainConfig(**{**saved, "device": device, "resume": False, "overwrite": False})
+        task = None
+        if env is not None:
+            base = env.unwrapped
+            if not isinstance(base, SequenceGenEnv):
+                raise TypeError(f"expected a SequenceGen-v0 environment, got {type(base).__name__}")
+            task = base.task
+            if task.name != config.task:
+                raise ValueError(f"{path} holds a {config.task!r} agent; env's task: {task.name!r}")
+        agent = cls.__new__(cls)
+        agent.trainer = Trainer(config, task=task)
+        agent.env = env or SequenceGenEnv(
+            task=agent.trainer.task,
+            max_length=agent.trainer.max_length,
+            max_steps=agent.trainer.max_steps,
         )
         agent.trainer.load(path)
         return agent

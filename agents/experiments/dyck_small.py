@@ -166,16 +166,27 @@ def acceptance(results: dict[str, Any], kappa: dict[str, Any] | None) -> str:
     return "\n".join(out) + "\n"
 
 
+def read_results(folder: Path, option: str) -> dict[str, Any]:
+    """A comparison folder's results.json; SystemExit (one line) when there is none."""
+    path = folder / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"{option} {folder}: no results.json there (run its comparison first)")
+    return json.loads(path.read_text())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Write acceptance.md beside the comparison's results.json."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--results", default="benchmarks/results/dyck_small")
-    parser.add_argument("--kappa", default="benchmarks/results/dyck_small_kappa")
+    parser.add_argument(
+        "--kappa",
+        default="benchmarks/results/dyck_small_kappa",
+        help="the kappa = 0.25 control's comparison folder; '' leaves the control out",
+    )
     parser.add_argument("--out", default=None, help="default: RESULTS/acceptance.md")
     options = parser.parse_args(argv)
-    results = json.loads((Path(options.results) / "results.json").read_text())
-    kappa_path = Path(options.kappa) / "results.json"
-    kappa = json.loads(kappa_path.read_text()) if options.kappa and kappa_path.exists() else None
+    results = read_results(Path(options.results), "--results")
+    kappa = read_results(Path(options.kappa), "--kappa") if options.kappa else None
     out = Path(options.out) if options.out else Path(options.results) / "acceptance.md"
     out.write_text(acceptance(results, kappa))
     print(f"wrote {out}")

@@ -16,6 +16,7 @@ AGENT_LABELS = {
     "bc": "BC (intended actions, disturbed data)",
     "bc_executed": "BC (executed actions: noise as targets, the paper's)",
     "sequencematch": "SequenceMatch",
+    "sequencematch_eta0": "SequenceMatch at eta 0 (BC with the level penalty)",
     "sequencematch_no_bkspc": "SequenceMatch, no backspace",
     "ppo": "PPO (task reward)",
     "untuned": "the pretrained model, untuned",
@@ -27,6 +28,7 @@ AGENT_SHORT = {
     "bc": "BC",
     "bc_executed": "BC (executed)",
     "sequencematch": "SequenceMatch",
+    "sequencematch_eta0": "SequenceMatch at eta 0",
     "sequencematch_no_bkspc": "SequenceMatch, no backspace",
     "untuned": "untuned",
 }

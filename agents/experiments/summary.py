@@ -27,6 +27,8 @@ from agents.training.config import TrainConfig
 DIFFERENCES = (
     ("sequencematch", "mle"),
     ("sequencematch", "bc"),
+    ("sequencematch", "sequencematch_eta0"),  # what the SequenceMatch term adds
+    ("sequencematch_eta0", "bc"),  # what the level penalty adds to BC
     ("sequencematch", "untuned"),
     ("mle", "untuned"),
 )

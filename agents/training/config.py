@@ -359,6 +359,16 @@ class TrainConfig:
         return self.name or f"{self.agent}-{self.task}-s{self.seed}"
 
 
+# Settings added after checkpoints were first written, each with the value that trained as the
+# library did before it existed: a checkpoint that lacks one resumes as it was trained.
+ADDED_SETTINGS: dict[str, Any] = {"level_penalty": 0.0}
+
+
+def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's stored config with the settings added since it was written filled in."""
+    return {**ADDED_SETTINGS, **saved}
+
+
 def parse_task_args(task_args: str) -> dict[str, Any]:
     """``--task-args`` JSON as a dict; ValueError (one line) unless it is a JSON object."""
     try:

@@ -79,7 +79,7 @@ from agents.training.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from agents.training.config import RunError, TrainConfig, resolve_device
+from agents.training.config import RunError, TrainConfig, resolve_device, saved_settings
 from agents.training.logger import Logger
 from agents.training.memory import check_memory, training_bytes
 from seqenv.disturbance import KEY_BOUND, Disturbance
@@ -596,11 +596,17 @@ class Trainer:
             raise CheckpointError(
                 f"{path}: the checkpoint's vocabulary does not match task {self.task.name!r}"
             )
-        saved = {k: v for k, v in metadata["config"].items() if k not in _RESUMABLE}
+        saved = saved_settings(metadata["config"])
         current = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in _RESUMABLE}
-        changed = sorted(k for k in current if saved.get(k) != current[k])
+        changed = [
+            f"{k} (checkpoint {saved.get(k)!r}, now {v!r})"
+            for k, v in sorted(current.items())
+            if saved.get(k) != v
+        ]
         if changed:
-            raise CheckpointError(f"{path}: cannot resume with different settings: {changed}")
+            raise CheckpointError(
+                f"{path}: cannot resume with different settings: {'; '.join(changed)}"
+            )
         load_weights(path, self.policy)
         rng = load_training_state(path, self.optimizer, metadata)
         self.step = int(metadata["step"])

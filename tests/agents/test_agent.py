@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gymnasium as gym
@@ -12,6 +13,9 @@ import torch
 import seqenv
 from agents import BC, MLE, SequenceMatch
 from agents.models.sb3 import SequenceFeaturesExtractor
+from agents.training.checkpoint import CheckpointError, resolve_checkpoint
+from agents.training.config import TrainConfig
+from agents.training.trainer import Trainer
 
 TINY = {
     "layers": 1,
@@ -45,6 +49,51 @@ def test_learn_predict_save_load(tmp_path: Path) -> None:
         assert torch.equal(a, b)
     assert loaded.trainer.step == model.trainer.step
     assert loaded.predict(obs, deterministic=True)[0] == model.predict(obs, deterministic=True)[0]
+
+
+def _without_setting(checkpoint: Path, name: str) -> None:
+    """Rewrite ``checkpoint``'s stored config as a version from before ``name`` existed wrote it."""
+    meta_path = resolve_checkpoint(checkpoint) / "checkpoint.json"
+    metadata = json.loads(meta_path.read_text())
+    del metadata["config"][name]
+    meta_path.write_text(json.dumps(metadata))
+
+
+def test_load_takes_what_seqmatch_train_saved(tmp_path: Path) -> None:
+    # `seqmatch train` stores the task's arguments and lengths as given (here: none); the facade
+    # stores its environment's. Loading must not re-derive them from an environment.
+    config = TrainConfig(agent="bc", task="dyck", steps=2, device="cpu", progress=False, **TINY)
+    trainer = Trainer(config)
+    trainer.train()
+    trainer.save(tmp_path / "cli")
+    loaded = BC.load(tmp_path / "cli", device="cpu")
+    assert loaded.trainer.config.task_args == "{}" and loaded.trainer.step == 2
+    saved, restored = trainer.policy.state_dict(), loaded.policy.state_dict()
+    assert saved.keys() == restored.keys()
+    assert all(torch.equal(saved[k], restored[k]) for k in saved)
+    assert loaded.env.unwrapped.max_length == trainer.max_length
+    with pytest.raises(ValueError, match="holds a 'bc' agent"):
+        MLE.load(tmp_path / "cli")
+    with pytest.raises(ValueError, match="env's task: 'arithmetic'"):
+        BC.load(tmp_path / "cli", env=gym.make(seqenv.ENV_ID, task="arithmetic"))
+
+
+def test_a_checkpoint_from_before_the_level_penalty_loads_without_it(tmp_path: Path) -> None:
+    env = gym.make(seqenv.ENV_ID, task="dyck")
+    model = SequenceMatch(env, sm_warmup=1, k_sample=2, rollouts=4, buffer_size=8, **TINY)
+    model.trainer.config.steps = 2
+    model.trainer.train()
+    model.save(tmp_path / "old")
+    _without_setting(tmp_path / "old", "level_penalty")
+    loaded = SequenceMatch.load(tmp_path / "old", device="cpu")
+    assert loaded.trainer.config.level_penalty == 0.0  # as it was trained, not today's default
+    loaded.learn(total_timesteps=loaded.num_timesteps + 1)  # and it trains on
+    meta = resolve_checkpoint(tmp_path / "old") / "checkpoint.json"
+    metadata = json.loads(meta.read_text())
+    metadata["config"]["retired"] = 1
+    meta.write_text(json.dumps(metadata))
+    with pytest.raises(CheckpointError, match="does not know: \\['retired'\\]"):
+        SequenceMatch.load(tmp_path / "old")
 
 
 def test_mle_and_bc_facades() -> None:

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agents.experiments.dyck_small import acceptance, grad_share, main
 
 GOOD = {
@@ -107,3 +109,13 @@ def test_main_writes_the_page_with_the_negative_control(tmp_path: Path) -> None:
     assert main(["--results", str(main_dir), "--kappa", str(kappa_dir)]) == 0
     page = (main_dir / "acceptance.md").read_text()
     assert "**not met** (per seed 0.3000)" in bound_line(page, "kappa 0.25, eta 0.3: exact_invalid")
+
+
+def test_a_missing_control_folder_is_refused_unless_left_out(tmp_path: Path) -> None:
+    main_dir = tmp_path / "dyck_small"
+    main_dir.mkdir()
+    (main_dir / "results.json").write_text(json.dumps(results([run("sequencematch", 0)])))
+    with pytest.raises(SystemExit, match=r"--kappa .*nowhere: no results\.json"):
+        main(["--results", str(main_dir), "--kappa", str(tmp_path / "nowhere")])
+    assert main(["--results", str(main_dir), "--kappa", ""]) == 0
+    assert "Negative control" not in (main_dir / "acceptance.md").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 
 from agents.cli import main
 from agents.experiments import summary
-from agents.experiments.compare import CompareConfig, load_config
+from agents.experiments.compare import CompareConfig, load_config, train_config
 
 
 def test_compare_quick_writes_every_output(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -72,16 +73,24 @@ def test_configs_load_and_bad_options_fail_clearly() -> None:
 
 def test_default_agents_and_all() -> None:
     default = load_config(CompareConfig())
-    assert default["agent_list"] == ["mle", "bc", "sequencematch"]
+    assert default["agent_list"] == ["mle", "bc", "sequencematch", "sequencematch_eta0"]
     everything = load_config(CompareConfig(agents="all"))["agent_list"]
     assert everything == [
         "mle",
         "bc",
         "bc_executed",
         "sequencematch",
+        "sequencematch_eta0",
         "sequencematch_no_bkspc",
         "ppo",
     ]
+    # The eta-0 ablation is SequenceMatch's run with the SequenceMatch term weighted 0.
+    ablation = train_config(default, "sequencematch_eta0", 0, Path("out"), "cpu", False)
+    full = train_config(default, "sequencematch", 0, Path("out"), "cpu", False)
+    assert ablation.agent == "sequencematch" and ablation.eta == 0.0 and full.eta > 0.0
+    assert {k: v for k, v in asdict(ablation).items() if k not in ("eta", "name")} == {
+        k: v for k, v in asdict(full).items() if k not in ("eta", "name")
+    }
     # A config without default_agents runs every agent that applies to its task.
     assert "sequencematch_no_bkspc" in load_config(CompareConfig(config="dyck_cpu"))["agent_list"]
     with pytest.raises(ValueError, match="needs a pretrained model"):

@@ -126,6 +126,23 @@ def test_resume_refuses_changed_settings(
     assert (resolve_checkpoint(tmp_path / "run") / "model.safetensors").read_bytes() == checkpoint
 
 
+def test_a_checkpoint_from_before_a_setting_resumes_as_it_was_trained(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], one_thread: None
+) -> None:
+    _train(tmp_path, "mle", "run", 2)
+    meta_path = resolve_checkpoint(tmp_path / "run") / "checkpoint.json"
+    metadata = json.loads(meta_path.read_text())
+    del metadata["config"]["level_penalty"]  # written before the setting existed
+    meta_path.write_text(json.dumps(metadata))
+    capsys.readouterr()
+    args = ["train", *AGENTS["mle"], *COMMON, "--steps", "4", "--resume"]
+    args += ["--logdir", str(tmp_path / "runs"), "--name", "run", "--save", str(tmp_path / "run")]
+    assert main(args) == 1  # today's default is not what it trained with
+    assert "level_penalty (checkpoint 0.0, now 0.01)" in capsys.readouterr().err
+    assert main([*args, "--level-penalty", "0"]) == 0
+    assert read_metadata(tmp_path / "run")["step"] == 4
+
+
 # -- interruptions: a kill during a save, Ctrl-C, a full disk, a diverged loss ------------------
 class Killed(BaseException):
     """The process died here (nothing catches it as an error, nothing cleans up after it)."""
