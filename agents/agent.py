@@ -189,7 +189,10 @@ class ImitationAgent:
         unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(TrainConfig)})
         if unknown:
             raise CheckpointError(f"{path}: settings this version does not know: {unknown}")
-        config = TrainConfig(**{**saved, "device": device, "resume": False, "overwrite": False})
+        # Where the run wrote its checkpoints and metrics is not the loaded agent's business:
+        # it trains on in memory until ``save`` is called, as a new agent does.
+        where = {"save": None, "json": None, "resume": False, "overwrite": False}
+        config = TrainConfig(**{**saved, **where, "device": device})
         task = None
         if env is not None:
             base = env.unwrapped

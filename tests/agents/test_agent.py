@@ -62,16 +62,20 @@ def _without_setting(checkpoint: Path, name: str) -> None:
 def test_load_takes_what_seqmatch_train_saved(tmp_path: Path) -> None:
     # `seqmatch train` stores the task's arguments and lengths as given (here: none); the facade
     # stores its environment's. Loading must not re-derive them from an environment.
-    config = TrainConfig(agent="bc", task="dyck", steps=2, device="cpu", progress=False, **TINY)
+    config = TrainConfig(
+        agent="bc", task="dyck", steps=2, device="cpu", progress=False, save=str(tmp_path / "cli"),
+        **TINY,
+    )  # fmt: skip
     trainer = Trainer(config)
     trainer.train()
-    trainer.save(tmp_path / "cli")
     loaded = BC.load(tmp_path / "cli", device="cpu")
     assert loaded.trainer.config.task_args == "{}" and loaded.trainer.step == 2
+    assert loaded.trainer.config.save is None  # trains on without touching the checkpoint
     saved, restored = trainer.policy.state_dict(), loaded.policy.state_dict()
     assert saved.keys() == restored.keys()
     assert all(torch.equal(saved[k], restored[k]) for k in saved)
     assert loaded.env.unwrapped.max_length == trainer.max_length
+    loaded.learn(total_timesteps=loaded.num_timesteps + 1)
     with pytest.raises(ValueError, match="holds a 'bc' agent"):
         MLE.load(tmp_path / "cli")
     with pytest.raises(ValueError, match="env's task: 'arithmetic'"):
