@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -51,11 +53,11 @@ def test_learn_predict_save_load(tmp_path: Path) -> None:
     assert loaded.predict(obs, deterministic=True)[0] == model.predict(obs, deterministic=True)[0]
 
 
-def _without_setting(checkpoint: Path, name: str) -> None:
-    """Rewrite ``checkpoint``'s stored config as a version from before ``name`` existed wrote it."""
+def _edit_stored_config(checkpoint: Path, edit: Callable[[dict[str, Any]], object]) -> None:
+    """Apply ``edit`` to ``checkpoint``'s stored config, as another version might have it."""
     meta_path = resolve_checkpoint(checkpoint) / "checkpoint.json"
     metadata = json.loads(meta_path.read_text())
-    del metadata["config"][name]
+    edit(metadata["config"])
     meta_path.write_text(json.dumps(metadata))
 
 
@@ -88,14 +90,11 @@ def test_a_checkpoint_from_before_the_level_penalty_loads_without_it(tmp_path: P
     model.trainer.config.steps = 2
     model.trainer.train()
     model.save(tmp_path / "old")
-    _without_setting(tmp_path / "old", "level_penalty")
+    _edit_stored_config(tmp_path / "old", lambda config: config.pop("level_penalty"))
     loaded = SequenceMatch.load(tmp_path / "old", device="cpu")
     assert loaded.trainer.config.level_penalty == 0.0  # as it was trained, not today's default
     loaded.learn(total_timesteps=loaded.num_timesteps + 1)  # and it trains on
-    meta = resolve_checkpoint(tmp_path / "old") / "checkpoint.json"
-    metadata = json.loads(meta.read_text())
-    metadata["config"]["retired"] = 1
-    meta.write_text(json.dumps(metadata))
+    _edit_stored_config(tmp_path / "old", lambda config: config.update(retired=1))
     with pytest.raises(CheckpointError, match="does not know: \\['retired'\\]"):
         SequenceMatch.load(tmp_path / "old")
 
