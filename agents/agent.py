@@ -31,9 +31,10 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from agents.algorithms import resolve_algorithm
 from agents.models.interface import mask_logits
 from agents.training.checkpoint import CheckpointError, read_metadata
-from agents.training.config import Agent, TrainConfig, saved_settings
+from agents.training.config import TrainConfig, saved_settings
 from agents.training.trainer import Trainer
 from seqenv.env import SequenceGenEnv
 from seqenv.tasks import make_task
@@ -58,7 +59,8 @@ class ImitationAgent:
             (``lora_r``, ``lora_alpha``, ``gradient_checkpointing``, ...).
     """
 
-    agent_name: ClassVar[Agent]
+    agent_name: ClassVar[str]
+    """The registered algorithm (:data:`agents.algorithms.ALGORITHMS`) this facade trains."""
 
     def __init__(
         self,
@@ -90,6 +92,7 @@ class ImitationAgent:
         if base.disturbance.active:  # train in the environment's own disturbance
             hyperparameters.setdefault("noise", base.disturbance.p)
             hyperparameters.setdefault("noise_type", base.disturbance.kind)
+        spec = resolve_algorithm(self.agent_name)
         config = TrainConfig(
             agent=self.agent_name,
             task=base.task.name,
@@ -104,6 +107,7 @@ class ImitationAgent:
             data=data,
             **hyperparameters,
         )
+        config = spec.configure(config)  # the settings the name fixes (mle: no backspace)
         self.trainer = Trainer(config, task=base.task)
 
     @property

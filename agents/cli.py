@@ -24,6 +24,7 @@ from typing import Any, SupportsFloat, TypeVar
 import numpy as np
 import tyro
 
+from agents.algorithms import describe_algorithms, resolve_algorithm
 from agents.evaluation.checkpoint import MAX_SEQUENCES
 from agents.experiments.compare import CompareConfig
 from agents.training.config import RunError, TrainConfig
@@ -144,6 +145,12 @@ def train(config: TrainConfig) -> None:
     from agents.training.trainer import Trainer
 
     _check_json_target(config.json)
+    spec = resolve_algorithm(config.agent)
+    if not spec.cls.trains:
+        raise ValueError(
+            f"agent {config.agent!r} is a baseline never trained: use seqmatch compare"
+        )
+    config = spec.configure(config)  # the settings a preset fixes
     trainer = Trainer(config)
     metrics = trainer.train()
     if trainer.is_main:
@@ -371,6 +378,18 @@ def _one_line(box: str) -> str:
     return " ".join(" ".join(paragraph).split()) or title or "invalid arguments"
 
 
+def _description(config_type: type) -> str | None:
+    """The ``--help`` text above the flags: train's lists the registered agents."""
+    if config_type is not TrainConfig:
+        return None  # tyro's: the config's docstring
+    return (
+        "Train an agent on a task. Agents (--agent NAME), from agents.algorithms:\n\n"
+        + describe_algorithms()
+        + "\n\nor --agent module:Class, an Algorithm subclass of yours (--agent-args JSON gives "
+        "its own settings)."
+    )
+
+
 def _parse(config_type: type, args: list[str], prog: str, debug: bool) -> Any:
     """``tyro.cli``, with its multi-line error box turned into one line (unless ``debug``).
 
@@ -379,7 +398,9 @@ def _parse(config_type: type, args: list[str], prog: str, debug: bool) -> Any:
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            return tyro.cli(config_type, args=args, prog=prog)
+            return tyro.cli(
+                config_type, args=args, prog=prog, description=_description(config_type)
+            )
     except SystemExit as exit_:
         if exit_.code in (0, None) or debug:
             sys.stderr.write(captured.getvalue())
@@ -416,7 +437,11 @@ def bench(config: BenchConfig) -> None:
 # name -> (config, run, one line for `seqmatch --help`)
 COMMANDS: dict[str, tuple[type, Callable[[Any], Any], str]] = {
     "compare": (CompareConfig, compare, "IL against MLE on a task: train, evaluate, report"),
-    "train": (TrainConfig, train, "train an agent (mle, bc, sequencematch) on a task"),
+    "train": (
+        TrainConfig,
+        train,
+        "train an agent (--agent: mle, bc, sequencematch, ...) on a task",
+    ),
     "eval": (EvalConfig, evaluate, "evaluate a checkpoint on the task or on your data"),
     "generate": (GenerateConfig, generate_text, "continue a prompt with a checkpoint"),
     "export": (ExportConfig, export, "merge a --model checkpoint into a transformers folder"),

@@ -14,14 +14,14 @@ trajectory's last state is bootstrapped). The objective maximised is::
         - E_src[sum_t gamma^t (V(s_t) - gamma V(s_{t+1}))]
 
 and the loss is -J. Gradients flow through Q and both V terms; there is no target network.
-:class:`StepValues` holds Q and V in logit units (alpha = 1); :meth:`SequenceMatch.from_values`
+:class:`StepValues` holds Q and V in logit units (alpha = 1); :meth:`SequenceMatchLoss.from_values`
 applies alpha.
 
 **Temperature and the one knob kappa.** For the quadratic divergences (``chi2_mixture``,
 ``chi2``, ``linear``) J at temperature alpha and chi^2 coefficient c is alpha times J at
 temperature 1 and coefficient c alpha, as a function of the logits: J_{alpha,c}(l) = alpha
 J_{1,c alpha}(l), exactly (``chi2``'s fixed 1/4 scales the same way: kappa = alpha / 4). So
-only kappa = c alpha moves the fixed point (:attr:`SequenceMatch.kappa`); alpha alone rescales
+only kappa = c alpha moves the fixed point (:attr:`SequenceMatchLoss.kappa`); alpha alone rescales
 the loss. On the enumerable dyck grammar, solved exactly (docs/method.md §3): kappa = 0.25
 (alpha = 1) is biased toward never ending and runaway backspacing; kappa = 0.025 leaves a small
 bias; kappa <= 0.0025 (the default, alpha = 0.01 and c = 1/4) lands on the target. For the other
@@ -70,7 +70,6 @@ Shapes: B sequences, T input rows, S steps, A actions.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -306,7 +305,7 @@ def phi(
 # Objectives
 
 
-class _Objective:
+class Loss:
     """Shared plumbing: one forward pass per batch read, then :meth:`from_values`."""
 
     allow_backspace: bool
@@ -317,14 +316,16 @@ class _Objective:
         return False
 
     def from_values(self, data: StepValues, model: StepValues | None) -> LossOutput:
+        """The loss from the step values of the data batch (and the model batch, if read)."""
         raise NotImplementedError
 
     def __call__(self, policy: BatchPolicy, batch: ObjectiveBatch) -> LossOutput:
+        """The loss of ``policy`` on ``batch``: one forward pass per batch read."""
         return _run(self, [self], policy, batch)
 
 
 def _run(
-    objective: _Objective, parts: list[_Objective], policy: BatchPolicy, batch: ObjectiveBatch
+    objective: Loss, parts: list[Loss], policy: BatchPolicy, batch: ObjectiveBatch
 ) -> LossOutput:
     """Forward the batches that ``parts`` read, once each, and evaluate ``objective`` on them."""
     if len({part.allow_backspace for part in parts}) != 1:
@@ -376,7 +377,7 @@ def _check_level_penalty(level_penalty: float) -> None:
 
 
 @dataclass(frozen=True)
-class MLE(_Objective):
+class MLELoss(Loss):
     """Teacher-forced cross entropy on the data batch: -sum_t log pi(a_t | s_t) / (B L).
 
     Args:
@@ -405,7 +406,7 @@ class MLE(_Objective):
 
 
 @dataclass(frozen=True)
-class BC(_Objective):
+class BCLoss(Loss):
     """Behaviour cloning on noise-augmented demonstrations (docs/method.md §4-§5).
 
     Args:
@@ -413,9 +414,9 @@ class BC(_Objective):
             as in the paper; False leaves them out (the backspaces that delete them still are).
         normaliser_length: L (see the module docstring); None: the batch's padded step count.
         allow_backspace: False masks ``<bkspc>`` out of the policy everywhere.
-        level_penalty: as :class:`MLE`.
+        level_penalty: as :class:`MLELoss`.
 
-    Metrics: as :class:`MLE`.
+    Metrics: as :class:`MLELoss`.
     """
 
     noise_targets: bool = True
@@ -434,7 +435,7 @@ class BC(_Objective):
 
 
 @dataclass(frozen=True)
-class SequenceMatch(_Objective):
+class SequenceMatchLoss(Loss):
     """SequenceMatch (docs/method.md §3): loss = -J, J the occupancy-divergence saddle objective.
 
     Args:
@@ -495,6 +496,32 @@ class SequenceMatch(_Objective):
         if not self.max_slope >= 1.0:
             raise ValueError(f"max_slope must be >= 1, got {self.max_slope}")
         _check_normaliser(self.normaliser_length)
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Any,
+        *,
+        normaliser_length: int | None = None,
+        allow_backspace: bool = True,
+        value_source: str | None = None,
+    ) -> SequenceMatchLoss:
+        """The loss a run's settings describe (the one place it is built from them).
+
+        ``settings``: a :class:`~agents.training.config.TrainConfig`, or any object with
+        ``divergence``, ``c``, ``alpha``, ``gamma`` and ``value_source``; ``value_source`` given
+        here replaces the settings' (every agent's divergence probe reads data and model samples
+        together).
+        """
+        return cls(
+            divergence=settings.divergence,
+            c=settings.c,
+            alpha=settings.alpha,
+            gamma=settings.gamma,
+            value_source=value_source or settings.value_source,
+            normaliser_length=normaliser_length,
+            allow_backspace=allow_backspace,
+        )
 
     @property
     def has_model_term(self) -> bool:
@@ -600,7 +627,7 @@ class SequenceMatch(_Objective):
 
 
 @dataclass(frozen=True)
-class Mixture(_Objective):
+class Mixture(Loss):
     """The training schedule's combination (docs/method.md §4): (1 - eta) L_BC + eta L_SM / alpha.
 
     Dividing L_SM by the soft-Q temperature alpha keeps eta's meaning at every alpha: L_SM is
@@ -609,7 +636,7 @@ class Mixture(_Objective):
     Give both the same ``normaliser_length`` so that eta weighs like with like.
 
     Args:
-        bc: the behaviour-cloning part (:class:`BC` or :class:`MLE`).
+        bc: the behaviour-cloning part (:class:`BCLoss` or :class:`MLELoss`).
         sm: the SequenceMatch part.
         eta: weight of ``sm``, in [0, 1].
 
@@ -619,8 +646,8 @@ class Mixture(_Objective):
     the chi^2 penalties of ``sm`` with the same weight eta / alpha.
     """
 
-    bc: BC | MLE
-    sm: SequenceMatch
+    bc: BCLoss | MLELoss
+    sm: SequenceMatchLoss
     eta: float
     allow_backspace: bool = field(init=False)
 
@@ -698,30 +725,5 @@ def gradient_shares(
     return shares
 
 
-Objective = MLE | BC | SequenceMatch | Mixture
-
-OBJECTIVES: dict[str, type[MLE] | type[BC] | type[SequenceMatch]] = {
-    "mle": MLE,
-    "bc": BC,
-    "sequencematch": SequenceMatch,
-}
-
-
-def make_objective(name: str, **kwargs: Any) -> MLE | BC | SequenceMatch:
-    """Build the objective ``name`` (``mle``, ``bc``, ``sequencematch``) from plain arguments.
-
-    Raises:
-        ValueError: for an unknown name, an argument the objective does not take, or a bad
-            value (an unknown divergence or value source, ...).
-    """
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
-    cls = OBJECTIVES[name]
-    accepted = [f.name for f in dataclasses.fields(cls) if f.init]
-    unexpected = sorted(set(kwargs) - set(accepted))
-    if unexpected:
-        raise ValueError(
-            f"objective {name!r} takes no argument {', '.join(map(repr, unexpected))}; "
-            f"it takes: {', '.join(accepted)}"
-        )
-    return cls(**kwargs)
+Objective = Callable[[BatchPolicy, ObjectiveBatch], LossOutput]
+"""An algorithm's loss: any ``(policy, batch) -> LossOutput`` (every :class:`Loss` is one)."""

@@ -39,12 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from agents.algorithms import SequenceMatch
 from agents.collate import collate
 from agents.experiments.timing import interleaved_fastest
 from agents.generate import generate
 from agents.models.policy import TransformerPolicy
-from agents.objectives import Mixture, ObjectiveBatch, make_objective
-from agents.training.config import Agent, TrainConfig
+from agents.objectives import MLELoss, ObjectiveBatch
+from agents.training.config import TrainConfig
 from agents.training.trainer import Trainer
 from seqenv.disturbance import Disturbance
 from seqenv.rules import step_budget
@@ -119,15 +120,11 @@ def _measure_update(quick: bool, device: str, sync: Callable[[], None]) -> dict[
     policy, config = _warm_started_policy(quick, device)  # the trainer's defaults otherwise
     task = make_task(config.task)
     sm_batch, mle_batch, info = _update_batches(policy, config, device)
-    common = {"normaliser_length": 2 * task.default_max_length}
-    bc = make_objective("bc", noise_targets=config.noise_targets, **common)
-    sm_part = make_objective(
-        "sequencematch", divergence=config.divergence, c=config.c, gamma=config.gamma,
-        alpha=config.alpha, value_source=config.value_source, **common,
-    )  # fmt: skip
+    normaliser = 2 * task.default_max_length
+    _, mixture = SequenceMatch.losses(config, normaliser, allow_backspace=True)  # as it trains
     objectives = {
-        "sm": (Mixture(bc, sm_part, config.eta), sm_batch),  # type: ignore[arg-type]
-        "mle": (make_objective("mle", **common), mle_batch),
+        "sm": (mixture, sm_batch),
+        "mle": (MLELoss(normaliser_length=normaliser), mle_batch),
     }
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4, betas=(0.9, 0.95))
     autocast: AbstractContextManager[Any] = (
@@ -161,7 +158,7 @@ def _measure_update(quick: bool, device: str, sync: Callable[[], None]) -> dict[
     }
 
 
-def _run_config(agent: Agent, quick: bool, device: str, **settings: Any) -> TrainConfig:
+def _run_config(agent: str, quick: bool, device: str, **settings: Any) -> TrainConfig:
     steps = 20 if quick else 100
     return TrainConfig(
         agent=agent, task=TASK, steps=steps, sm_warmup=steps // 5, device=device,
@@ -171,19 +168,22 @@ def _run_config(agent: Agent, quick: bool, device: str, **settings: Any) -> Trai
 
 
 class _TimedTrainer(Trainer):
-    """The trainer, timing its rollouts (the refreshes of the replay buffer)."""
+    """The trainer, timing its rollouts (its algorithm's refreshes of the replay buffer)."""
 
     def __init__(self, config: TrainConfig, sync: Callable[[], None]) -> None:
         super().__init__(config)
-        self._sync = sync
         self.rollout_seconds = 0.0
+        if isinstance(self.algorithm, SequenceMatch):
+            refresh = self.algorithm.refresh_buffer
 
-    def _refresh_buffer(self) -> None:
-        self._sync()
-        start = time.perf_counter()
-        super()._refresh_buffer()
-        self._sync()
-        self.rollout_seconds += time.perf_counter() - start
+            def timed_refresh() -> None:
+                sync()
+                start = time.perf_counter()
+                refresh()
+                sync()
+                self.rollout_seconds += time.perf_counter() - start
+
+            self.algorithm.refresh_buffer = timed_refresh  # type: ignore[method-assign]
 
 
 def _measure_run(
@@ -201,7 +201,7 @@ def _measure_run(
     ``sm[name]_vs_mle_run``. BC and SequenceMatch share the data, the updates and the
     disturbance (the trainer's defaults); MLE learns the clean data.
     """
-    runs: dict[str, tuple[Agent, dict[str, Any]]] = {
+    runs: dict[str, tuple[str, dict[str, Any]]] = {
         "mle": ("mle", {}),
         "bc": ("bc", {}),
         "sm": ("sequencematch", {}),
@@ -222,8 +222,9 @@ def _measure_run(
                 trainers[name] = trainer
     best = {name: min(s) for name, s in seconds.items()}
     sm = trainers["sm"]
+    assert isinstance(sm.algorithm, SequenceMatch)
     refreshes = -(-(sm.config.steps - sm.config.sm_warmup) // sm.config.k_sample)
-    buffer = sm.buffer.sample(len(sm.buffer), np.random.default_rng(0))
+    buffer = sm.algorithm.buffer.sample(len(sm.algorithm.buffer), np.random.default_rng(0))
     figures = {
         "sm_vs_bc_run": best["sm"] / best["bc"],
         "sm_vs_mle_run": best["sm"] / best["mle"],

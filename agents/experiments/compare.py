@@ -67,42 +67,22 @@ from typing import Any, cast
 
 import torch
 
+from agents.algorithms import ALGORITHMS, resolve_algorithm, safe_name
 from agents.evaluation.evaluate import (
     evaluate,
     exact_metrics,
     human_text_metrics,
 )
 from agents.evaluation.occupancy import GrammarTask
-from agents.experiments.ppo import train_ppo
 from agents.experiments.report import _clean, write_outputs
 from agents.experiments.summary import aggregate, check_targets, convergence, differences
 from agents.training.checkpoint import POINTER
-from agents.training.config import TrainConfig, resolve_device
+from agents.training.config import ADDED_SETTINGS, TrainConfig, resolve_device
 from agents.training.trainer import Trainer
 from seqenv.disturbance import Disturbance
 from seqenv.rules import step_budget
 from seqenv.tasks import Task, make_task
 
-AGENT_NAMES = (
-    "mle",
-    "bc",
-    "bc_executed",
-    "sequencematch",
-    "sequencematch_eta0",
-    "sequencematch_no_bkspc",
-    "ppo",
-    "untuned",
-)
-# How each agent maps onto the trainer; `backspace=False` masks it in training and generation.
-AGENT_TRAIN: dict[str, dict[str, Any]] = {
-    "mle": {"agent": "mle", "backspace": False},
-    "bc": {"agent": "bc"},
-    "bc_executed": {"agent": "bc", "labels": "executed"},
-    "sequencematch": {"agent": "sequencematch"},
-    "sequencematch_eta0": {"agent": "sequencematch", "eta": 0.0},  # same rollouts, weight 0
-    "sequencematch_no_bkspc": {"agent": "sequencematch", "backspace": False},
-    "untuned": {"agent": "mle", "backspace": False},  # built as MLE would be, never updated
-}
 DEFAULT_CONFIG: dict[str, Any] = {
     "name": "default",
     "task": "arithmetic",
@@ -264,30 +244,40 @@ def load_config(options: CompareConfig) -> dict[str, Any]:
         config["seeds"] = options.seeds
     if int(config["seeds"]) < 1:
         raise ValueError(f"--seeds must be >= 1, got {config['seeds']}")
-    # PPO trains its own small network on the task's reward: no text task, no pretrained model.
-    # The untuned baseline exists only where there is a pretrained model to leave untuned.
-    pretrained = bool(config.get("train", {}).get("model"))
-    agents = [
-        a
-        for a in AGENT_NAMES
-        if not (a == "ppo" and (config["task"] == "text" or pretrained))
-        and not (a == "untuned" and not pretrained)
-    ]
-    wanted = config.get("default_agents")
-    if options.agents and options.agents.strip() != "all":
-        wanted = [a.strip() for a in options.agents.split(",") if a.strip()]
-    elif options.agents:
-        wanted = None
-    if wanted:
-        unknown = sorted(set(wanted) - set(AGENT_NAMES))
-        if unknown:
-            raise ValueError(f"unknown agents {unknown}; known: {', '.join(AGENT_NAMES)}")
-        if "untuned" in wanted and not pretrained:
-            raise ValueError("agent 'untuned' needs a pretrained model: pass --model PATH")
-        agents = [a for a in agents if a in wanted]
-    config["agent_list"] = agents
+    config["agent_list"] = agent_list(config, options.agents)
     config["library_defaults"] = library_defaults()
     return config
+
+
+def agent_list(config: dict[str, Any], agents: str | None) -> list[str]:
+    """The agents a comparison runs, registered ones in registry order, then the others.
+
+    ``agents`` (comma-separated names, ``module:Class`` entries, or ``all``), else the config's
+    ``default_agents``, else every registered agent that can run on the config's task.
+
+    Raises:
+        ValueError: for an unknown name, or an agent that cannot run on this task.
+    """
+    pretrained = bool(config.get("train", {}).get("model"))
+    wanted = config.get("default_agents")
+    if agents and agents.strip() != "all":
+        wanted = [a.strip() for a in agents.split(",") if a.strip()]
+    elif agents:
+        wanted = None
+    if not wanted:
+        return [
+            name
+            for name, spec in ALGORITHMS.items()
+            if spec.cls.unavailable(config["task"], pretrained) is None
+        ]
+    for name in wanted:
+        reason = resolve_algorithm(name).cls.unavailable(config["task"], pretrained)
+        if reason is not None:
+            raise ValueError(f"agent {name!r} {reason}")
+    if len({safe_name(name) for name in wanted}) < len(set(wanted)):
+        raise ValueError(f"--agents {','.join(wanted)}: two names give the same run files")
+    registered = [name for name in ALGORITHMS if name in wanted]
+    return registered + [name for name in dict.fromkeys(wanted) if name not in ALGORITHMS]
 
 
 def library_defaults() -> dict[str, Any]:
@@ -320,10 +310,11 @@ def train_config(
     fields: dict[str, Any] = {
         **config.get("train", {}),
         **config.get("agents", {}).get(agent, {}),
-        **AGENT_TRAIN[agent],
+        **resolve_algorithm(agent).overrides,  # a preset's settings (mle: no backspace)
         **overrides,
     }
     return TrainConfig(
+        agent=agent,
         task=config["task"],
         task_args=json.dumps(config.get("task_args", {})),
         seed=seed,
@@ -358,29 +349,33 @@ def run_one(
     if exact is not None:
         exact = {"p": disturbance.p if disturbance else 0.0, **exact}
     warm_start: dict[str, Any] = {}
-    if agent == "ppo":
+    algorithm = resolve_algorithm(agent).cls
+    if algorithm.own_loop:
         torch_device = resolve_device(device)
-        policy, history = train_ppo(config, task, seed, out, torch_device)
+        policy, history = algorithm.train_own_loop(  # type: ignore[attr-defined]
+            config, task, seed, out, torch_device
+        )
         max_length = policy.max_length
         max_steps = step_budget(max_length)
         allow_backspace, use_cache = True, False
     else:
         train = train_config(config, agent, seed, out, device, progress, **overrides)
         full_steps = train.steps
-        two_phase = exact is not None and train.agent == "sequencematch" and train.sm_warmup > 0
+        warm_steps = algorithm.warm_start_steps(train)
+        two_phase = exact is not None and warm_steps > 0
         if two_phase:  # the schedule must not depend on where training pauses
             train.lr_schedule_steps = train.lr_schedule_steps or full_steps
         if not two_phase:
             _save_and_resume(train, out)
         trainer = Trainer(train, task=task)
-        if agent == "untuned":  # evaluated as loaded: the adapter is fresh (a no-op)
+        if not algorithm.trains:  # evaluated as built: a pretrained model's adapter is a no-op
             trainer.config.steps = 0
         if two_phase:
             assert exact is not None
             # The warm start's own exact metrics, so the SequenceMatch phase is seen to keep or
             # improve them. Training pauses at the warm start's end and continues; evaluating
             # never touches training's random streams.
-            trainer.config.steps = min(train.sm_warmup, full_steps)
+            trainer.config.steps = min(warm_steps, full_steps)
             trainer.train()
             trainer.policy.eval()
             warm_start = exact_metrics(
@@ -497,6 +492,12 @@ def runs_config(config: dict[str, Any]) -> dict[str, Any]:
     As JSON reads it back: what a resumed comparison must share with the runs it keeps.
     """
     kept = {k: v for k, v in config.items() if k not in NOT_RUN_KEYS}
+    if "library_defaults" in kept:  # a setting added since, at the value it had before: no change
+        kept["library_defaults"] = {
+            k: v
+            for k, v in kept["library_defaults"].items()
+            if not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])
+        }
     return json.loads(json.dumps(kept))
 
 
@@ -530,7 +531,7 @@ def stored_or_run(
 def run_key(agent: str, seed: int, overrides: dict[str, Any] | None = None) -> str:
     """The file name (without .json) of one run: ``<agent>-s<seed>[-<param>=<value>]``."""
     extra = "".join(f"-{k}={v}" for k, v in sorted((overrides or {}).items()))
-    return f"{agent}-s{seed}{extra}"
+    return safe_name(f"{agent}-s{seed}{extra}")
 
 
 def write_json_atomic(path: Path, content: Any) -> None:
@@ -580,7 +581,7 @@ def prepare_out(out: Path, config: dict[str, Any], resume: bool, overwrite: bool
     """
     wanted = runs_config(config)
     files = run_files(out)
-    foreign = [p for p in files if read_run(p)["config"] != wanted]
+    foreign = [p for p in files if runs_config(read_run(p)["config"]) != wanted]
     legacy = not files and (out / "results.json").exists()
     if (foreign or legacy) and not overwrite:
         what = (
@@ -813,9 +814,9 @@ def _run_parallel(
     are lost (they rerun on resume), the finished ones are already on disk.
     """
     context = multiprocessing.get_context("spawn")
-    # SequenceMatch's runs (rollouts) are the longest: started first, none is left to run alone
+    # Runs with rollouts (SequenceMatch's) are the longest: started first, none is left alone
     # at the end while the other cores idle.
-    todo = sorted(todo, key=lambda spec: not spec.agent.startswith("sequencematch"))
+    todo = sorted(todo, key=lambda spec: not resolve_algorithm(spec.agent).cls.needs_rollouts)
     tasks = [(config, spec, options.device, options.threads) for spec in todo]
     # A fresh process per run, which exits by itself once this process is gone (killed).
     pool = context.Pool(

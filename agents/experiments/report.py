@@ -8,31 +8,26 @@ import os
 from pathlib import Path
 from typing import Any
 
+from agents.algorithms import ALGORITHMS, resolve_algorithm
 from agents.evaluation.evaluate import METRICS, TASK_METRICS, headline
 from agents.evaluation.stats import FLAT_CHANGE
 
-AGENT_LABELS = {
-    "mle": "MLE",
-    "bc": "BC (intended actions, disturbed data)",
-    "bc_executed": "BC (executed actions: noise as targets, the paper's)",
-    "sequencematch": "SequenceMatch",
-    "sequencematch_eta0": "SequenceMatch at eta 0 (BC with the level penalty)",
-    "sequencematch_no_bkspc": "SequenceMatch, no backspace",
-    "ppo": "PPO (task reward)",
-    "untuned": "the pretrained model, untuned",
-}
+
+def agent_label(agent: str) -> str:
+    """An agent's name in tables and legends (its registered label; the name if unknown)."""
+    try:
+        return resolve_algorithm(agent).label
+    except ValueError:  # a module:Class that no longer imports: its results still show
+        return agent
 
 
-AGENT_SHORT = {
-    "mle": "MLE",
-    "bc": "BC",
-    "bc_executed": "BC (executed)",
-    "sequencematch": "SequenceMatch",
-    "sequencematch_eta0": "SequenceMatch at eta 0",
-    "sequencematch_no_bkspc": "SequenceMatch, no backspace",
-    "untuned": "untuned",
-}
-"""Names in the difference table."""
+def agent_short(agent: str) -> str:
+    """An agent's short name, in the difference table and the verdicts."""
+    try:
+        return resolve_algorithm(agent).short_label
+    except ValueError:
+        return agent
+
 
 REFERENCE_LABELS = {"human_text": "human text (same prompts and sample size)"}
 """Rows of measured references that are not agents (the held-out text's own statistics)."""
@@ -101,7 +96,7 @@ def table(results: dict[str, Any], metrics: list[str] | None = None) -> str:
     lines = ["| agent | " + " | ".join(arrows) + " |", "|---" * (len(metrics) + 1) + "|"]
     for agent, stats in results["agents"].items():
         cells = [_cell(stats.get(m)) for m in metrics]
-        lines.append(f"| {AGENT_LABELS.get(agent, agent)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {agent_label(agent)} | " + " | ".join(cells) + " |")
     for name, values in results.get("reference", {}).items():
         cells = [f"{values[m]:.3f}" if m in values else "–" for m in metrics]
         lines.append(f"| {REFERENCE_LABELS.get(name, name)} | " + " | ".join(cells) + " |")
@@ -115,7 +110,7 @@ def _diff_cell(stats: dict[str, Any] | None) -> str:
     if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
         return f"{stats['diff']:+.3f} (no interval: one seed)"
     better = stats["better"]
-    verdict = f", {AGENT_SHORT.get(better, better)} better" if better else ""
+    verdict = f", {agent_short(better)} better" if better else ""
     return f"{stats['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]{verdict}"
 
 
@@ -129,7 +124,7 @@ def difference_table(results: dict[str, Any]) -> list[str]:
     metrics = [m for m in metrics_of(results) if METRICS[m].higher_is_better is not None]
     if not pairs or not metrics:
         return []
-    names = [" − ".join(AGENT_SHORT.get(a, a) for a in pair.split(" - ")) for pair in pairs]
+    names = [" − ".join(agent_short(a) for a in pair.split(" - ")) for pair in pairs]
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(pairs) + 1) + "|"]
     for metric in metrics:
         cells = [_diff_cell(pair.get(metric)) for pair in pairs.values()]
@@ -179,7 +174,7 @@ def target_lines(results: dict[str, Any]) -> list[str]:
     """The config's targets, each answered on the mean over seeds (summary.check_targets)."""
     lines = []
     for t in results.get("targets", []):
-        name = AGENT_SHORT.get(t["agent"], t["agent"])
+        name = agent_short(t["agent"])
         if t.get("met") is None:
             lines.append(f"- {t['text']}: **not measured** (a side has no finished runs).")
             continue
@@ -195,7 +190,7 @@ def target_lines(results: dict[str, Any]) -> list[str]:
             )
         lines.append(
             f"- {t['text']}: **{'met' if t['met'] else 'not met'}**. {t['metric']}: {name} "
-            f"{t['mean']:.3f}, {AGENT_SHORT.get(t['other'], t['other'])} {t['other_mean']:.3f}, "
+            f"{t['mean']:.3f}, {agent_short(t['other'])} {t['other_mean']:.3f}, "
             f"bound {t['bound']:.3f}; margin {t['diff']:+.3f}{interval}, {sure}."
         )
     return lines
@@ -229,7 +224,7 @@ def convergence_lines(results: dict[str, Any]) -> list[str]:
     if not flat:
         return []
     parts = [
-        f"{AGENT_SHORT.get(agent, agent)}: {c['flat_seeds']} of {c['seeds']} seeds flat "
+        f"{agent_short(agent)}: {c['flat_seeds']} of {c['seeds']} seeds flat "
         f"(nearest to the bound: moved {c['worst']['change']:+.3f}, allowed "
         f"{c['worst']['tolerance']:.3f})"
         for agent, c in flat.items()
@@ -249,21 +244,23 @@ def budgets(results: dict[str, Any]) -> list[str]:
     lines = []
     for agent in config.get("agent_list", []):
         fields = {**config.get("train", {}), **config.get("agents", {}).get(agent, {})}
-        if agent == "ppo":
+        own_loop = agent in ALGORITHMS and ALGORITHMS[agent].cls.own_loop
+        untrained = agent in ALGORITHMS and not ALGORITHMS[agent].cls.trains
+        if own_loop:
             why = (
                 " (a small budget: on arithmetic it learns nothing, 0.0 accuracy at 8,000 steps)"
                 if config.get("name") == "default"
                 else ""
             )
             lines.append(
-                f"- {AGENT_LABELS[agent]}: {fields.get('timesteps', '?')} environment steps on "
+                f"- {agent_label(agent)}: {fields.get('timesteps', '?')} environment steps on "
                 f"the task reward{why}"
             )
-        elif agent == "untuned":
-            lines.append(f"- {AGENT_LABELS[agent]}: no update (its fresh adapter is a no-op)")
+        elif untrained:
+            lines.append(f"- {agent_label(agent)}: no update (its fresh adapter is a no-op)")
         else:
             lines.append(
-                f"- {AGENT_LABELS.get(agent, agent)}: {fields.get('steps', '?')} updates of "
+                f"- {agent_label(agent)}: {fields.get('steps', '?')} updates of "
                 f"batch {fields.get('batch_size', '?')}"
             )
     if "ppo" not in config.get("agent_list", []) and results["task"] != "text":
@@ -344,9 +341,7 @@ def report(results: dict[str, Any]) -> str:
         for agent, by_value in sweep["by_value"].items():
             for value, stats in by_value.items():
                 cells = [_cell(stats.get(m)) for m in headline]
-                lines.append(
-                    f"| {AGENT_LABELS.get(agent, agent)} | {value} | " + " | ".join(cells) + " |"
-                )
+                lines.append(f"| {agent_label(agent)} | {value} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [
         "## Plots",
@@ -371,7 +366,7 @@ def agent_colours(agents: list[str]) -> dict[str, Any]:
     import matplotlib
 
     palette = matplotlib.colormaps["tab10"]
-    known = list(AGENT_LABELS)
+    known = list(ALGORITHMS)
     order = known + sorted(a for a in agents if a not in known)
     return {a: palette(order.index(a) % palette.N) for a in agents}
 

@@ -6,12 +6,12 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from agents.models.policy import Positions
-from agents.objectives import Divergence, ValueSource, make_objective
+from agents.objectives import Divergence, ValueSource
 from seqenv.devices import check_device
 from seqenv.disturbance import DisturbanceKind
 from seqenv.trajectory import LabelKind
@@ -24,10 +24,6 @@ class RunError(RuntimeError):
     """
 
 
-Agent = Literal["mle", "bc", "sequencematch"]
-AGENTS = ("mle", "bc", "sequencematch")
-
-
 DEFAULT_MODEL_BATCH = 8
 """Rollouts per model batch when model_batch_size is unset (benchmarks/README.md: the cost of a
 SequenceMatch run against BC, and the quality check that chose it)."""
@@ -37,8 +33,13 @@ SequenceMatch run against BC, and the quality check that chose it)."""
 class TrainConfig:
     """Everything a training run needs; stored in full in its checkpoints and logs."""
 
-    agent: Agent = "sequencematch"
-    """mle (clean data, teacher forcing), bc (noise-augmented data) or sequencematch."""
+    agent: str = "sequencematch"
+    """A registered algorithm (agents.algorithms: mle, bc, sequencematch and presets such as
+    bc_executed; `seqmatch train --help` lists them) or module:Class, an Algorithm subclass of
+    yours."""
+    agent_args: str = "{}"
+    """Settings of an algorithm of your own (its Settings dataclass) as JSON, e.g.
+    '{"smoothing": 0.1}'; the built-in algorithms read TrainConfig's fields instead."""
     task: str = "arithmetic"
     """Task: arithmetic, dyck, text, a name given to seqenv.register_task, or module:Class."""
     task_args: str = "{}"
@@ -231,8 +232,14 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
-        if self.agent not in AGENTS:
-            raise ValueError(f"unknown agent {self.agent!r}; known agents: {', '.join(AGENTS)}")
+        # Imported here: the registry's PPO adapter imports this module.
+        from agents.algorithms import resolve_algorithm
+
+        spec = resolve_algorithm(self.agent)
+        if spec.cls.own_loop:
+            raise ValueError(
+                f"agent {self.agent!r} trains with a loop of its own: use it in seqmatch compare"
+            )
         for field in dataclasses.fields(self):  # nan and inf are never a setting
             value = getattr(self, field.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -313,15 +320,8 @@ class TrainConfig:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not self.c >= 0.0:
             raise ValueError(f"--c must be >= 0, got {self.c}")
-        # The objective checks its own settings; building it here fails before any file exists.
-        make_objective(
-            "sequencematch",
-            divergence=self.divergence,
-            c=self.c,
-            alpha=self.alpha,
-            gamma=self.gamma,
-            value_source=self.value_source,
-        )
+        # The algorithm checks its own settings (its losses are built), before any file exists.
+        spec.cls.validate(self)
         resolve_device(self.device)
         if self.labels not in ("intended", "executed"):
             raise ValueError(f"--labels must be intended or executed, got {self.labels!r}")
@@ -356,12 +356,14 @@ class TrainConfig:
     @property
     def run_name(self) -> str:
         """``name``, or ``AGENT-TASK-sSEED`` when it is empty."""
-        return self.name or f"{self.agent}-{self.task}-s{self.seed}"
+        from agents.algorithms import safe_name
+
+        return self.name or safe_name(f"{self.agent}-{self.task}-s{self.seed}")
 
 
 # Settings added after checkpoints were first written, each with the value that trained as the
 # library did before it existed: a checkpoint that lacks one resumes as it was trained.
-ADDED_SETTINGS: dict[str, Any] = {"level_penalty": 0.0}
+ADDED_SETTINGS: dict[str, Any] = {"level_penalty": 0.0, "agent_args": "{}"}
 
 
 def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,9 @@ def training_bytes(config: TrainConfig, num_actions: int, max_length: int, max_s
     """
     width, layers = config.width, config.layers
     params = _parameters(width, layers, num_actions + 4, max_length)
-    model_rows = config.resolved_model_batch_size if config.agent == "sequencematch" else 0
+    from agents.algorithms import resolve_algorithm  # the registry's PPO adapter imports config
+
+    model_rows = resolve_algorithm(config.agent).cls.model_rows(config)
     rows = (config.batch_size + model_rows) // config.grad_accum
     T = max_length + max_steps
     activations = rows * T * (layers * (16 * width + config.heads * T) + 3 * num_actions)

@@ -1,19 +1,17 @@
-"""The training loop of every agent: MLE, BC and SequenceMatch differ only in their objective.
+"""The training loop of every agent; what differs between agents is their algorithm's.
 
+The run's algorithm (:mod:`agents.algorithms`, looked up by ``config.agent``) says what data it
+learns from, whether it needs rollouts and the loss of each update; this loop names no agent.
 One update, top to bottom (docs/method.md §4):
 
-1. **data**: draw demonstrations; for BC and SequenceMatch, noise-augment them (docs/method.md §5).
-2. **rollouts** (SequenceMatch after the warm start): every ``k_sample`` updates, sample fresh
-   trajectories from the current policy with KV-cache generation, into a FIFO replay buffer;
-   draw this update's model batch from it.
-3. **loss**: MLE or BC during the warm start (``sm_warmup`` updates); then
-   ``(1 - eta) * BC + eta * SequenceMatch / alpha`` (``alpha`` the soft-Q temperature, so that
-   eta keeps its meaning at every alpha; see :mod:`agents.objectives`). At log intervals of
-   that phase, ``train/grad_share_sm`` and ``train/grad_share_kappa`` give the shares of the
-   gradient norm that come from SequenceMatch and from its chi^2 (kappa) terms
-   (:func:`agents.objectives.gradient_shares`; one process, not compiled, first micro-batch);
-   ``losses/sm/divergence`` is the divergence estimate d_hat = J + alpha H_hat and
-   ``losses/sm/neg_objective`` is -J.
+1. **data**: draw demonstrations; in the disturbed environment for an algorithm that learns
+   from it (docs/method.md §5).
+2. **rollouts**: the algorithm's model batch, if it has one (SequenceMatch after its warm
+   start: KV-cache generations of the current policy through a replay buffer).
+3. **loss**: the algorithm's loss of this update. Where it has a SequenceMatch part, at log
+   intervals ``train/grad_share_sm`` and ``train/grad_share_kappa`` give the shares of the
+   gradient norm that come from it and from its chi^2 (kappa) terms
+   (:func:`agents.objectives.gradient_shares`; one process, not compiled, first micro-batch).
 4. **step**: gradient accumulation, clipping, AdamW with warm-up and a cosine schedule.
 5. **log / eval / save** at their intervals: TensorBoard scalars, task score of greedy
    generations on held-out prompts, atomic checkpoints.
@@ -33,12 +31,11 @@ import json
 import math
 import os
 import shutil
-import signal
 import threading
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -46,22 +43,10 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from agents.buffer import ReplayBuffer
-from agents.collate import TrajectoryBatch, collate
-from agents.evaluation.evaluate import divergence_estimate, evaluate, headline, sample_lines
-from agents.generate import generate
-from agents.models.policy import TransformerConfig, TransformerPolicy
-from agents.objectives import (
-    BC,
-    MLE,
-    LossOutput,
-    Mixture,
-    Objective,
-    ObjectiveBatch,
-    SequenceMatch,
-    gradient_shares,
-    make_objective,
-)
+from agents.algorithms import resolve_algorithm
+from agents.collate import collate
+from agents.evaluation.evaluate import headline
+from agents.objectives import LossOutput, ObjectiveBatch, SequenceMatchLoss, gradient_shares
 from agents.training.checkpoint import (
     MARKER,
     CheckpointError,
@@ -69,19 +54,19 @@ from agents.training.checkpoint import (
     check_writable_dir,
     first_missing,
     is_checkpoint,
-    load_policy,
-    load_training_state,
-    load_weights,
     mark_checkpoint,
-    model_metadata,
     nearest_existing,
     read_metadata,
     resolve_checkpoint,
     save_checkpoint,
 )
-from agents.training.config import RunError, TrainConfig, resolve_device, saved_settings
+from agents.training.config import RunError, TrainConfig, resolve_device
 from agents.training.logger import Logger
 from agents.training.memory import check_memory, training_bytes
+from agents.training.policies import BatchForward, PolicyView, build_policy, model_vocabulary
+from agents.training.run_eval import evaluate_run
+from agents.training.run_state import restore_run, run_metadata
+from agents.training.signals import stop_on_sigint
 from seqenv.disturbance import KEY_BOUND, Disturbance
 from seqenv.env import noise_of
 from seqenv.rules import step_budget
@@ -93,43 +78,6 @@ from seqenv.trajectory import (
     disturbed_demonstrations,
     load_demonstrations,
 )
-from seqenv.vocab import SpecialIds, Vocab
-
-if TYPE_CHECKING:
-    from agents.models.hf import HFPolicy
-
-Policy: TypeAlias = "TransformerPolicy | HFPolicy"
-"""The policies a run trains: our transformer, or a pretrained LM (``--model``)."""
-
-
-class _BatchForward(nn.Module):
-    """``forward(batch)`` of a policy, so that DDP and torch.compile see the whole masked pass."""
-
-    def __init__(self, policy: Policy) -> None:
-        super().__init__()
-        self.policy = policy
-
-    def forward(self, batch: TrajectoryBatch) -> torch.Tensor:
-        return self.policy.forward_batch(batch)
-
-
-class _PolicyView:
-    """What the objectives see: the policy's ids, and ``forward_batch``.
-
-    ``forward_batch`` is routed through the (possibly DDP-wrapped, possibly compiled) batch
-    module so gradients are synchronised.
-    """
-
-    def __init__(self, policy: Policy, batch_forward: nn.Module) -> None:
-        self.policy = policy
-        self.special = policy.special
-        self._batch_forward = batch_forward
-
-    def forward_batch(self, batch: TrajectoryBatch) -> torch.Tensor:
-        return self._batch_forward(batch)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.policy, name)
 
 
 class Trainer:
@@ -192,10 +140,12 @@ class Trainer:
             "test", config.eval_episodes, self.max_length, seed=config.seed
         )
         # The environment's disturbance (docs/method.md §5): demonstrations, rollouts and the
-        # disturbed evaluation share it. MLE and the no-backspace ablation learn clean data.
-        uses_disturbance = config.agent != "mle" and config.backspace and config.noise > 0
+        # disturbed evaluation share it, for an algorithm that learns from it.
+        self.spec = resolve_algorithm(config.agent)
         self.disturbance = (
-            Disturbance(config.noise, config.noise_type) if uses_disturbance else None
+            Disturbance(config.noise, config.noise_type)
+            if self.spec.cls.uses_disturbance(config)
+            else None
         )
         self.noise_fn = noise_of(self.disturbance, self.task) if self.disturbance else None
         if self.disturbance is not None:
@@ -205,13 +155,13 @@ class Trainer:
         # Policy, optimizer, schedule.
         torch.manual_seed(config.seed)
         self.policy = build_policy(config, self.special, self.max_length).to(self.device)
-        batch_forward: nn.Module = _BatchForward(self.policy)
+        batch_forward: nn.Module = BatchForward(self.policy)
         if config.compile:
             batch_forward = torch.compile(batch_forward)  # type: ignore[assignment]
         if self.distributed:
             batch_forward = nn.parallel.DistributedDataParallel(batch_forward)
         self.batch_forward = batch_forward
-        self.policy_view = _PolicyView(self.policy, batch_forward)
+        self.policy_view = PolicyView(self.policy, batch_forward)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.policy.parameters() if p.requires_grad],  # LoRA: the adapters
             lr=config.lr,
@@ -220,58 +170,20 @@ class Trainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
-        # Objectives: the warm-start one, and the SequenceMatch mixture after it.
-        # One normaliser for every term (docs/method.md §3), so that eta weighs like with like.
-        common = {"normaliser_length": self.max_steps, "allow_backspace": config.backspace}
-        if config.agent == "mle":
-            self.warm_objective = make_objective("mle", **common)
-        else:
-            # SequenceMatch's warm start pins the logits' level, which its chi^2 terms read.
-            self.warm_objective = make_objective(
-                "bc",
-                noise_targets=config.noise_targets,
-                level_penalty=config.level_penalty if config.agent == "sequencematch" else 0.0,
-                **common,
-            )
-        self.sm_objective = None
-        if config.agent == "sequencematch":
-            sm = make_objective(
-                "sequencematch",
-                divergence=config.divergence,
-                c=config.c,
-                alpha=config.alpha,
-                gamma=config.gamma,
-                value_source=config.value_source,
-                **common,
-            )
-            assert isinstance(self.warm_objective, MLE | BC) and isinstance(sm, SequenceMatch)
-            self.sm_objective = Mixture(self.warm_objective, sm, config.eta)
         # Every agent's occupancy-divergence estimate d_hat = J + alpha H, measured the same way
         # at eval intervals (held-out demonstrations against the agent's own evaluation
-        # episodes), so that the curves of MLE, BC and SequenceMatch overlay.
-        self.divergence_probe = make_objective(
-            "sequencematch",
-            divergence=config.divergence,
-            c=config.c,
-            alpha=config.alpha,
-            gamma=config.gamma,
+        # episodes), so that the curves of all agents overlay.
+        self.divergence_probe = SequenceMatchLoss.from_settings(
+            config,
+            normaliser_length=self.max_steps,
+            allow_backspace=config.backspace,
             value_source="mix",
-            **common,
         )
 
         # Random streams: data order and noise (numpy, shared by every rank), rollouts (torch).
         self.data_rng = np.random.default_rng([config.seed, 1])
         self.rollout_generator = torch.Generator(self.device).manual_seed(config.seed + 2)
-        self.buffer = ReplayBuffer(config.buffer_size)
-        # Run-cost settings (TrainConfig): the model batch, its length buckets, the rollout cap.
-        self.model_batch_size = config.resolved_model_batch_size
-        self._model_pool: list[list[int]] = []  # bucketed model batches to serve (buffer positions)
-        self.rollout_max_steps = rollout_step_cap(
-            self.demonstrations,
-            self.max_steps,
-            config.rollout_length_factor,
-            config.rollout_length_quantile,
-        )
+        self.algorithm = self.spec.cls(self)  # reads the streams, data and policy above
         self.step = 0
         self.num_timesteps = 0  # demonstration actions trained on, all processes together
         self.history: list[dict[str, float]] = []  # the logged means, for learning curves
@@ -289,11 +201,6 @@ class Trainer:
         progress = (step - config.lr_warmup) / max(1, horizon - config.lr_warmup)
         cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
-
-    @property
-    def in_warm_start(self) -> bool:
-        """Whether this update uses the warm-start objective (always, without SequenceMatch)."""
-        return self.sm_objective is None or self.step < self.config.sm_warmup
 
     # -- data --------------------------------------------------------------------------------
     def _data_batch(self) -> list[Trajectory]:
@@ -320,69 +227,18 @@ class Trainer:
             check=False,
         )
 
-    def _rollouts(self, prompts: list[list[int]]) -> list[Trajectory]:
-        self.policy.eval()
-        out = generate(
-            self.policy,
-            prompts,
-            max_length=self.max_length,
-            max_steps=self.rollout_max_steps,
-            temperature=self.config.temperature,
-            generator=self.rollout_generator,
-            allow_backspace=self.config.backspace,
-            disturbance=self.disturbance,
-            noise_fn=self.noise_fn,
-        )
-        self.policy.train()
-        return out.trajectories
-
-    def _refresh_buffer(self) -> None:
-        index = self.data_rng.integers(0, len(self.demonstrations), size=self.config.rollouts)
-        prompts = [self.demonstrations[int(i)].prompt.tolist() for i in index]
-        self.buffer.add(self._rollouts(prompts))
-        self._model_pool.clear()  # batches drawn before the refresh would miss the new rollouts
-
-    def _model_batch(self) -> list[Trajectory]:
-        """This rank's slice of the global model batch, drawn from the replay buffer.
-
-        Every rank holds the same buffer (same weights, same seeded rollouts): draw the global
-        batch and keep this rank's slice, as for the data. With ``model_batch_buckets`` k > 1,
-        k global batches are drawn at once, sorted by length and served one per update in a
-        random order (a pool emptied at each refresh of the buffer).
-        """
-        config = self.config
-        total = self.model_batch_size * self.world_size
-        mine = slice(self.rank * self.model_batch_size, (self.rank + 1) * self.model_batch_size)
-        k = config.model_batch_buckets
-        if k == 1:
-            return self.buffer.sample(total, self.data_rng)[mine]
-        if not self._model_pool:
-            drawn = self.buffer.sample_indices(k * total, self.data_rng)
-            items = self.buffer.items(drawn)
-            length = {i: t.num_steps + len(t.prompt) for i, t in zip(drawn, items, strict=True)}
-            drawn.sort(key=length.__getitem__)  # stable: ties keep draw order
-            batches = [drawn[i * total : (i + 1) * total] for i in range(k)]
-            self._model_pool = [batches[int(i)] for i in self.data_rng.permutation(k)]
-        return self.buffer.items(self._model_pool.pop())[mine]
-
     # -- one update --------------------------------------------------------------------------
     def train_step(self, logger: Logger) -> None:
         """One optimiser update over the gradient-accumulated batch; records to ``logger``."""
         config = self.config
         data = self._data_batch()
-        model: list[Trajectory] | None = None
-        objective: Objective = self.warm_objective
-        if not self.in_warm_start:
-            assert self.sm_objective is not None
-            if (self.step - config.sm_warmup) % config.k_sample == 0:
-                self._refresh_buffer()
-            model = self._model_batch()
-            objective = self.sm_objective
+        objective = self.algorithm.loss(self.step)
+        model = self.algorithm.model_batch(self.step)  # drawn after the data: one stream
 
         self.optimizer.zero_grad(set_to_none=True)
         losses: list[torch.Tensor] = []
         micro = config.batch_size // config.grad_accum
-        model_micro = self.model_batch_size // config.grad_accum
+        model_micro = len(model) // config.grad_accum if model is not None else 0
         # Gradient shares cost three extra backward passes: every grad_share_interval updates
         # (and at the last), on the first micro-batch (shares are ratios, so grad_accum's 1/k
         # cancels). Not under DDP: torch.autograd.grad bypasses its reducer, so each rank would
@@ -392,7 +248,7 @@ class Trainer:
         sampled = every > 0 and ((self.step + 1) % every == 0 or self.step + 1 == config.steps)
         measure_shares = (
             model is not None and sampled and not self.distributed and not config.compile
-        )
+        )  # the shares of a loss with a SequenceMatch part, which reads rollouts
         labels = cast(LabelKind, config.labels)
         for k in range(config.grad_accum):
             part = slice(k * micro, (k + 1) * micro)
@@ -468,94 +324,18 @@ class Trainer:
         )
 
     # -- evaluation --------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, logger: Logger | None = None) -> dict[str, float]:
-        """Episodes on held-out prompts: task score, backspace use, samples.
+        """Episodes on held-out prompts, clean and disturbed, and d_hat (:mod:`.run_eval`).
 
         Sampled episodes draw from their own seeded stream, so evaluating never changes the
         course of training (and a resumed run stays exact).
         """
-        settings: dict[str, Any] = {
-            "max_length": self.max_length,
-            "max_steps": self.max_steps,
-            "allow_backspace": self.config.backspace,
-            "greedy": self.config.eval_greedy,
-            "temperature": self.config.temperature,
-            "episodes": self.config.eval_episodes,
-            "seed": self.config.seed + 3,
-            "prompt_seed": self.config.seed,
-        }
-        self.policy.eval()
-        try:
-            result = evaluate(self.policy, self.task, **settings)
-            disturbed = None
-            if self.disturbance is not None:  # robustness: repairing errors it did not choose
-                disturbed = evaluate(
-                    self.policy,
-                    self.task,
-                    **settings,
-                    disturbance=self.disturbance,
-                    noise_fn=self.noise_fn,
-                )
-        finally:
-            self.policy.train()
-        metrics = {f"eval/{key}": value for key, value in result.metrics.items()}
-        if disturbed is not None:
-            metrics.update({f"eval/disturbed/{k}": v for k, v in disturbed.metrics.items()})
-        metrics["eval/divergence"] = self._divergence_estimate((disturbed or result).episodes)
-        if logger is not None:
-            for key, value in metrics.items():
-                logger.record(key, value)
-            logger.text("eval/samples", sample_lines(self.vocab, result), self.step)
-        return metrics
-
-    @torch.no_grad()
-    def _divergence_estimate(self, episodes: list[Trajectory]) -> float:
-        """d_hat of the agent's own evaluation ``episodes`` against the held-out demonstrations.
-
-        Both in the agent's environment (disturbed when it trains with a disturbance).
-        """
-        demos = self.heldout
-        if self.disturbance is not None:  # fixed keys: the same demonstrations at every eval
-            keys = np.random.default_rng([self.config.seed, 4]).integers(0, KEY_BOUND, len(demos))
-            demos = disturbed_demonstrations(
-                demos,
-                self.disturbance,
-                self.max_length,
-                self.max_steps,
-                noise_fn=self.noise_fn,
-                keys=keys.tolist(),
-            )
-        self.policy.eval()
-        try:
-            return divergence_estimate(self.policy, self.divergence_probe, demos, episodes)
-        finally:
-            self.policy.train()
+        return evaluate_run(self, logger)
 
     # -- checkpoints -------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
         """What a checkpoint stores besides the weights: step, config, vocabulary, task."""
-        return {
-            "step": self.step,
-            "num_timesteps": self.num_timesteps,
-            "config": dataclasses.asdict(self.config),
-            "vocab": self.vocab.to_json(),
-            "task": {
-                "name": self.config.task,  # as given: a module:Class spec reloads
-                "kwargs": self.task.config(),
-            },
-            "model": model_metadata(self.policy),
-            "max_length": self.max_length,
-            "max_steps": self.max_steps,
-            # Evaluation and generation read these instead of the task's data (a text corpus).
-            "test_prompts": [d.prompt.tolist() for d in self.heldout],
-            "data_rng": self.data_rng.bit_generator.state,
-            "buffer": self.buffer.to_json(),
-            # The length-bucketed model batches still to serve, as positions in the buffer.
-            "model_pool": self._model_pool,
-            "eval": self.last_eval,
-            "history": self.history,  # a resumed run's learning curves start at update 0
-        }
+        return run_metadata(self)
 
     def save(self, path: str | Path) -> None:
         """Save an atomic checkpoint (a failure leaves the previous one current)."""
@@ -585,47 +365,11 @@ class Trainer:
         metadata = read_metadata(path)
         path = resolve_checkpoint(path)
         try:
-            self._restore(path, metadata)
+            restore_run(self, path, metadata)
         except (KeyError, TypeError, AttributeError) as err:  # missing or odd entries
             raise CheckpointError(
                 f"{path}/checkpoint.json is incomplete or corrupt ({type(err).__name__}: {err})"
             ) from None
-
-    def _restore(self, path: str | Path, metadata: dict[str, Any]) -> None:
-        if metadata["vocab"] != self.vocab.to_json():
-            raise CheckpointError(
-                f"{path}: the checkpoint's vocabulary does not match task {self.task.name!r}"
-            )
-        saved = saved_settings(metadata["config"])
-        current = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in _RESUMABLE}
-        changed = [
-            f"{k} (checkpoint {saved.get(k)!r}, now {v!r})"
-            for k, v in sorted(current.items())
-            if saved.get(k) != v
-        ]
-        if changed:
-            raise CheckpointError(
-                f"{path}: cannot resume with different settings: {'; '.join(changed)}"
-            )
-        load_weights(path, self.policy)
-        rng = load_training_state(path, self.optimizer, metadata)
-        self.step = int(metadata["step"])
-        self.num_timesteps = int(metadata.get("num_timesteps", 0))
-        self.scheduler.last_epoch = self.step
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
-        self.data_rng.bit_generator.state = metadata["data_rng"]
-        self.rollout_generator.set_state(rng["rollout"])
-        self.buffer.load_json(metadata["buffer"], self.special)
-        pool = metadata.get("model_pool", [])
-        if not (
-            isinstance(pool, list)
-            and all(isinstance(b, list) for b in pool)
-            and all(type(i) is int and 0 <= i < len(self.buffer) for b in pool for i in b)
-        ):
-            raise CheckpointError(f"{path}: model_pool does not index the saved replay buffer")
-        self._model_pool = pool
-        self.last_eval = metadata.get("eval", {})
-        self.history = list(metadata.get("history", []))
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
@@ -646,7 +390,7 @@ class Trainer:
         if config.save and self.is_main and not is_checkpoint(config.save):
             claimed = first_missing(config.save) or Path(config.save) / MARKER
             mark_checkpoint(config.save)
-        with _stop_on_sigint() as stop:
+        with stop_on_sigint() as stop:
             try:
                 return self._loop(logdir, stop)
             except BaseException:
@@ -723,55 +467,11 @@ class Trainer:
         return f"interrupted after update {self.step}" + (where if self.config.save else "")
 
 
-__all__ = ["Trainer", "build_policy", "load_policy", "model_vocabulary"]
-
-# Settings that may change between a run and its resume (where things go, how they are shown).
-_RESUMABLE = {
-    "resume", "overwrite", "json", "progress", "logdir", "name", "save", "steps", "device",
-}  # fmt: skip
+__all__ = ["Trainer"]
 
 
 def _reason(err: OSError) -> str:
     return err.strerror or str(err) or type(err).__name__
-
-
-@contextlib.contextmanager
-def _stop_on_sigint() -> Any:
-    """Turn the first SIGINT into a flag the loop checks between updates.
-
-    The state is then consistent, so the checkpoint resumes exactly; a second SIGINT interrupts
-    at once.
-    """
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def rollout_step_cap(
-    demonstrations: list[Trajectory], max_steps: int, factor: float | None, quantile: float
-) -> int:
-    """The rollouts' step budget.
-
-    ``ceil(factor * quantile of the demonstrations' step counts)``, at least 1 and at most
-    ``max_steps``; ``max_steps`` when ``factor`` is None.
-    """
-    if factor is None or not demonstrations:
-        return max_steps
-    steps = np.array([t.num_steps for t in demonstrations])
-    cap = math.ceil(factor * float(np.quantile(steps, quantile)))
-    return max(1, min(max_steps, cap))
 
 
 # -- checks before the work ------------------------------------------------------------------
@@ -789,48 +489,3 @@ def check_output_dir(path: Path, option: str) -> None:
     if not existing.is_dir():
         raise NotADirectoryError(f"{option} {path}: {existing} is a file, not a folder")
     check_writable_dir(existing, option)
-
-
-def model_vocabulary(config: TrainConfig) -> Vocab | None:
-    """The tokenizer vocabulary of ``config.model``; None without a pretrained model."""
-    if config.model is None:
-        return None
-    from agents.models.hf import load_hf_vocab
-
-    return load_hf_vocab(config.model)
-
-
-def build_policy(config: TrainConfig, special: SpecialIds, max_length: int) -> Policy:
-    """The policy a run trains: our transformer, or the pretrained LM of ``config.model``.
-
-    LoRA adapters when ``config.lora_r > 0``, all weights otherwise.
-    """
-    if config.model is None:
-        return TransformerPolicy(
-            special,
-            TransformerConfig(
-                num_layers=config.layers,
-                width=config.width,
-                num_heads=config.heads,
-                context_length=max_length,
-                dropout=config.dropout,
-                positions=config.positions,
-            ),
-        )
-    from agents.models.hf import LoraSettings, load_hf
-
-    policy, _ = load_hf(config.model)
-    if policy.special != special:
-        raise ValueError(f"{config.model}: the model's special ids differ from the task's")
-    if policy.max_positions is not None and max_length > policy.max_positions:
-        raise ValueError(
-            f"--max-length {max_length} exceeds the model's {policy.max_positions} positions"
-        )
-    if config.lora_r > 0:
-        policy.enable_lora(LoraSettings(config.lora_r, config.lora_alpha, config.lora_dropout))
-    if config.gradient_checkpointing:
-        # Non-reentrant: works with a frozen embedding (no input needs a gradient).
-        policy.model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-    return policy

@@ -173,8 +173,8 @@ def test_ppo_policy_scores_each_state_of_a_refeed_batch() -> None:
     as an observation of its own (so the divergence estimate measures PPO like the others)."""
     from stable_baselines3 import PPO
 
+    from agents.algorithms.ppo import PPOPolicyModel
     from agents.collate import collate
-    from agents.experiments.ppo import PPOPolicyModel
     from seqenv.trajectory import Trajectory
 
     env = gym.make(seqenv.ENV_ID, task="dyck")

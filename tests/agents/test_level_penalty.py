@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from agents.objectives import BC
+from agents.algorithms import SequenceMatch
+from agents.objectives import BCLoss
 from agents.training.config import TrainConfig
 from agents.training.logger import Logger
 from agents.training.trainer import Trainer
@@ -25,11 +26,12 @@ def _config(**settings: Any) -> TrainConfig:
 
 def test_only_sequencematch_warm_starts_with_the_penalty() -> None:
     assert TrainConfig().level_penalty == 0.01
-    sm = Trainer(_config(level_penalty=0.05))
-    assert isinstance(sm.warm_objective, BC) and sm.warm_objective.level_penalty == 0.05
-    assert sm.sm_objective is not None and sm.sm_objective.bc.level_penalty == 0.05
-    bc = Trainer(_config(agent="bc", level_penalty=0.05))
-    assert isinstance(bc.warm_objective, BC) and bc.warm_objective.level_penalty == 0.0
+    sm = Trainer(_config(level_penalty=0.05)).algorithm
+    assert isinstance(sm, SequenceMatch)
+    assert isinstance(sm.warm_objective, BCLoss) and sm.warm_objective.level_penalty == 0.05
+    assert sm.mixture.bc.level_penalty == 0.05
+    bc = Trainer(_config(agent="bc", level_penalty=0.05)).algorithm.loss(0)
+    assert isinstance(bc, BCLoss) and bc.level_penalty == 0.0
 
 
 def test_bad_level_penalty_is_refused() -> None:

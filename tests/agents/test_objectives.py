@@ -13,17 +13,17 @@ import torch
 from agents.collate import TrajectoryBatch, collate
 from agents.models.policy import TransformerPolicy
 from agents.objectives import (
-    BC,
     DIVERGENCES,
-    MLE,
     VALUE_SOURCES,
+    BCLoss,
     Mixture,
+    MLELoss,
     ObjectiveBatch,
-    SequenceMatch,
+    SequenceMatchLoss,
     gradient_shares,
-    make_objective,
     phi,
 )
+from agents.training.config import TrainConfig
 from seqenv.trajectory import Trajectory, augment, random_noise
 from seqenv.vocab import CharVocab, SpecialIds
 
@@ -171,7 +171,7 @@ def test_linear_sequencematch_is_the_discounted_log_likelihood(
     B, T = batch.input_ids.shape
     policy = TableLogits(vocab.special, random_table(vocab.special, B, T, seed))
     L = 16
-    objective = SequenceMatch(
+    objective = SequenceMatchLoss(
         divergence="linear", alpha=alpha, gamma=gamma, value_source="data", normaliser_length=L
     )
     out = objective(policy, ObjectiveBatch(batch))
@@ -198,7 +198,7 @@ def test_truncated_step_bootstraps_and_terminal_step_does_not() -> None:
     row1 = [0.0, 0.0, 0.0, 0.0]
     v0 = math.log(math.e + math.e**2 + math.e**3)
     gamma = 0.5
-    objective = SequenceMatch(divergence="linear", alpha=1.0, gamma=gamma, value_source="data")
+    objective = SequenceMatchLoss(divergence="linear", alpha=1.0, gamma=gamma, value_source="data")
 
     # Truncated after appending b: r = Q(s0, b) - gamma V(s1), V(s1) = log 4 read at row 1.
     batch = collate([one_step(vocab, 1, terminated=False)])
@@ -230,7 +230,7 @@ def test_chi2_mixture_terms_by_hand() -> None:
     batch = collate([one_step(vocab, vocab.eos_id, terminated=True)])
     policy = TableLogits(vocab.special, torch.tensor([[[1.0, 2.0, 3.0, 5.0]]]))
     v0 = math.log(math.e + math.e**2 + math.e**3)
-    out = SequenceMatch(c=0.25, alpha=1.0, gamma=0.9)(policy, ObjectiveBatch(batch, batch))
+    out = SequenceMatchLoss(c=0.25, alpha=1.0, gamma=0.9)(policy, ObjectiveBatch(batch, batch))
     torch.testing.assert_close(out.metrics["data_term"], torch.tensor(3.0 - 0.25 * 9))
     torch.testing.assert_close(out.metrics["model_term"], torch.tensor(0.25 * 9))
     torch.testing.assert_close(out.metrics["value_term"], torch.tensor(v0))
@@ -249,7 +249,7 @@ def test_mix_value_term_pools_both_batches(
     policy = TableLogits(vocab.special, random_table(vocab.special, 5, T, seed=7))
     batch = ObjectiveBatch(data, model)
     terms = {
-        source: SequenceMatch(value_source=source, normaliser_length=20)(policy, batch)
+        source: SequenceMatchLoss(value_source=source, normaliser_length=20)(policy, batch)
         for source in ("data", "model", "mix")
     }
     pooled = (
@@ -268,12 +268,12 @@ def test_normaliser_scales_every_term_alike(
     data = collate(random_trajectories(random_trajectory, vocab, 4, seed=8))
     policy = TableLogits(vocab.special, random_table(vocab.special, 4, data.input_ids.shape[1]))
     batch = ObjectiveBatch(data, data)
-    short = SequenceMatch(normaliser_length=10)(policy, batch)
-    long = SequenceMatch(normaliser_length=40)(policy, batch)
+    short = SequenceMatchLoss(normaliser_length=10)(policy, batch)
+    long = SequenceMatchLoss(normaliser_length=40)(policy, batch)
     for key in ("loss", "data_term", "model_term", "value_term"):
         torch.testing.assert_close(short.metrics[key], 4 * long.metrics[key])
     # None: the padded step count of the batches
-    default = SequenceMatch()(policy, batch)
+    default = SequenceMatchLoss()(policy, batch)
     S = data.actions.shape[1]
     torch.testing.assert_close(default.metrics["loss"] * S, short.metrics["loss"] * 10)
 
@@ -304,7 +304,7 @@ def test_finite_gradients_for_every_divergence(
     batch = noisy_batches(vocab, random_trajectory, seed=3)
     assert batch.data.has_backspace and batch.model is not None and batch.model.has_backspace
     policy = tiny_policy(vocab).train()
-    objective = SequenceMatch(divergence=divergence, value_source=value_source)
+    objective = SequenceMatchLoss(divergence=divergence, value_source=value_source)
     out = objective(policy, batch)
     out.loss.backward()
     grads = [p.grad for p in policy.parameters() if p.grad is not None]
@@ -324,7 +324,7 @@ def test_finite_gradients_with_extreme_logits(
     assert batch.model is not None
     T = max(batch.data.input_ids.shape[1], batch.model.input_ids.shape[1])
     policy = TableLogits(vocab.special, random_table(vocab.special, 4, T, scale=50.0))
-    out = SequenceMatch(divergence=divergence)(policy, batch)
+    out = SequenceMatchLoss(divergence=divergence)(policy, batch)
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert policy.table.grad is not None and torch.isfinite(policy.table.grad).all()
@@ -360,14 +360,14 @@ def test_chi2_mixture_with_c0_has_the_gradient_of_the_weighted_nll(
     batch = collate(trajectories)
     policy = tiny_policy(vocab).double()
     L = 16
-    sm = SequenceMatch(c=0.0, alpha=1.0, gamma=gamma, value_source="data", normaliser_length=L)
+    sm = SequenceMatchLoss(c=0.0, alpha=1.0, gamma=gamma, value_source="data", normaliser_length=L)
     out = sm(policy, ObjectiveBatch(batch))  # no model batch needed: c = 0, data source
     reference = weighted_nll(policy, batch, trajectories, gamma, L)
     torch.testing.assert_close(out.loss, reference)
     for got, want in zip(grads_of(policy, out.loss), grads_of(policy, reference), strict=True):
         torch.testing.assert_close(got, want)
     if gamma == 1.0:  # then it is MLE, with the same normaliser
-        mle = MLE(normaliser_length=L)(policy, ObjectiveBatch(batch))
+        mle = MLELoss(normaliser_length=L)(policy, ObjectiveBatch(batch))
         mle_grads = grads_of(policy, mle.loss)
         sm_grads = grads_of(policy, sm(policy, ObjectiveBatch(batch)).loss)
         for got, want in zip(sm_grads, mle_grads, strict=True):
@@ -393,18 +393,18 @@ def test_bc_without_noise_targets_ignores_noise_tokens() -> None:
     policy = TableLogits(s, torch.zeros(1, batch.input_ids.shape[1], s.num_actions))
     l4, l5 = math.log(4), math.log(5)
 
-    out = BC(noise_targets=False)(policy, ObjectiveBatch(batch))
+    out = BCLoss(noise_targets=False)(policy, ObjectiveBatch(batch))
     torch.testing.assert_close(out.loss, torch.tensor((l5 + l4 + l5) / 4))
     torch.testing.assert_close(out.metrics["nll"], torch.tensor((l5 + l4 + l5) / 3))
     torch.testing.assert_close(out.metrics["num_targets"], torch.tensor(3.0))
     torch.testing.assert_close(out.metrics["backspace_rate_data"], torch.tensor(0.25))
 
-    with_noise = BC(noise_targets=True)(policy, ObjectiveBatch(batch))
+    with_noise = BCLoss(noise_targets=True)(policy, ObjectiveBatch(batch))
     torch.testing.assert_close(with_noise.loss, torch.tensor((l4 + l5 + l4 + l5) / 4))
-    mle = MLE()(policy, ObjectiveBatch(batch))
+    mle = MLELoss()(policy, ObjectiveBatch(batch))
     torch.testing.assert_close(mle.loss, with_noise.loss)
     torch.testing.assert_close(
-        BC(noise_targets=False, normaliser_length=8)(policy, ObjectiveBatch(batch)).loss,
+        BCLoss(noise_targets=False, normaliser_length=8)(policy, ObjectiveBatch(batch)).loss,
         torch.tensor((l5 + l4 + l5) / 8),
     )
 
@@ -416,7 +416,7 @@ def test_mle_matches_the_reference_log_likelihood(
     batch = collate(trajectories)
     B, T = batch.input_ids.shape
     policy = TableLogits(vocab.special, random_table(vocab.special, B, T, seed=2))
-    out = MLE(normaliser_length=30)(policy, ObjectiveBatch(batch))
+    out = MLELoss(normaliser_length=30)(policy, ObjectiveBatch(batch))
     log_probs = reference_log_probs(policy.table.detach(), batch, trajectories)
     total = sum(lp for steps in log_probs for lp in steps)
     count = sum(len(steps) for steps in log_probs)
@@ -431,8 +431,8 @@ def test_level_penalty_by_hand(
     batch = collate(trajectories)
     B, T = batch.input_ids.shape
     policy = TableLogits(vocab.special, random_table(vocab.special, B, T, seed=3))
-    plain = BC(normaliser_length=30)(policy, ObjectiveBatch(batch))
-    out = BC(normaliser_length=30, level_penalty=0.2)(policy, ObjectiveBatch(batch))
+    plain = BCLoss(normaliser_length=30)(policy, ObjectiveBatch(batch))
+    out = BCLoss(normaliser_length=30, level_penalty=0.2)(policy, ObjectiveBatch(batch))
     # V(s_t) by hand: logsumexp over the allowed actions of each step's state row.
     levels = [
         torch.logsumexp(row[allowed], dim=0)
@@ -476,8 +476,10 @@ def test_allow_backspace_false_masks_it_everywhere() -> None:
     s = vocab.special
     batch = collate([Trajectory([0], [1, s.eos_id], True, False, s)])
     policy = TableLogits(s, torch.tensor([[[0.0, 0.0, 0.0, 9.0], [1.0, 2.0, 3.0, 5.0]]]))
-    with_bk = MLE(normaliser_length=1)(policy, ObjectiveBatch(batch)).loss
-    without = MLE(normaliser_length=1, allow_backspace=False)(policy, ObjectiveBatch(batch)).loss
+    with_bk = MLELoss(normaliser_length=1)(policy, ObjectiveBatch(batch)).loss
+    without = MLELoss(normaliser_length=1, allow_backspace=False)(
+        policy, ObjectiveBatch(batch)
+    ).loss
     lse3 = math.log(math.e + math.e**2 + math.e**3)
     lse4 = math.log(math.e + math.e**2 + math.e**3 + math.e**5)
     torch.testing.assert_close(with_bk, torch.tensor(math.log(3) - 3.0 + lse4))
@@ -493,10 +495,12 @@ def test_a_backspace_with_nothing_generated_is_left_out() -> None:
     actions[0, 0] = s.backspace_id
     noop = dataclasses.replace(batch, actions=actions, labels=actions)
     policy = TableLogits(s, torch.zeros(1, 2, s.num_actions))
-    out = MLE(normaliser_length=1)(policy, ObjectiveBatch(noop))
+    out = MLELoss(normaliser_length=1)(policy, ObjectiveBatch(noop))
     torch.testing.assert_close(out.metrics["num_targets"], torch.tensor(1.0))
     torch.testing.assert_close(out.loss, torch.tensor(math.log(4)))  # only <eos> at s1
-    sm = SequenceMatch(divergence="reverse_kl", value_source="data")(policy, ObjectiveBatch(noop))
+    sm = SequenceMatchLoss(divergence="reverse_kl", value_source="data")(
+        policy, ObjectiveBatch(noop)
+    )
     assert torch.isfinite(sm.loss)
 
 
@@ -511,7 +515,7 @@ def test_mixture_combines_both_parts_with_one_pass_per_batch(
     assert batch.model is not None
     T = max(batch.data.input_ids.shape[1], batch.model.input_ids.shape[1])
     policy = TableLogits(vocab.special, random_table(vocab.special, 4, T, seed=3))
-    bc, sm = BC(normaliser_length=20), SequenceMatch(normaliser_length=20)
+    bc, sm = BCLoss(normaliser_length=20), SequenceMatchLoss(normaliser_length=20)
     mixture = Mixture(bc, sm, eta=0.1)
     out = mixture(policy, batch)
     assert policy.calls == 2  # data and model, once each
@@ -531,50 +535,51 @@ def test_sequencematch_says_when_it_needs_model_samples(
     batch = collate(random_trajectories(random_trajectory, vocab, 2, seed=1))
     policy = TableLogits(vocab.special, random_table(vocab.special, 2, batch.input_ids.shape[1]))
     with pytest.raises(ValueError, match="model trajectories"):
-        SequenceMatch()(policy, ObjectiveBatch(batch))
+        SequenceMatchLoss()(policy, ObjectiveBatch(batch))
     with pytest.raises(ValueError, match="model trajectories"):
-        SequenceMatch(divergence="kl", value_source="mix")(policy, ObjectiveBatch(batch))
-    SequenceMatch(divergence="kl", value_source="data")(policy, ObjectiveBatch(batch))
+        SequenceMatchLoss(divergence="kl", value_source="mix")(policy, ObjectiveBatch(batch))
+    SequenceMatchLoss(divergence="kl", value_source="data")(policy, ObjectiveBatch(batch))
 
 
-def test_make_objective() -> None:
-    assert make_objective("mle") == MLE()
-    assert make_objective("bc", noise_targets=False) == BC(noise_targets=False)
-    sm = make_objective("sequencematch", divergence="js", gamma=0.9, value_source="data")
-    assert sm == SequenceMatch(divergence="js", gamma=0.9, value_source="data")
-    assert SequenceMatch().divergence == "chi2_mixture" and SequenceMatch().gamma == 0.998
-    assert SequenceMatch().alpha == 0.01 and SequenceMatch().c == 0.25
-    assert SequenceMatch().kappa == pytest.approx(0.0025)
-    assert SequenceMatch(divergence="chi2", alpha=0.1).kappa == pytest.approx(0.025)
-    assert SequenceMatch(divergence="kl").kappa is None
+def test_sequencematch_loss_from_settings() -> None:
+    settings = TrainConfig(divergence="js", gamma=0.9, value_source="data", c=0.1, alpha=0.5)
+    sm = SequenceMatchLoss.from_settings(settings, normaliser_length=7, allow_backspace=False)
+    assert sm == SequenceMatchLoss(
+        divergence="js", c=0.1, alpha=0.5, gamma=0.9, value_source="data",
+        normaliser_length=7, allow_backspace=False,
+    )  # fmt: skip
+    assert SequenceMatchLoss.from_settings(settings, value_source="mix").value_source == "mix"
+    assert SequenceMatchLoss().divergence == "chi2_mixture" and SequenceMatchLoss().gamma == 0.998
+    assert SequenceMatchLoss().alpha == 0.01 and SequenceMatchLoss().c == 0.25
+    assert SequenceMatchLoss().kappa == pytest.approx(0.0025)
+    assert SequenceMatchLoss(divergence="chi2", alpha=0.1).kappa == pytest.approx(0.025)
+    assert SequenceMatchLoss(divergence="kl").kappa is None
 
 
 @pytest.mark.parametrize(
     ("call", "message"),
     [
         (
-            lambda: make_objective("gail"),
-            r"unknown objective 'gail'; known: mle, bc, sequencematch",
-        ),
-        (
-            lambda: make_objective("sequencematch", divergence="wasserstein"),
+            lambda: SequenceMatchLoss(divergence="wasserstein"),
             r"unknown divergence 'wasserstein'; known: chi2_mixture, chi2, kl, reverse_kl, js",
         ),
         (
-            lambda: make_objective("sequencematch", value_source="replay"),
+            lambda: SequenceMatchLoss(value_source="replay"),
             r"unknown value source 'replay'; known: mix, data, model",
         ),
-        (lambda: make_objective("mle", gamma=0.9), r"objective 'mle' takes no argument 'gamma'"),
         (lambda: phi("bogus", torch.zeros(1)), r"unknown divergence 'bogus'"),
-        (lambda: SequenceMatch(gamma=0.0), r"gamma must be in \(0, 1\]"),
-        (lambda: SequenceMatch(c=-1.0), r"c must be >= 0"),
-        (lambda: SequenceMatch(alpha=0.0), r"alpha must be finite and > 0, got 0.0"),
-        (lambda: SequenceMatch(alpha=-0.1), r"alpha must be finite and > 0"),
-        (lambda: SequenceMatch(alpha=math.inf), r"alpha must be finite and > 0, got inf"),
-        (lambda: SequenceMatch(alpha=math.nan), r"alpha must be finite and > 0, got nan"),
-        (lambda: MLE(normaliser_length=0), r"normaliser_length must be >= 1"),
-        (lambda: BC(level_penalty=-0.1), r"level_penalty must be finite and >= 0, got -0.1"),
-        (lambda: MLE(level_penalty=math.nan), r"level_penalty must be finite and >= 0, got nan"),
+        (lambda: SequenceMatchLoss(gamma=0.0), r"gamma must be in \(0, 1\]"),
+        (lambda: SequenceMatchLoss(c=-1.0), r"c must be >= 0"),
+        (lambda: SequenceMatchLoss(alpha=0.0), r"alpha must be finite and > 0, got 0.0"),
+        (lambda: SequenceMatchLoss(alpha=-0.1), r"alpha must be finite and > 0"),
+        (lambda: SequenceMatchLoss(alpha=math.inf), r"alpha must be finite and > 0, got inf"),
+        (lambda: SequenceMatchLoss(alpha=math.nan), r"alpha must be finite and > 0, got nan"),
+        (lambda: MLELoss(normaliser_length=0), r"normaliser_length must be >= 1"),
+        (lambda: BCLoss(level_penalty=-0.1), r"level_penalty must be finite and >= 0, got -0.1"),
+        (
+            lambda: MLELoss(level_penalty=math.nan),
+            r"level_penalty must be finite and >= 0, got nan",
+        ),
     ],
 )
 def test_bad_names_and_values_raise_clear_errors(call: Callable[[], object], message: str) -> None:
@@ -650,7 +655,7 @@ def alpha_batches(
 
 
 def objective_and_grad(
-    objective: SequenceMatch, policy: TableLogits, batch: ObjectiveBatch
+    objective: SequenceMatchLoss, policy: TableLogits, batch: ObjectiveBatch
 ) -> tuple[torch.Tensor, torch.Tensor]:
     J = -objective(policy, batch).loss
     (grad,) = torch.autograd.grad(J, policy.table)
@@ -671,8 +676,8 @@ def test_alpha_and_c_collapse_into_kappa_for_chi2_mixture_and_linear(
     batch, policy = alpha_batches(vocab, random_trajectory, seed)
     for divergence in ("chi2_mixture", "linear"):
         common = {"divergence": divergence, "gamma": 0.9, "value_source": value_source}
-        hot = SequenceMatch(alpha=alpha, c=0.25, normaliser_length=20, **common)
-        cold = SequenceMatch(alpha=1.0, c=0.25 * alpha, normaliser_length=20, **common)
+        hot = SequenceMatchLoss(alpha=alpha, c=0.25, normaliser_length=20, **common)
+        cold = SequenceMatchLoss(alpha=1.0, c=0.25 * alpha, normaliser_length=20, **common)
         assert hot.kappa == pytest.approx(cold.kappa)
         J_hot, grad_hot = objective_and_grad(hot, policy, batch)
         J_cold, grad_cold = objective_and_grad(cold, policy, batch)
@@ -688,9 +693,9 @@ def test_chi2_fixed_quarter_scales_with_alpha(
     """chi2 (phi = x - x^2/4) at alpha is alpha times the alpha = 1 objective with coefficient
     alpha / 4 on the data only: chi2_mixture's data and value terms at c = alpha / 4."""
     batch, policy = alpha_batches(vocab, random_trajectory, seed)
-    chi2 = SequenceMatch(divergence="chi2", alpha=alpha, gamma=0.9, normaliser_length=20)
+    chi2 = SequenceMatchLoss(divergence="chi2", alpha=alpha, gamma=0.9, normaliser_length=20)
     assert chi2.kappa == pytest.approx(alpha / 4)
-    cold = SequenceMatch(c=alpha / 4, alpha=1.0, gamma=0.9, normaliser_length=20)(policy, batch)
+    cold = SequenceMatchLoss(c=alpha / 4, alpha=1.0, gamma=0.9, normaliser_length=20)(policy, batch)
     J_cold = cold.metrics["data_term"] - cold.metrics["value_term"]
     torch.testing.assert_close(
         -chi2(policy, batch).loss.detach(), alpha * J_cold, rtol=1e-6, atol=1e-9
@@ -702,8 +707,8 @@ def test_alpha_does_not_collapse_for_non_quadratic_phi(
 ) -> None:
     """The identity is special to quadratic phi: for kl, J at alpha is not alpha J at 1."""
     batch, policy = alpha_batches(vocab, random_trajectory, 0)
-    hot = SequenceMatch(divergence="kl", alpha=0.1, normaliser_length=20)(policy, batch).loss
-    cold = SequenceMatch(divergence="kl", alpha=1.0, normaliser_length=20)(policy, batch).loss
+    hot = SequenceMatchLoss(divergence="kl", alpha=0.1, normaliser_length=20)(policy, batch).loss
+    cold = SequenceMatchLoss(divergence="kl", alpha=1.0, normaliser_length=20)(policy, batch).loss
     assert abs(float((hot - 0.1 * cold).detach())) > 1e-3
 
 
@@ -713,14 +718,14 @@ def test_mixture_divides_sequencematch_by_alpha(
     """(1 - eta) L_BC + eta L_SM / alpha; at alpha = 0.01, c = 1/4 it is the alpha = 1 mixture
     at c = 0.0025 (the same kappa)."""
     batch, policy = alpha_batches(vocab, random_trajectory, 3)
-    bc = BC(normaliser_length=20)
-    sm = SequenceMatch(alpha=0.01, c=0.25, normaliser_length=20)
+    bc = BCLoss(normaliser_length=20)
+    sm = SequenceMatchLoss(alpha=0.01, c=0.25, normaliser_length=20)
     out = Mixture(bc, sm, eta=0.3)(policy, batch)
     L_bc, L_sm = bc(policy, batch).loss, sm(policy, batch).loss
     torch.testing.assert_close(out.loss, 0.7 * L_bc + 0.3 * L_sm / 0.01)
     torch.testing.assert_close(out.parts["bc"] + out.parts["sm"], out.loss)
     torch.testing.assert_close(out.metrics["sm/loss"], L_sm.detach())  # J's units, undivided
-    same_kappa = SequenceMatch(alpha=1.0, c=0.0025, normaliser_length=20)
+    same_kappa = SequenceMatchLoss(alpha=1.0, c=0.0025, normaliser_length=20)
     torch.testing.assert_close(
         out.loss, Mixture(bc, same_kappa, eta=0.3)(policy, batch).loss, rtol=1e-6, atol=1e-9
     )
@@ -746,7 +751,7 @@ def test_divergence_estimate_adds_alpha_times_the_entropy_by_hand() -> None:
     model = collate([Trajectory([0], [1, s.eos_id], True, False, s)])
     policy = TableLogits(s, torch.tensor([[row0, row1]], dtype=torch.float64))
     alpha = 0.5
-    out = SequenceMatch(alpha=alpha, gamma=0.5)(policy, ObjectiveBatch(data, model))
+    out = SequenceMatchLoss(alpha=alpha, gamma=0.5)(policy, ObjectiveBatch(data, model))
     J = -out.loss.detach()
     torch.testing.assert_close(out.metrics["entropy_term"], torch.tensor(h_hat).double())
     torch.testing.assert_close(out.metrics["divergence"], J + alpha * h_hat)
@@ -755,7 +760,7 @@ def test_divergence_estimate_adds_alpha_times_the_entropy_by_hand() -> None:
         out.metrics["entropy"], torch.tensor((entropy(row0[:3]) + entropy(row1)) / 2).double()
     )
     # Without a model batch the entropy is read on the data's states: H(s_0) / (1 x 1).
-    alone = SequenceMatch(divergence="linear", alpha=alpha, value_source="data")
+    alone = SequenceMatchLoss(divergence="linear", alpha=alpha, value_source="data")
     out = alone(policy, ObjectiveBatch(data))
     torch.testing.assert_close(
         out.metrics["entropy_term"], torch.tensor(entropy(row0[:3])).double()
@@ -780,7 +785,9 @@ def test_gradient_shares(
     for the update's backward pass, and no .grad is written."""
     batch = noisy_batches(vocab, random_trajectory, seed=5)
     policy = tiny_policy(vocab).double().train()
-    objective = Mixture(BC(normaliser_length=20), SequenceMatch(normaliser_length=20), eta=eta)
+    objective = Mixture(
+        BCLoss(normaliser_length=20), SequenceMatchLoss(normaliser_length=20), eta=eta
+    )
     out = objective(policy, batch)
     shares = gradient_shares(out.parts, policy.parameters())
     assert set(shares) == {"grad_share_sm", "grad_share_kappa"}

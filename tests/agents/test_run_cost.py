@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from agents.algorithms.sequencematch import SequenceMatch, rollout_step_cap
 from agents.training.config import TrainConfig
-from agents.training.trainer import Trainer, rollout_step_cap
+from agents.training.trainer import Trainer
 from seqenv.trajectory import Trajectory
 
 
@@ -27,6 +28,12 @@ def _config(**settings: Any) -> TrainConfig:
     }  # fmt: skip
     base.update(settings)
     return TrainConfig(**base)
+
+
+def _sm(trainer: Trainer) -> SequenceMatch:
+    """The run's SequenceMatch algorithm: its replay buffer, model batches and rollout cap."""
+    assert isinstance(trainer.algorithm, SequenceMatch)
+    return trainer.algorithm
 
 
 def _weights(trainer: Trainer) -> list[torch.Tensor]:
@@ -47,11 +54,11 @@ def test_defaults() -> None:
     assert TrainConfig(batch_size=36, grad_accum=3).resolved_model_batch_size == 9
     assert TrainConfig(model_batch_size=32).resolved_model_batch_size == 32
     trainer = Trainer(_config(batch_size=32))
-    assert trainer.model_batch_size == 8
-    assert trainer.rollout_max_steps < trainer.max_steps
+    assert _sm(trainer).model_batch_size == 8
+    assert _sm(trainer).rollout_max_steps < trainer.max_steps
     off = Trainer(_config(**OFF))
-    assert off.model_batch_size == off.config.batch_size
-    assert off.rollout_max_steps == off.max_steps
+    assert _sm(off).model_batch_size == off.config.batch_size
+    assert _sm(off).rollout_max_steps == off.max_steps
 
 
 def test_neutral_settings_give_the_plain_run_exactly() -> None:
@@ -61,32 +68,32 @@ def test_neutral_settings_give_the_plain_run_exactly() -> None:
     neutral.train()
     for a, b in zip(_weights(default), _weights(neutral), strict=True):
         assert torch.equal(a, b)
-    assert default.buffer.to_json() == neutral.buffer.to_json()
+    assert _sm(default).buffer.to_json() == _sm(neutral).buffer.to_json()
 
 
 def test_default_model_batch_is_one_uniform_draw() -> None:
     """The draw the trainer made before these settings existed: one sample of batch_size."""
     trainer = Trainer(_config(**OFF))
-    trainer._refresh_buffer()
+    _sm(trainer).refresh_buffer()
     rng = copy.deepcopy(trainer.data_rng)
-    expected = trainer.buffer.sample(trainer.config.batch_size, rng)
-    assert trainer._model_batch() == expected
+    expected = _sm(trainer).buffer.sample(trainer.config.batch_size, rng)
+    assert _sm(trainer).draw_model_batch() == expected
     assert trainer.data_rng.bit_generator.state == rng.bit_generator.state
 
 
 def test_model_batch_size_takes_effect() -> None:
     trainer = Trainer(_config(model_batch_size=4, grad_accum=2))
-    trainer._refresh_buffer()
-    assert len(trainer._model_batch()) == 4
+    _sm(trainer).refresh_buffer()
+    assert len(_sm(trainer).draw_model_batch()) == 4
     seen: list[int] = []
-    original = trainer.sm_objective
+    original = _sm(trainer).mixture
 
     class Spy:
         def __call__(self, policy: Any, batch: Any) -> Any:
             seen.append(batch.model.input_ids.shape[0])
             return original(policy, batch)  # type: ignore[misc]
 
-    trainer.sm_objective = Spy()  # type: ignore[assignment]
+    _sm(trainer).mixture = Spy()  # type: ignore[assignment]
     trainer.train()
     assert seen and set(seen) == {2}  # 4 rollouts in 2 micro-batches
 
@@ -107,10 +114,10 @@ def _length(t: Trajectory) -> int:
 def test_length_buckets_group_one_uniform_draw_by_length() -> None:
     k = 4
     trainer = Trainer(_config(model_batch_buckets=k))
-    trainer._refresh_buffer()
+    _sm(trainer).refresh_buffer()
     rng = copy.deepcopy(trainer.data_rng)
-    drawn = trainer.buffer.sample(k * trainer.config.batch_size, rng)
-    batches = [trainer._model_batch() for _ in range(k)]
+    drawn = _sm(trainer).buffer.sample(k * trainer.config.batch_size, rng)
+    batches = [_sm(trainer).draw_model_batch() for _ in range(k)]
     assert all(len(b) == trainer.config.batch_size for b in batches)
     # The k batches are the same rollouts as one uniform draw of k batches' worth ...
     assert sorted(id(t) for b in batches for t in b) == sorted(map(id, drawn))
@@ -119,10 +126,10 @@ def test_length_buckets_group_one_uniform_draw_by_length() -> None:
     for (_, high), (low, _) in itertools.pairwise(ranges):
         assert high <= low
     # A refresh of the buffer empties the pool: the next batch is drawn afresh.
-    trainer._model_batch()
-    assert trainer._model_pool
-    trainer._refresh_buffer()
-    assert not trainer._model_pool
+    _sm(trainer).draw_model_batch()
+    assert _sm(trainer)._model_pool
+    _sm(trainer).refresh_buffer()
+    assert not _sm(trainer)._model_pool
 
 
 def test_length_buckets_train() -> None:
@@ -145,10 +152,10 @@ def test_rollout_step_cap() -> None:
 
 def test_rollout_cap_takes_effect() -> None:
     capped = Trainer(_config(rollout_length_factor=0.5, rollouts=16))
-    cap = capped.rollout_max_steps
+    cap = _sm(capped).rollout_max_steps
     assert cap < capped.max_steps
-    capped._refresh_buffer()
-    rollouts = capped.buffer.sample(64, np.random.default_rng(0))
+    _sm(capped).refresh_buffer()
+    rollouts = _sm(capped).buffer.sample(64, np.random.default_rng(0))
     assert max(t.num_steps for t in rollouts) <= cap
     assert any(t.truncated for t in rollouts)
     # The evaluation keeps the full budget: the cap is the training rollouts' only.

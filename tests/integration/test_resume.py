@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 import agents.training.checkpoint as checkpoint_module
 import agents.training.trainer as trainer_module
 from agents.cli import main
-from agents.objectives import MLE, LossOutput
+from agents.objectives import LossOutput, MLELoss
 from agents.training.checkpoint import read_metadata, resolve_checkpoint
 from agents.training.trainer import Trainer
 from tests.integration.conftest import TINY, snapshot
@@ -265,16 +265,16 @@ def test_a_non_finite_loss_stops_before_the_weights(
     capsys: pytest.CaptureFixture[str],
     one_thread: None,
 ) -> None:
-    real_call = MLE.__call__
+    real_call = MLELoss.__call__
     calls = 0
 
-    def nan_from_update_4(self: MLE, policy: Any, batch: Any) -> LossOutput:
+    def nan_from_update_4(self: MLELoss, policy: Any, batch: Any) -> LossOutput:
         nonlocal calls
         calls += 1
         out = real_call(self, policy, batch)
         return LossOutput(out.loss * float("nan"), out.metrics) if calls >= 4 else out
 
-    monkeypatch.setattr(MLE, "__call__", nan_from_update_4)
+    monkeypatch.setattr(MLELoss, "__call__", nan_from_update_4)
     capsys.readouterr()
     args = ["train", *AGENTS["mle"], *COMMON, "--steps", "8", "--save-interval", "2"]
     args += ["--logdir", str(tmp_path / "runs"), "--save", str(tmp_path / "run")]
@@ -320,10 +320,10 @@ def test_a_failure_before_any_save_leaves_no_files(
     capsys: pytest.CaptureFixture[str],
     one_thread: None,
 ) -> None:
-    def nan_loss(self: MLE, policy: Any, batch: Any) -> LossOutput:
+    def nan_loss(self: MLELoss, policy: Any, batch: Any) -> LossOutput:
         return LossOutput(torch.tensor(float("nan"), requires_grad=True), {})
 
-    monkeypatch.setattr(MLE, "__call__", nan_loss)
+    monkeypatch.setattr(MLELoss, "__call__", nan_loss)
     monkeypatch.chdir(tmp_path)
     args = ["train", *AGENTS["mle"], *COMMON, "--steps", "4", "--logdir", "runs/deep"]
     assert main([*args, "--save", "ck/new"]) == 1

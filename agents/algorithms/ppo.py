@@ -1,25 +1,51 @@
 """PPO (Stable-Baselines3) on the task reward, as the comparison's reinforcement-learning peer.
 
-The SB3 policy is wrapped as a :class:`~agents.models.interface.PolicyModel` (no cache), so the
-same generation and :func:`agents.evaluation.evaluate.evaluate` measure it like every other agent.
+It learns from the reward, not from demonstrations, with SB3's own training loop
+(:meth:`PPO.train_own_loop`); the trainer never builds it. The SB3 policy is wrapped as a
+:class:`~agents.models.interface.PolicyModel` (no cache), so the same generation and
+:func:`agents.evaluation.evaluate.evaluate` measure it like every other agent. Its settings
+(``timesteps``, ``n_steps``, ``width``, ...) come from a comparison config's ``agents.ppo``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from torch import nn
 
+from agents.algorithms.base import Algorithm
 from agents.collate import TrajectoryBatch
 from agents.evaluation.evaluate import divergence_estimate, evaluate
 from agents.models.interface import PolicyModel
-from agents.objectives import make_objective
+from agents.objectives import SequenceMatchLoss
 from agents.training.config import TrainConfig
 from seqenv.rules import step_budget
 from seqenv.tasks import Task
+
+
+class PPO(Algorithm):
+    """Stable-Baselines3 PPO on the task's reward (arithmetic and dyck; no pretrained model)."""
+
+    label = "PPO (task reward)"
+    short_label = "PPO"
+    own_loop: ClassVar[bool] = True
+
+    @classmethod
+    def unavailable(cls, task: str, pretrained: bool) -> str | None:
+        """Its own small network on the task reward: no text task, no pretrained model."""
+        if task == "text" or pretrained:
+            return "trains its own small network on a task reward: not on text, nor with --model"
+        return None
+
+    @classmethod
+    def train_own_loop(
+        cls, config: dict[str, Any], task: Task, seed: int, out: Path, device: torch.device
+    ) -> tuple[PPOPolicyModel, list[dict[str, float]]]:
+        """Train with SB3's loop; the policy (as a PolicyModel) and its learning curve."""
+        return train_ppo(config, task, seed, out, device)
 
 
 class PPOPolicyModel(nn.Module):
@@ -126,13 +152,16 @@ def train_ppo(
         episodes=int(config["train"].get("eval_episodes", 100)),
         seed=seed,
         history=history,
-        probe=make_objective(
-            "sequencematch",
-            **{
-                k: config["train"].get(k, getattr(TrainConfig, k))
-                for k in ("divergence", "c", "alpha", "gamma")
-            },
+        probe=SequenceMatchLoss.from_settings(
+            TrainConfig(
+                **{
+                    k: config["train"][k]
+                    for k in ("divergence", "c", "alpha", "gamma")
+                    if k in config["train"]
+                }
+            ),
             normaliser_length=step_budget(max_length),
+            value_source="mix",
         ),
     )
     model.learn(settings["timesteps"], tb_log_name=f"ppo-s{seed}", callback=evaluation)

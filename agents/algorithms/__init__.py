@@ -1,0 +1,79 @@
+"""The learning algorithms, one file each, and every registered name (all registrations here).
+
+=========================  ==================================================================
+name                       what it is
+=========================  ==================================================================
+``mle``                    teacher forcing on clean data; the backspace masked (mle.py)
+``bc``                     BC on the disturbed demonstrations, intended actions (bc.py)
+``bc_executed``            the same demonstrations, executed actions as labels: noise tokens
+                           are targets (the paper's scheme), a preset of ``bc``
+``sequencematch``          SequenceMatch (chi^2 mixture) in the disturbed environment
+                           (sequencematch.py)
+``sequencematch_eta0``     SequenceMatch's run with its term weighted 0 (BC with the level
+                           penalty, same rollouts): what the term itself adds, a preset
+``sequencematch_no_bkspc`` SequenceMatch without backspace (clean data), a preset
+``ppo``                    stable-baselines3 PPO on the task reward (ppo.py)
+``untuned``                the pretrained model as loaded, never updated (mle.py)
+=========================  ==================================================================
+
+Write your own as an :class:`Algorithm` subclass (see the README) and name it
+``module:Class``, or register it here under a name.
+"""
+
+from agents.algorithms.base import (
+    ALGORITHMS,
+    Algorithm,
+    AlgorithmSpec,
+    DataKind,
+    describe_algorithms,
+    register_algorithm,
+    resolve_algorithm,
+    safe_name,
+)
+from agents.algorithms.bc import BC
+from agents.algorithms.mle import MLE, Untuned
+from agents.algorithms.ppo import PPO
+from agents.algorithms.sequencematch import SequenceMatch
+
+register_algorithm("mle", MLE, overrides={"backspace": False})
+register_algorithm("bc", BC)
+register_algorithm(
+    "bc_executed",
+    BC,
+    overrides={"labels": "executed"},
+    label="BC (executed actions: noise as targets, the paper's)",
+    short_label="BC (executed)",
+)
+register_algorithm("sequencematch", SequenceMatch)
+register_algorithm(
+    "sequencematch_eta0",
+    SequenceMatch,
+    overrides={"eta": 0.0},
+    label="SequenceMatch at eta 0 (BC with the level penalty)",
+    short_label="SequenceMatch at eta 0",
+)
+register_algorithm(
+    "sequencematch_no_bkspc",
+    SequenceMatch,
+    overrides={"backspace": False},
+    label="SequenceMatch, no backspace",
+    short_label="SequenceMatch, no backspace",
+)
+register_algorithm("ppo", PPO)
+register_algorithm("untuned", Untuned, overrides={"backspace": False})
+
+__all__ = [
+    "ALGORITHMS",
+    "BC",
+    "MLE",
+    "PPO",
+    "Algorithm",
+    "AlgorithmSpec",
+    "DataKind",
+    "SequenceMatch",
+    "Untuned",
+    "describe_algorithms",
+    "register_algorithm",
+    "resolve_algorithm",
+    "safe_name",
+]

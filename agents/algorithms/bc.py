@@ -1,0 +1,37 @@
+"""BC: behaviour cloning on the demonstrations of the disturbed environment.
+
+The expert acts in the environment that replaces a token action by noise with probability p,
+and backspaces each disturbance (docs/method.md §5): cloning it teaches the backspace. The
+``labels`` setting picks the targets: the intended actions (noise is never a target), or the
+executed ones (noise tokens included, the paper's scheme; the ``bc_executed`` preset).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from agents.algorithms.base import Algorithm
+from agents.objectives import BCLoss, Objective
+
+if TYPE_CHECKING:
+    from agents.training.trainer import Trainer
+
+
+class BC(Algorithm):
+    """Cross entropy on disturbed demonstrations: MLE plus the repairs of the disturbances."""
+
+    label = "BC (intended actions, disturbed data)"
+    short_label = "BC"
+    settings = ("noise", "noise_type", "labels", "noise_targets")
+
+    def __init__(self, trainer: Trainer) -> None:
+        super().__init__(trainer)
+        self.objective = BCLoss(
+            noise_targets=self.config.noise_targets,
+            normaliser_length=trainer.max_steps,
+            allow_backspace=self.config.backspace,
+        )
+
+    def loss(self, step: int) -> Objective:
+        """The cross entropy of the (disturbed) data batch, at every update."""
+        return self.objective

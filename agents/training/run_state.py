@@ -1,0 +1,84 @@
+"""What a checkpoint holds of a run besides the weights, and how a run resumes from it."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agents.training.checkpoint import (
+    CheckpointError,
+    load_training_state,
+    load_weights,
+    model_metadata,
+)
+from agents.training.config import saved_settings
+
+if TYPE_CHECKING:
+    from agents.training.trainer import Trainer
+
+# Settings that may change between a run and its resume (where things go, how they are shown).
+_RESUMABLE = {
+    "resume", "overwrite", "json", "progress", "logdir", "name", "save", "steps", "device",
+}  # fmt: skip
+
+
+def run_metadata(trainer: Trainer) -> dict[str, Any]:
+    """What a checkpoint stores besides the weights: step, config, vocabulary, task."""
+    return {
+        "step": trainer.step,
+        "num_timesteps": trainer.num_timesteps,
+        "config": dataclasses.asdict(trainer.config),
+        "vocab": trainer.vocab.to_json(),
+        "task": {
+            "name": trainer.config.task,  # as given: a module:Class spec reloads
+            "kwargs": trainer.task.config(),
+        },
+        "model": model_metadata(trainer.policy),
+        "max_length": trainer.max_length,
+        "max_steps": trainer.max_steps,
+        # Evaluation and generation read these instead of the task's data (a text corpus).
+        "test_prompts": [d.prompt.tolist() for d in trainer.heldout],
+        "data_rng": trainer.data_rng.bit_generator.state,
+        **trainer.algorithm.state(),  # a replay buffer, for an algorithm with rollouts
+        "eval": trainer.last_eval,
+        "history": trainer.history,  # a resumed run's learning curves start at update 0
+    }
+
+
+def restore_run(trainer: Trainer, path: str | Path, metadata: dict[str, Any]) -> None:
+    """Put a checkpoint's state into ``trainer``: weights, optimizer, step, streams, algorithm.
+
+    Raises:
+        CheckpointError: for another vocabulary, settings that differ (each named with both
+            values), or an algorithm state that does not fit.
+    """
+    if metadata["vocab"] != trainer.vocab.to_json():
+        raise CheckpointError(
+            f"{path}: the checkpoint's vocabulary does not match task {trainer.task.name!r}"
+        )
+    saved = saved_settings(metadata["config"])
+    current = {k: v for k, v in dataclasses.asdict(trainer.config).items() if k not in _RESUMABLE}
+    changed = [
+        f"{k} (checkpoint {saved.get(k)!r}, now {v!r})"
+        for k, v in sorted(current.items())
+        if saved.get(k) != v
+    ]
+    if changed:
+        raise CheckpointError(
+            f"{path}: cannot resume with different settings: {'; '.join(changed)}"
+        )
+    load_weights(path, trainer.policy)
+    rng = load_training_state(path, trainer.optimizer, metadata)
+    trainer.step = int(metadata["step"])
+    trainer.num_timesteps = int(metadata.get("num_timesteps", 0))
+    trainer.scheduler.last_epoch = trainer.step
+    trainer.scheduler._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]
+    trainer.data_rng.bit_generator.state = metadata["data_rng"]
+    trainer.rollout_generator.set_state(rng["rollout"])
+    try:
+        trainer.algorithm.load_state(metadata)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    trainer.last_eval = metadata.get("eval", {})
+    trainer.history = list(metadata.get("history", []))
