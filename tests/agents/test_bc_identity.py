@@ -29,7 +29,7 @@ import torch
 from agents.collate import collate
 from agents.generate import generate
 from agents.models.policy import TransformerPolicy
-from agents.objectives import BC, Mixture, ObjectiveBatch, SequenceMatch, phi
+from agents.objectives import BCLoss, Mixture, ObjectiveBatch, SequenceMatchLoss, phi
 from seqenv.disturbance import Disturbance
 from seqenv.tasks.dyck import DyckTask
 from seqenv.trajectory import Trajectory, disturbed_demonstrations
@@ -144,7 +144,7 @@ class Identity:
 
 
 def identity(
-    objective: SequenceMatch, data: Sequence[Terms], model: Sequence[Terms] | None
+    objective: SequenceMatchLoss, data: Sequence[Terms], model: Sequence[Terms] | None
 ) -> Identity:
     """The proposition's right-hand side for ``objective`` (chi2_mixture, chi2 or linear)."""
     kappa = objective.kappa
@@ -208,7 +208,7 @@ def completed(trajectory: Trajectory, prompt: Sequence[int] | None = None) -> Tr
 
 
 def j_over_alpha(
-    objective: SequenceMatch, policy: TransformerPolicy, batch: ObjectiveBatch
+    objective: SequenceMatchLoss, policy: TransformerPolicy, batch: ObjectiveBatch
 ) -> torch.Tensor:
     """J / alpha = -L_SM / alpha, from the objective's own code."""
     return -objective(policy, batch).loss / objective.alpha
@@ -235,7 +235,7 @@ def test_value_source_data_gives_discounted_bc_minus_kappa_squares(
     data = random_trajectories(random_trajectory, vocab, 6, seed=0)
     model = random_trajectories(random_trajectory, vocab, 9, seed=1)
     policy = tiny_policy(vocab).double()
-    objective = SequenceMatch(
+    objective = SequenceMatchLoss(
         c=c, alpha=alpha, gamma=gamma, value_source="data", normaliser_length=L
     )
     with torch.no_grad():
@@ -290,12 +290,12 @@ def test_model_and_mix_value_sources_with_shared_prompts_and_complete_episodes(
     policy = tiny_policy(vocab).double()
     batch = ObjectiveBatch(collate(data), collate(model))
     common: dict[str, Any] = {"c": c, "alpha": 0.01, "gamma": 0.998, "normaliser_length": L}
-    objective = SequenceMatch(value_source=value_source, **common)
+    objective = SequenceMatchLoss(value_source=value_source, **common)
     with torch.no_grad():
         got = j_over_alpha(objective, policy, batch)
-        on_data = j_over_alpha(SequenceMatch(value_source="data", **common), policy, batch)
+        on_data = j_over_alpha(SequenceMatchLoss(value_source="data", **common), policy, batch)
         value_terms = {
-            source: SequenceMatch(value_source=source, **common)(policy, batch).metrics[
+            source: SequenceMatchLoss(value_source=source, **common)(policy, batch).metrics[
                 "value_term"
             ]
             for source in ("data", "model")
@@ -324,7 +324,7 @@ def test_the_gradients_agree_too(
     the squared residuals, on complete episodes with shared prompts."""
     data, model = shared_prompt_batches(vocab, random_trajectory, seed=3)
     policy = tiny_policy(vocab).double()
-    objective = SequenceMatch(normaliser_length=L)
+    objective = SequenceMatchLoss(normaliser_length=L)
     assert objective.value_source == "mix" and objective.kappa == pytest.approx(0.0025)
     got = j_over_alpha(objective, policy, ObjectiveBatch(collate(data), collate(model)))
     gamma = objective.gamma
@@ -357,7 +357,7 @@ def test_boundary_terms_in_general(
     data = random_trajectories(random_trajectory, vocab, 6, seed=4)
     model = random_trajectories(random_trajectory, vocab, 9, seed=5)
     policy = tiny_policy(vocab).double()
-    objective = SequenceMatch(gamma=0.9, value_source=value_source, normaliser_length=L)
+    objective = SequenceMatchLoss(gamma=0.9, value_source=value_source, normaliser_length=L)
     w = model_weight(value_source, len(data), len(model))
     for complete in (False, True):
         if complete:
@@ -421,7 +421,7 @@ def test_dyck_rollouts_complete_and_truncated(
     for both kappa terms together and -0.67 for the log-likelihood: larger than the whole
     on-policy kappa term."""
     policy, data, rollouts = dyck_batches(tiny_policy)
-    objective = SequenceMatch(value_source=value_source, normaliser_length=L)
+    objective = SequenceMatchLoss(value_source=value_source, normaliser_length=L)
     gamma = objective.gamma
     data_terms = [terms_of(policy, t, gamma) for t in data]
 
@@ -467,8 +467,8 @@ def test_mixture_is_bc_plus_level_penalty_plus_td(
     data, model = shared_prompt_batches(vocab, random_trajectory, seed=6)
     policy = tiny_policy(vocab).double()
     eta, level_penalty = 0.3, 0.01
-    sm = SequenceMatch(normaliser_length=L)  # the defaults: mix, kappa = 0.0025, gamma = 0.998
-    mixture = Mixture(BC(normaliser_length=L, level_penalty=level_penalty), sm, eta=eta)
+    sm = SequenceMatchLoss(normaliser_length=L)  # the defaults: mix, kappa = 0.0025, gamma = 0.998
+    mixture = Mixture(BCLoss(normaliser_length=L, level_penalty=level_penalty), sm, eta=eta)
     with torch.no_grad():
         got = mixture(policy, ObjectiveBatch(collate(data), collate(model))).loss
         data_terms = [terms_of(policy, t, sm.gamma) for t in data]
@@ -496,7 +496,7 @@ def test_every_divergence_is_discounted_bc_plus_a_per_step_penalty(
     data = random_trajectories(random_trajectory, vocab, 6, seed=7)
     policy = tiny_policy(vocab).double()
     alpha, gamma = 0.1, 0.95
-    objective = SequenceMatch(
+    objective = SequenceMatchLoss(
         divergence=divergence, alpha=alpha, gamma=gamma, value_source="data", normaliser_length=L
     )
     with torch.no_grad():
