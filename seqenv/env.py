@@ -268,10 +268,10 @@ class SequenceGenEnv(gym.Env[np.ndarray, np.int64]):
             NoOracleError: the task has no oracle (text; a task without ``expert_policy``).
             RuntimeError: before :meth:`reset`.
         """
-        if int(self.mdp.prompt_length[0]) == 0:
+        start = int(self.mdp.prompt_length[0])
+        if start == 0:  # every prompt holds a token: nothing was reset yet
             raise RuntimeError("call reset() before expert_action_probs()")
         state = self.mdp.state(0)
-        start = int(self.mdp.prompt_length[0])
         return expert_probs(self.task, [state[:start]], [state[start:]])[0]
 
     def render(self) -> str | np.ndarray | None:

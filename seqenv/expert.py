@@ -50,13 +50,10 @@ def require_oracle(task: Task) -> None:
     """
     if task.has_oracle:
         return
-    why = ""
-    if task.name == "arithmetic":
-        why = " on a pretrained model's tokenizer (an answer has several encodings there)"
     raise NoOracleError(
-        f"task {task.name!r} has no expert oracle{why}; tasks with one: "
-        f"{', '.join(oracle_task_names())} (arithmetic on its character vocabulary), or a task "
-        "that implements Task.expert_policy"
+        f"task {task.name!r} has no expert oracle; tasks with one: "
+        f"{', '.join(oracle_task_names())} (arithmetic on its own character vocabulary, not a "
+        "pretrained model's tokenizer), or a task that implements Task.expert_policy"
     )
 
 
