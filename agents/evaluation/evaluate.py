@@ -125,6 +125,15 @@ METRICS: dict[str, Metric] = {
     "repetition": Metric("repeated word bigrams within a continuation", False, UNIT),
 }
 
+DISTURBED = "disturbed/"
+"""The prefix of a metric measured in the disturbed environment (the same metric otherwise)."""
+
+
+def metric_spec(name: str) -> Metric | None:
+    """The :class:`Metric` of a name, ``disturbed/<metric>`` included; None if unknown."""
+    return METRICS.get(name.removeprefix(DISTURBED))
+
+
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "arithmetic": ("accuracy", "recovery", "backspace_rate", "mean_backtrack_length"),
     "dyck": (

@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from agents.evaluation.episodes import OWN_ERROR_DENOMINATORS
-from agents.evaluation.evaluate import METRICS, OWN_ERROR_METRICS, TASK_METRICS, headline
+from agents.evaluation.evaluate import (
+    METRICS,
+    OWN_ERROR_METRICS,
+    TASK_METRICS,
+    headline,
+    metric_spec,
+)
 from agents.evaluation.stats import FLAT_CHANGE
 
 AGENT_LABELS = {
@@ -41,7 +47,7 @@ REFERENCE_LABELS = {"human_text": "human text (same prompts and sample size)"}
 
 def _arrow(metric: str) -> str:
     """↑ where higher is better, ↓ where lower is, nothing where neither is."""
-    known = METRICS.get(metric)
+    known = metric_spec(metric)
     if known is None or known.higher_is_better is None:
         return ""
     return "↑" if known.higher_is_better else "↓"
@@ -49,7 +55,7 @@ def _arrow(metric: str) -> str:
 
 def _higher_is_better(metric: str) -> bool:
     """Whether a larger value of ``metric`` is better (False also where neither is)."""
-    known = METRICS.get(metric)
+    known = metric_spec(metric)
     return bool(known and known.higher_is_better)
 
 
@@ -128,17 +134,14 @@ def difference_table(results: dict[str, Any], metrics: list[str] | None = None) 
     """
     pairs = {k: v for k, v in results.get("differences", {}).items() if v}
     rows = metrics_of(results) if metrics is None else metrics
-    metrics = [
-        m for m in rows if METRICS[m.removeprefix("disturbed/")].higher_is_better is not None
-    ]
+    metrics = [m for m in rows if (spec := metric_spec(m)) and spec.higher_is_better is not None]
     if not pairs or not metrics:
         return []
     names = [" − ".join(AGENT_SHORT.get(a, a) for a in pair.split(" - ")) for pair in pairs]
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(pairs) + 1) + "|"]
     for metric in metrics:
         cells = [_diff_cell(pair.get(metric)) for pair in pairs.values()]
-        arrow = _arrow(metric.removeprefix("disturbed/"))
-        lines.append(f"| {metric} {arrow} | " + " | ".join(cells) + " |")
+        lines.append(f"| {metric} {_arrow(metric)} | " + " | ".join(cells) + " |")
     return lines
 
 
