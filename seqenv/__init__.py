@@ -9,6 +9,7 @@ from __future__ import annotations
 from gymnasium.envs.registration import register, registry
 
 from seqenv.disturbance import Disturbance
+from seqenv.expert import ExpertPolicy, NoOracleError, expert_probs, trajectory_expert_probs
 from seqenv.mdp import InvalidActionError, PromptTooLongError, SequenceMDP
 from seqenv.tasks import TASK_NAMES, Task, UnknownTaskError, make_task, register_task
 from seqenv.trajectory import (
@@ -38,7 +39,9 @@ __all__ = [
     "CharVocab",
     "DemonstrationError",
     "Disturbance",
+    "ExpertPolicy",
     "InvalidActionError",
+    "NoOracleError",
     "PromptTooLongError",
     "SequenceMDP",
     "SpecialIds",
@@ -51,9 +54,11 @@ __all__ = [
     "augment",
     "disturbed_demonstration",
     "disturbed_demonstrations",
+    "expert_probs",
     "load_demonstrations",
     "make_task",
     "random_noise",
     "register_task",
     "replay",
+    "trajectory_expert_probs",
 ]

@@ -11,6 +11,7 @@ import torch
 from gymnasium import spaces
 
 from seqenv.disturbance import KEY_BOUND, Disturbance, NoiseFn, resolve_disturbance
+from seqenv.expert import expert_probs
 from seqenv.mdp import SequenceMDP, as_action_id, check_int
 from seqenv.render import text_image
 from seqenv.tasks import Task, make_task
@@ -144,8 +145,8 @@ class SequenceGenEnv(gym.Env[np.ndarray, np.int64]):
 
     ## Version History
     * v0: initial version. Added since, leaving the default dynamics unchanged: the disturbance
-      (p = 0 by default), ``info["intended_action"]`` and ``info["executed_action"]``, and
-      ``render_mode="rgb_array"``.
+      (p = 0 by default), ``info["intended_action"]`` and ``info["executed_action"]``,
+      ``render_mode="rgb_array"``, and :meth:`expert_action_probs` (the task's oracle).
     """
 
     metadata: dict[str, Any] = {"render_modes": ["ansi", "rgb_array"], "render_fps": 4}  # noqa: RUF012
@@ -253,6 +254,25 @@ class SequenceGenEnv(gym.Env[np.ndarray, np.int64]):
     def action_masks(self) -> np.ndarray:
         """The current action mask as bools (the name sb3-contrib's maskable algorithms call)."""
         return self.mdp.action_mask()[0].numpy()
+
+    def expert_action_probs(self) -> np.ndarray:
+        """The task's expert at the current state, valid or not: (A,) float64 summing to 1.
+
+        The oracle of :mod:`seqenv.expert`: at a state that can still be completed correctly,
+        the expert's next-action distribution; at one that has left the task's language, all
+        mass on ``<bkspc>``. It sees only the text, so after a disturbance that left valid text
+        it continues where the disturbed env's demonstrator would delete. After an episode
+        ends, it is the oracle at the final state.
+
+        Raises:
+            NoOracleError: the task has no oracle (text; a task without ``expert_policy``).
+            RuntimeError: before :meth:`reset`.
+        """
+        start = int(self.mdp.prompt_length[0])
+        if start == 0:  # every prompt holds a token: nothing was reset yet
+            raise RuntimeError("call reset() before expert_action_probs()")
+        state = self.mdp.state(0)
+        return expert_probs(self.task, [state[:start]], [state[start:]])[0]
 
     def render(self) -> str | np.ndarray | None:
         """``"ansi"``: the current text; ``"rgb_array"``: it drawn as an (H, W, 3) uint8 image."""

@@ -39,6 +39,7 @@ from seqenv.env import (
     resolve_task,
     rgb_rows,
 )
+from seqenv.expert import expert_probs
 from seqenv.mdp import InvalidActionError, SequenceMDP, check_int, is_integer_dtype
 from seqenv.render import text_image
 from seqenv.tasks import Task
@@ -54,6 +55,7 @@ class SequenceGenVectorEnv(VectorEnv):
     where the disturbance replaced a token; -1 in rows that this step reset instead of stepping).
     Text is not decoded on every step (it would dominate the cost): ``render()`` with
     ``render_mode="ansi"`` or :meth:`texts` give it; ``"rgb_array"`` gives a tuple of images.
+    :meth:`expert_action_probs` gives the task's oracle at every row, (N, num_actions).
 
     Autoreset: ``NEXT_STEP`` (gymnasium's default; the step after an episode ends resets that row
     and ignores its action) or ``DISABLED`` (reset rows with ``reset(options={"reset_mask": m})``).
@@ -229,6 +231,29 @@ class SequenceGenVectorEnv(VectorEnv):
         }
         return self._observation(), rewards, result.terminated, result.truncated, info
 
+    def expert_action_probs(self) -> torch.Tensor:
+        """The task's expert at every row's current state: (N, A) float32 on ``device``.
+
+        The batched form of ``SequenceGenEnv.expert_action_probs`` (:mod:`seqenv.expert`): each
+        row the expert's next-action distribution, or all mass on ``<bkspc>`` where the row's
+        text has left the task's language. A row whose episode just ended gives the oracle at
+        its final state (it is reset by the next step).
+
+        Raises:
+            NoOracleError: the task has no oracle.
+            RuntimeError: before :meth:`reset`.
+        """
+        if not self._started:
+            raise RuntimeError("call reset() before expert_action_probs()")
+        # One transfer of the live states, then plain lists.
+        tokens = self.mdp.tokens.tolist()
+        starts = self.mdp.prompt_length.tolist()
+        ends = self.mdp.length.tolist()
+        prompts = [row[:start] for row, start in zip(tokens, starts, strict=True)]
+        generated = [row[start:end] for row, start, end in zip(tokens, starts, ends, strict=True)]
+        probs = expert_probs(self.task, prompts, generated)
+        return torch.from_numpy(probs).to(self.device, torch.float32)
+
     def texts(self) -> list[str]:
         """The current text of every row."""
         return [self.vocab.decode(self.mdp.state(i)) for i in range(self.num_envs)]
@@ -301,6 +326,10 @@ class SB3VecEnv(VecEnv):
     def action_masks(self) -> np.ndarray:
         """The (N, num_actions) bool masks of valid actions."""
         return self.env.mdp.action_mask().cpu().numpy()
+
+    def expert_action_probs(self) -> np.ndarray:
+        """(N, num_actions) float32: the task's expert at every row (the vector env's oracle)."""
+        return self.env.expert_action_probs().cpu().numpy()
 
     def close(self) -> None:
         """Close the underlying vector env."""

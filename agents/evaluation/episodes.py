@@ -7,6 +7,8 @@ Nothing here runs a model, so every metric is testable on hand-made cases. Secti
   answer (:func:`recovery_starts`, :func:`recovery_metrics`).
 - **Dyck**: validity, log-probability under the true grammar, length distributions
   (:func:`dyck_metrics`); the exact occupancy measures are in :mod:`agents.evaluation.occupancy`.
+- **Own errors** (every task with an oracle, :mod:`seqenv.expert`): the agent's own mistakes,
+  told apart from the environment's noise, and whether it repairs them (:func:`own_error_units`).
 
 A "sample" below is either a :class:`~seqenv.trajectory.Trajectory` (its final generated ids
 after every backspace, and whether it terminated) or a plain list of generated ids (taken as a
@@ -23,6 +25,7 @@ from typing import Protocol
 
 import numpy as np
 
+from seqenv.expert import require_oracle
 from seqenv.tasks.base import Example, Task
 from seqenv.trajectory import Trajectory, replay
 from seqenv.vocab import SpecialIds
@@ -373,3 +376,122 @@ def dyck_metrics(
         **log_prob_stats(task, samples),
         **length_distances(sequence_lengths(samples), sequence_lengths(data)),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Own errors: the agent's mistakes against the task's oracle, apart from the noise
+
+OWN_ERROR_DENOMINATORS: dict[str, str] = {
+    "own_error_rate": "episode",
+    "own_error_repair_rate": "own error",
+    "valid_after_own_error": "episode with an own error",
+    "false_backspace_share": "backspace that deleted a token",
+    "early_eos_rate": "episode",
+    "noise_unrepaired": "episode (disturbed evaluation only)",
+}
+"""The unit of each own-error measure: it is the mean of one 0/1 value (a task score for
+``valid_after_own_error``) per such unit, pooled over the episodes of one evaluation."""
+
+# Where each generated token came from.
+_CORRECT, _ERROR, _NOISE, _AFTER = "correct", "error", "noise", "after"
+
+
+def own_error_units(
+    task: Task, trajectories: Sequence[Trajectory], noise: bool = False
+) -> dict[str, list[float]]:
+    """The units of the own-error measures; each measure is the mean of its units.
+
+    Each episode is walked with its intended and executed actions
+    (:attr:`~seqenv.trajectory.Trajectory.intended`), asking the task's oracle
+    (:meth:`~seqenv.tasks.Task.expert_policy`) at every valid state. A state is *valid* while
+    every token it holds was in the oracle's support where it was appended; the first token
+    that was not takes the state off the language, and it stays off until that token is
+    deleted. A generated token is one of:
+
+    - *correct*: the agent's own token (executed as intended) at a valid state, in the
+      oracle's support;
+    - *own error*: the agent's own token at a valid state, outside the oracle's support;
+    - *noise*: the disturbance replaced the agent's token (valid or not: the oracle judges it);
+    - *after*: the agent's own token at a state already off the language.
+
+    Units (their denominators are :data:`OWN_ERROR_DENOMINATORS`):
+
+    - ``own_error_rate``: one per episode, 1 if it has an own error.
+    - ``own_error_repair_rate``: one per own error, 1 if a later backspace deleted it.
+    - ``valid_after_own_error``: one per episode with an own error, its task score (1 for a
+      correct final text, after every backspace; dyck: valid, arithmetic: the answer).
+    - ``false_backspace_share``: one per backspace that deleted a token, 1 if that token was
+      a correct one of the agent's (text it should have kept); deleting noise is never false.
+    - ``early_eos_rate``: one per episode, 1 if the agent ended with ``<eos>`` at a valid
+      state whose oracle gives ``<eos>`` no mass (it cannot be repaired, so it is not counted
+      as an own error).
+    - ``noise_unrepaired`` (only with ``noise``): one per episode, 1 if the agent wrote on or
+      ended (any action but ``<bkspc>``) at a state that a noise token had taken off the
+      language. Such tokens are *after* tokens, not own errors.
+
+    Args:
+        task: a task with an oracle.
+        trajectories: finished episodes (the disturbed ones keep ``intended``).
+        noise: the episodes ran in the disturbed environment: also ``noise_unrepaired``.
+
+    Raises:
+        NoOracleError: the task has no oracle.
+    """
+    require_oracle(task)
+    units: dict[str, list[float]] = {
+        name: [] for name in OWN_ERROR_DENOMINATORS if noise or name != "noise_unrepaired"
+    }
+    for t in trajectories:
+        special = t.special
+        prompt = t.prompt.tolist()
+        generated: list[int] = []
+        origins: list[str] = []  # of each generated token
+        error_index: list[int] = []  # its index in the own-error units, -1 if not an error
+        valid = [True]  # of the state with k generated tokens, k = 0..len(generated)
+        culprit: list[str | None] = [None]  # the origin of the token that took it off
+        first_error = len(units["own_error_repair_rate"])
+        early_eos = left_noise = False
+        for chosen, ran in zip(t.intended_actions.tolist(), t.actions.tolist(), strict=True):
+            if ran == special.backspace_id:
+                if generated:
+                    generated.pop()
+                    valid.pop()
+                    culprit.pop()
+                    origin, index = origins.pop(), error_index.pop()
+                    units["false_backspace_share"].append(float(origin == _CORRECT))
+                    if index >= 0:
+                        units["own_error_repair_rate"][index] = 1.0
+                continue
+            if culprit[-1] == _NOISE:
+                left_noise = True
+            # The oracle at valid states only: a state off the language stays off.
+            probs = task.expert_policy(prompt, generated) if valid[-1] else None
+            if ran == special.eos_id:
+                early_eos = probs is not None and probs[special.eos_id] == 0.0
+                continue
+            supported = probs is not None and probs[ran] > 0.0
+            if chosen != ran:
+                origin = _NOISE
+            elif probs is None:
+                origin = _AFTER
+            else:
+                origin = _CORRECT if supported else _ERROR
+            index = -1
+            if origin == _ERROR:
+                index = len(units["own_error_repair_rate"])
+                units["own_error_repair_rate"].append(0.0)
+            generated.append(ran)
+            origins.append(origin)
+            error_index.append(index)
+            valid.append(supported)
+            culprit.append(culprit[-1] if probs is None else None if supported else origin)
+        own_errors = len(units["own_error_repair_rate"]) > first_error
+        units["own_error_rate"].append(float(own_errors))
+        if own_errors:
+            units["valid_after_own_error"].append(
+                float(task.score(prompt, generated, t.terminated))
+            )
+        units["early_eos_rate"].append(float(early_eos))
+        if noise:
+            units["noise_unrepaired"].append(float(left_noise))
+    return units

@@ -4,7 +4,8 @@ Training (``eval/`` scalars at its intervals), ``seqmatch eval`` and ``seqmatch 
 :func:`evaluate`, so a number means the same thing in TensorBoard, in JSON and in a report.
 :data:`METRICS` names every metric once. ``full=False`` computes the cheap ones (what training
 logs at every interval); ``full=True`` adds recovery, the exact occupancy divergences, held-out
-perplexity, MAUVE and the n-gram statistics.
+perplexity, MAUVE, the n-gram statistics and, on every task with an oracle, the own-error
+measures (:data:`OWN_ERROR_METRICS`).
 
 Sampling follows the checkpoint's training setting unless told otherwise: greedy for arithmetic
 (accuracy is about the most likely answer), sampled elsewhere (validity, likelihood and diversity
@@ -26,6 +27,7 @@ from agents.evaluation.episodes import (
     dyck_failures,
     dyck_metrics,
     episode_scores,
+    own_error_units,
     recovery_metrics,
     recovery_starts,
 )
@@ -94,6 +96,27 @@ METRICS: dict[str, Metric] = {
     "exact_output_tv": Metric("exact TV of final texts to the grammar's, clean MDP", False, UNIT),
     "exact_output_tv_disturbed": Metric("the same in the disturbed MDP", False, UNIT),
     "exact_backspace_rate": Metric("exact backspaces / steps in the disturbed MDP", None, UNIT),
+    # every task with an oracle (seqenv.expert): the agent's own errors, apart from the noise
+    "own_error_rate": Metric(
+        "episodes where the agent's own token left the oracle's support at a valid state",
+        False,
+        UNIT,
+    ),
+    "own_error_repair_rate": Metric("own errors later deleted by the agent", True, UNIT),
+    "valid_after_own_error": Metric(
+        "episodes with an own error that still end correct", True, UNIT
+    ),
+    "false_backspace_share": Metric(
+        "deleting backspaces that removed a correct own token", False, UNIT
+    ),
+    "early_eos_rate": Metric(
+        "episodes ended by <eos> at a valid state where it is wrong", False, UNIT
+    ),
+    "noise_unrepaired": Metric(
+        "episodes that wrote on (or ended) after a noise token took the text off the language",
+        False,
+        UNIT,
+    ),
     # text
     "mauve": Metric("MAUVE of continuations against the held-out text", True, UNIT),
     "perplexity": Metric("held-out perplexity of demonstrations", False, (1.0, np.inf)),
@@ -101,6 +124,15 @@ METRICS: dict[str, Metric] = {
     "ngram_entropy": Metric("entropy (nats) of pooled word-bigram frequencies", True),
     "repetition": Metric("repeated word bigrams within a continuation", False, UNIT),
 }
+
+DISTURBED = "disturbed/"
+"""The prefix of a metric measured in the disturbed environment (the same metric otherwise)."""
+
+
+def metric_spec(name: str) -> Metric | None:
+    """The :class:`Metric` of a name, ``disturbed/<metric>`` included; None if unknown."""
+    return METRICS.get(name.removeprefix(DISTURBED))
+
 
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "arithmetic": ("accuracy", "recovery", "backspace_rate", "mean_backtrack_length"),
@@ -121,6 +153,17 @@ TASK_METRICS: dict[str, tuple[str, ...]] = {
     "text": ("mauve", "perplexity", "distinct_2", "ngram_entropy", "repetition", "backspace_rate"),
 }
 """The metrics reported for each task, the first being its headline."""
+
+OWN_ERROR_METRICS: tuple[str, ...] = (
+    "own_error_rate",
+    "own_error_repair_rate",
+    "valid_after_own_error",
+    "false_backspace_share",
+    "early_eos_rate",
+    "noise_unrepaired",
+)
+"""The own-error measures (:func:`agents.evaluation.episodes.own_error_units`), computed with
+``full=True`` on every task with an oracle; ``noise_unrepaired`` under a disturbance only."""
 
 TEXT_NGRAM = 2
 """n of the text n-gram statistics, over words. 4-grams of a few hundred short continuations
@@ -154,8 +197,9 @@ class Evaluation:
     generated: list[list[int]]
     exact: dict[str, float] = field(default_factory=dict)
     episode_values: dict[str, list[float]] = field(default_factory=dict)
-    """Per-episode values of the metrics that are means over episodes (for intervals that
-    resample episodes as well as seeds)."""
+    """The values each mean metric is the mean of (for intervals that resample them as well as
+    seeds): one per episode, or for the own-error measures one per item of their denominator
+    (an own error, a backspace, an episode with an own error)."""
 
 
 @torch.no_grad()
@@ -313,6 +357,11 @@ def evaluate(
         "termination_rate": [float(t.terminated) for t in trajectories],
         "length": [float(len(g)) for g in generated],
     }
+    if full and task.has_oracle:
+        noise = disturbance is not None and disturbance.active
+        for name, units in own_error_units(task, trajectories, noise).items():
+            metrics[name] = float(np.mean(units)) if units else float("nan")
+            per_episode[name] = units
     if task.name == "arithmetic":
         per_episode["accuracy"] = episode_scores(task, trajectories, generated)
         metrics["accuracy"] = float(np.mean(per_episode["accuracy"]))

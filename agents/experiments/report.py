@@ -9,7 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from agents.algorithms import ALGORITHMS, resolve_algorithm
-from agents.evaluation.evaluate import METRICS, TASK_METRICS, headline
+from agents.evaluation.episodes import OWN_ERROR_DENOMINATORS
+from agents.evaluation.evaluate import (
+    METRICS,
+    OWN_ERROR_METRICS,
+    TASK_METRICS,
+    headline,
+    metric_spec,
+)
 from agents.evaluation.stats import FLAT_CHANGE
 
 
@@ -35,7 +42,7 @@ REFERENCE_LABELS = {"human_text": "human text (same prompts and sample size)"}
 
 def _arrow(metric: str) -> str:
     """↑ where higher is better, ↓ where lower is, nothing where neither is."""
-    known = METRICS.get(metric)
+    known = metric_spec(metric)
     if known is None or known.higher_is_better is None:
         return ""
     return "↑" if known.higher_is_better else "↓"
@@ -43,7 +50,7 @@ def _arrow(metric: str) -> str:
 
 def _higher_is_better(metric: str) -> bool:
     """Whether a larger value of ``metric`` is better (False also where neither is)."""
-    known = METRICS.get(metric)
+    known = metric_spec(metric)
     return bool(known and known.higher_is_better)
 
 
@@ -114,14 +121,15 @@ def _diff_cell(stats: dict[str, Any] | None) -> str:
     return f"{stats['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]{verdict}"
 
 
-def difference_table(results: dict[str, Any]) -> list[str]:
+def difference_table(results: dict[str, Any], metrics: list[str] | None = None) -> list[str]:
     """For each metric with a direction: SequenceMatch minus MLE and minus BC.
 
     Each with the bootstrap interval of the difference (a difference is called where the
-    interval excludes zero).
+    interval excludes zero). ``metrics``: the rows (default: the task's metrics, clean).
     """
     pairs = {k: v for k, v in results.get("differences", {}).items() if v}
-    metrics = [m for m in metrics_of(results) if METRICS[m].higher_is_better is not None]
+    rows = metrics_of(results) if metrics is None else metrics
+    metrics = [m for m in rows if (spec := metric_spec(m)) and spec.higher_is_better is not None]
     if not pairs or not metrics:
         return []
     names = [" − ".join(agent_short(a) for a in pair.split(" - ")) for pair in pairs]
@@ -208,6 +216,35 @@ def disturbed_section(results: dict[str, Any]) -> list[str]:
         table(results, metrics),
         "",
     ]
+
+
+def own_error_section(results: dict[str, Any]) -> list[str]:
+    """The own-error measures, clean and disturbed, where the task has an oracle."""
+    present = {m for stats in results["agents"].values() for m in stats}
+    clean = [m for m in OWN_ERROR_METRICS if m in present]
+    disturbed = [f"disturbed/{m}" for m in OWN_ERROR_METRICS if f"disturbed/{m}" in present]
+    if not clean and not disturbed:
+        return []
+    denominators = "; ".join(f"`{m}` per {d}" for m, d in OWN_ERROR_DENOMINATORS.items())
+    lines = [
+        "## Own errors",
+        "",
+        "The agent's own mistakes, judged by the task's oracle (the expert at every state), "
+        "told apart from the environment's noise. An own error is a token the agent chose and "
+        "wrote at a valid state that the oracle gives no mass; `early_eos_rate` counts an "
+        "`<eos>` there apart (it cannot be repaired), `noise_unrepaired` writing on after a "
+        f"noise token that left the language. Denominators: {denominators}. Intervals resample "
+        "seeds, then these units within each seed.",
+        "",
+    ]
+    if clean:
+        lines += ["Clean evaluation:", "", table(results, clean), ""]
+    if disturbed:
+        lines += ["Under the training disturbance:", "", table(results, disturbed), ""]
+    diffs = difference_table(results, [*clean, *disturbed])
+    if diffs:
+        lines += ["Differences of means [95% bootstrap interval]:", "", *diffs, ""]
+    return lines
 
 
 def target_section(results: dict[str, Any]) -> list[str]:
@@ -330,6 +367,7 @@ def report(results: dict[str, Any]) -> str:
         "",
         *verdicts(results),
         "",
+        *own_error_section(results),
         *target_section(results),
     ]
     if "sweep" in results:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from agents.evaluation.evaluate import METRICS, headline
+from agents.evaluation.evaluate import headline, metric_spec
 from agents.evaluation.stats import (
     NUM_RESAMPLES,
     RunValues,
@@ -81,7 +81,7 @@ def aggregate(runs: Sequence[dict[str, Any]], key: str = "agent") -> dict[str, A
             values = [v for v in (_run_values(r, metric) for r in rows) if v is not None]
             if not values:
                 continue
-            known = METRICS.get(metric)
+            known = metric_spec(metric)
             bounds = known.bounds if known else (-np.inf, np.inf)
             mean, lo, hi = hierarchical_bootstrap_ci95(values, bounds=bounds)
             out[group][metric] = {
@@ -114,7 +114,7 @@ def differences(
             if not a_values or not b_values:
                 continue
             diff, lo, hi = bootstrap_diff_ci95(a_values, b_values)
-            known = METRICS.get(metric)
+            known = metric_spec(metric)
             better = None
             if known is not None and known.higher_is_better is not None and (lo > 0 or hi < 0):
                 better = a if (lo > 0) == known.higher_is_better else b

@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from seqenv.tasks.base import Example, Split, Task
+from seqenv.tasks.base import Example, Split, Task, answer_policy
 from seqenv.vocab import Vocab
 
 TaskFactory = Callable[..., Task]
@@ -48,6 +48,18 @@ def register_task(name: str, factory: TaskFactory, *, overwrite: bool = False) -
     if not callable(factory):
         raise ValueError(f"the factory of task {name!r} is not callable")
     _registered[name] = factory
+
+
+def oracle_task_names() -> list[str]:
+    """The built-in and registered tasks whose class implements :meth:`Task.expert_policy`."""
+    factories = {**_builtin(), **_registered}
+    return sorted(
+        name
+        for name, factory in factories.items()
+        if isinstance(factory, type)
+        and issubclass(factory, Task)
+        and factory.expert_policy is not Task.expert_policy
+    )
 
 
 def _import_factory(spec: str) -> TaskFactory:
@@ -106,6 +118,8 @@ __all__ = [
     "Task",
     "TaskFactory",
     "UnknownTaskError",
+    "answer_policy",
     "make_task",
+    "oracle_task_names",
     "register_task",
 ]

@@ -40,7 +40,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from seqenv.tasks.base import Example, Split, Task
+from seqenv.tasks.base import Example, Split, Task, answer_policy
 from seqenv.vocab import CharVocab, Vocab
 
 DIGITS = "0123456789abcdef"
@@ -333,6 +333,49 @@ class ArithmeticTask(Task):
         """A digit of the prompt's base other than ``true_next`` (any digit if that is not one)."""
         candidates = [d for d in self._digit_ids[: self.base_of(prompt)] if d != true_next]
         return candidates[int(rng.integers(len(candidates)))]
+
+    # ----------------------------------------------------------------------------------------
+    # The oracle
+
+    @property
+    def has_oracle(self) -> bool:
+        """True on the character vocabulary: there an answer has exactly one encoding."""
+        return isinstance(self.vocab, CharVocab)
+
+    def expert_policy(self, prompt: Sequence[int], generated: Sequence[int]) -> np.ndarray | None:
+        """The answer as an oracle (:func:`~seqenv.tasks.base.answer_policy`).
+
+        While the generated text is a prefix of the answer, its next character (``<eos>`` after
+        the whole answer); otherwise ``<bkspc>``. Defined on the character vocabulary only:
+        with a pretrained model's tokenizer one answer has several encodings, and the oracle
+        would call a correct spelling an error, so there it is None (no oracle).
+
+        Raises:
+            ValueError: for a prompt that is not a question.
+        """
+        if not self.has_oracle:
+            return None
+        expected = self._expected(tuple(int(t) for t in prompt))
+        if expected is None:
+            raise ValueError(
+                f"arithmetic's oracle needs a question, got {self.vocab.decode(prompt)!r}"
+            )
+        return answer_policy(self.vocab.special, expected, generated)
+
+    def prompt_length(self, state: Sequence[int]) -> int:
+        """The question's length: up to and including its only ``?``.
+
+        Raises:
+            ValueError: for a state without ``?`` (not a question), or on a vocabulary other
+                than the character one.
+        """
+        if not self.has_oracle:
+            raise ValueError("arithmetic's prompts are read from states on its own characters only")
+        mark = self.vocab.encode("?")[0]
+        ids = [int(t) for t in state]
+        if mark not in ids:
+            raise ValueError(f"state {self.vocab.decode(ids)!r} holds no question")
+        return ids.index(mark) + 1
 
     def config(self) -> dict:
         """The keyword arguments that rebuild this task."""

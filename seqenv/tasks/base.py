@@ -10,7 +10,7 @@ from typing import ClassVar, Literal
 import numpy as np
 
 from seqenv.trajectory import Trajectory, from_completion, from_text
-from seqenv.vocab import Vocab
+from seqenv.vocab import SpecialIds, Vocab
 
 Split = Literal["train", "test"]
 
@@ -95,6 +95,85 @@ class Task(ABC):
         wrong = self.ground_truth_noise(rng, example.prompt, completion[:j], completion[j])
         return (*completion[:j], int(wrong))
 
+    # ----------------------------------------------------------------------------------------
+    # The expert as an oracle (docs/method.md §8, own errors)
+
+    def expert_policy(self, prompt: Sequence[int], generated: Sequence[int]) -> np.ndarray | None:
+        """The expert's action distribution at any state, valid or not; None: no oracle.
+
+        A task that knows its expert everywhere opts in by overriding this (arithmetic knows
+        the answer, dyck its grammar; text has no oracle). The convention: at a state whose
+        generated text can still be continued correctly, the expert's next-action distribution;
+        at a state that has left the task's language, all mass on ``<bkspc>``. It sees only
+        the text: it is not the demonstrator of the disturbed environment, which also knows
+        which tokens were noise.
+
+        Args:
+            prompt: the prompt's ids.
+            generated: the ids generated after it (after every backspace).
+
+        Returns:
+            (A,) float64 over the actions, summing to 1, or None where the task has no oracle.
+        """
+        return None
+
+    @property
+    def has_oracle(self) -> bool:
+        """Whether :meth:`expert_policy` is defined (a subclass overrides it)."""
+        return type(self).expert_policy is not Task.expert_policy
+
+    def expert_policies(
+        self, prompts: Sequence[Sequence[int]], generated: Sequence[Sequence[int]]
+    ) -> np.ndarray | None:
+        """(B, A) float64: :meth:`expert_policy` of B states at once; None: no oracle.
+
+        One row per (prompt, generated) pair. A task may override it with a faster batch.
+        """
+        if len(prompts) != len(generated):
+            raise ValueError(f"{len(prompts)} prompts but {len(generated)} generated parts")
+        if not self.has_oracle:
+            return None
+        out = np.zeros((len(prompts), self.vocab.num_actions))
+        for row, (prompt, ids) in enumerate(zip(prompts, generated, strict=True)):
+            probs = self.expert_policy(prompt, ids)
+            if probs is None:
+                return None
+            out[row] = probs
+        return out
+
+    def prompt_length(self, state: Sequence[int]) -> int:
+        """How many of a state's leading ids are its prompt.
+
+        What a policy that sees only the observation (:class:`seqenv.expert.ExpertPolicy`)
+        needs to split it into prompt and generated text. A task whose prompts can be told
+        from the text implements it (dyck: the start token; arithmetic: up to the ``?``).
+
+        Raises:
+            NotImplementedError: the task does not say where its prompts end.
+            ValueError: ``state`` does not start with a prompt of the task.
+        """
+        raise NotImplementedError(
+            f"task {self.name!r} does not say where its prompts end: implement "
+            "Task.prompt_length to read its states from observations"
+        )
+
     def config(self) -> dict:
         """The keyword arguments that rebuild this task (stored in checkpoints)."""
         return {}
+
+
+def answer_policy(
+    special: SpecialIds, answer: Sequence[int], generated: Sequence[int]
+) -> np.ndarray:
+    """The oracle of a task with one right answer: (A,) float64 one-hot.
+
+    The answer's next token while ``generated`` is a prefix of ``answer``, ``<eos>`` once it is
+    all of it, ``<bkspc>`` otherwise (the text has left the answer).
+    """
+    probs = np.zeros(special.num_actions)
+    n = len(generated)
+    if n <= len(answer) and [int(g) for g in generated] == [int(a) for a in answer[:n]]:
+        probs[int(answer[n]) if n < len(answer) else special.eos_id] = 1.0
+    else:
+        probs[special.backspace_id] = 1.0
+    return probs

@@ -107,6 +107,9 @@ class DyckTask(Task):
         self.start_id = 0
         self.open_ids: tuple[int, ...] = tuple(1 + 2 * t for t in range(num_types))
         self.close_ids: tuple[int, ...] = tuple(2 + 2 * t for t in range(num_types))
+        # Each bracket's type, for the oracle's walk.
+        self._open_type = {token: t for t, token in enumerate(self.open_ids)}
+        self._close_type = {token: t for t, token in enumerate(self.close_ids)}
         self.eos_id = self.vocab.eos_id
         self.default_max_length = 1 + max_brackets + 1 + SLACK  # ^, brackets, the slot of <eos>
 
@@ -194,6 +197,68 @@ class DyckTask(Task):
     def is_valid(self, generated_ids: Sequence[int]) -> bool:
         """Whether a complete sequence has nonzero probability (balanced, within the limits)."""
         return self.log_prob(generated_ids, terminated=True) > -math.inf
+
+    # ----------------------------------------------------------------------------------------
+    # The oracle
+
+    def _stack_of(self, ids: Sequence[int]) -> list[int] | None:
+        """The open stack after ``ids``, None once a token has probability zero.
+
+        The support of :meth:`_probs` in plain integer tests (no array per token): an opening
+        bracket needs ``can_open``, a closing one must match the innermost open bracket, and
+        every other id (``^``, ``<eos>``, ``<bkspc>``) leaves the language.
+        """
+        stack: list[int] = []
+        open_type, close_type = self._open_type, self._close_type
+        for length, token in enumerate(ids):
+            token = int(token)
+            if token in open_type:
+                depth = len(stack)
+                if depth >= self.max_depth or length + depth + 2 > self.max_brackets:
+                    return None
+                stack.append(open_type[token])
+            elif token in close_type and stack and stack[-1] == close_type[token]:
+                stack.pop()
+            else:
+                if not 0 <= token < self.vocab.num_actions:
+                    raise ValueError(
+                        f"id {token} is outside the action space [0, {self.vocab.num_actions})"
+                    )
+                return None
+        return stack
+
+    def expert_policy(self, prompt: Sequence[int], generated: Sequence[int]) -> np.ndarray:
+        """The grammar as an oracle: its next-action distribution, or ``<bkspc>`` off it.
+
+        At a prefix of nonzero probability, :meth:`next_token_probs`; at a prefix that has left
+        the language (a bracket the grammar forbids there, ``^``), all mass on ``<bkspc>``.
+        Every prefix of nonzero probability can be completed within ``max_brackets``, but the
+        oracle ignores the environment's ``max_length`` and step budget: a buffer smaller than
+        ``1 + max_brackets + 1`` may not fit the completion it leads to.
+
+        Raises:
+            ValueError: for a prompt other than the start token ``^``.
+        """
+        if len(prompt) != 1 or int(prompt[0]) != self.start_id:
+            raise ValueError(
+                f"dyck's oracle knows the prompt {START!r} only, got {self.vocab.decode(prompt)!r}"
+            )
+        stack = self._stack_of(generated)
+        if stack is None:
+            probs = np.zeros(self.vocab.num_actions)
+            probs[self.vocab.backspace_id] = 1.0
+            return probs
+        return self._probs(stack, len(generated))
+
+    def prompt_length(self, state: Sequence[int]) -> int:
+        """1: the prompt is the start token ``^``.
+
+        Raises:
+            ValueError: for a state that does not start with ``^``.
+        """
+        if len(state) == 0 or int(state[0]) != self.start_id:
+            raise ValueError(f"a dyck state starts with {START!r}")
+        return 1
 
     def enumerate_prefixes(
         self, max_len: int | None = None

@@ -122,3 +122,15 @@ def test_differences_name_the_better_agent() -> None:
     both = differences(runs + ablation)
     assert {"sequencematch - sequencematch_eta0", "sequencematch_eta0 - bc"} <= set(both)
     assert both["sequencematch - sequencematch_eta0"]["accuracy"]["diff"] == pytest.approx(-0.01)
+
+
+def test_a_disturbed_metric_keeps_its_direction() -> None:
+    # disturbed/<metric> is the same metric measured under the disturbance: its difference is
+    # called as the clean one's is, a lower own-error rate being the better.
+    def run(agent: str, rate: float) -> dict:
+        return {"agent": agent, "metrics": {"disturbed/own_error_rate": rate}}
+
+    runs = [run("sequencematch", r) for r in (0.15, 0.16, 0.14)]
+    runs += [run("mle", r) for r in (0.07, 0.08, 0.06)]
+    pair = differences(runs)["sequencematch - mle"]["disturbed/own_error_rate"]
+    assert pair["diff"] == pytest.approx(0.08) and pair["better"] == "mle"

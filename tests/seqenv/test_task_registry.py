@@ -14,10 +14,10 @@ import seqenv
 from seqenv.tasks import Example, Task, UnknownTaskError, make_task, register_task
 from seqenv.vocab import CharVocab
 
-# The README's ten-line example task: copy a word of a, b and c, then stop.
+# The README's example task: copy a word of a, b and c, then stop; it opts in to the oracle.
 COPY_TASK = """
 import numpy as np
-from seqenv.tasks import Example, Task
+from seqenv.tasks import Example, Task, answer_policy
 from seqenv.vocab import CharVocab
 
 class CopyTask(Task):
@@ -31,6 +31,10 @@ class CopyTask(Task):
         return float(terminated and list(generated) == list(prompt[:-1]))
     def ground_truth_noise(self, rng, prompt, generated, true_next):
         return int(rng.choice([t for t in self.vocab.encode("abc") if t != true_next]))
+    def expert_policy(self, prompt, generated):
+        return answer_policy(self.vocab.special, prompt[:-1], generated)
+    def prompt_length(self, state):
+        return list(state).index(self.vocab.encode(">")[0]) + 1
     def config(self):
         return {"length": self.length}
 """
@@ -112,4 +116,21 @@ def test_cli_trains_and_evaluates_a_module_class_task(
     )
     code = main(["eval", "--checkpoint", str(save), "--episodes", "4", "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
-    assert "task/score" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "task/score" in out
+    assert "task/own_error_rate" in out  # the task opted in to the oracle
+
+
+def test_the_copy_task_opts_in_to_the_oracle(copy_module: str) -> None:
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    env = gym.make(seqenv.ENV_ID, task=copy_module, length=3)
+    _, info = env.reset(seed=0)
+    word = info["text"][:-1]
+    vocab = env.unwrapped.vocab
+    assert env.unwrapped.expert_action_probs()[vocab.encode(word[0])[0]] == 1.0
+    wrong = next(c for c in "abc" if c != word[0])
+    _, _, _, _, info = env.step(vocab.encode(wrong)[0])
+    assert env.unwrapped.expert_action_probs()[vocab.backspace_id] == 1.0
+    mean, _ = evaluate_policy(seqenv.ExpertPolicy(env), env, n_eval_episodes=20, warn=False)
+    assert mean == 1.0
