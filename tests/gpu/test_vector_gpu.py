@@ -47,3 +47,19 @@ def test_vector_env_on_cuda_equals_single_envs(
         np.testing.assert_array_equal(trunc_v.cpu().numpy(), trunc_s)
         episodes += int((term_s | trunc_s).sum())
     vector.close()
+
+
+def test_the_oracle_of_the_vector_env_on_cuda_equals_the_cpu_one() -> None:
+    from seqenv.vector import SequenceGenVectorEnv
+
+    envs = [SequenceGenVectorEnv(num_envs=8, task="dyck", device=d) for d in ("cuda", "cpu")]
+    rng = np.random.default_rng(0)
+    for env in envs:
+        env.reset(seed=5)
+    for _ in range(20):
+        probs = [env.expert_action_probs() for env in envs]
+        assert probs[0].device.type == "cuda" and probs[0].dtype == torch.float32
+        torch.testing.assert_close(probs[0].cpu(), probs[1], rtol=0, atol=0)
+        actions = torch.from_numpy(rng.integers(0, 5, size=8))  # brackets and ^: no episode ends
+        for env in envs:
+            env.step(actions)
