@@ -19,7 +19,7 @@ Shapes: B rows, L = max_length, S steps, A actions.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +30,9 @@ from seqenv.disturbance import KEY_BOUND, Disturbance, NoiseFn
 from seqenv.mdp import SequenceMDP
 from seqenv.rules import allowed_actions, last_live_index
 from seqenv.trajectory import Trajectory
+
+ActionHook = Callable[[SequenceMDP, torch.Tensor], torch.Tensor]
+"""``hook(mdp, actions) -> actions``: replaces the policy's (B,) chosen actions before they run."""
 
 COMPACT_AT = 0.75
 """Generation drops the done rows from the KV cache once at most this share of them is live."""
@@ -120,6 +123,7 @@ def generate(
     prefixes: Sequence[Sequence[int]] | None = None,
     disturbance: Disturbance | None = None,
     noise_fn: NoiseFn | None = None,
+    action_hook: ActionHook | None = None,
 ) -> GenerationOutput:
     """Sample one episode of the backspace MDP per prompt, all rows in one batch.
 
@@ -146,6 +150,10 @@ def generate(
             are what ran, ``intended`` what the policy chose. None: no disturbance.
         noise_fn: the noise of a ``ground_truth`` disturbance (the task's
             ``ground_truth_noise``).
+        action_hook: called at every step with the MDP (its rows' current states) and the
+            (B,) actions the policy chose; returns the actions to take instead (DAgger's mixing
+            of the expert into the rollouts). They are the trajectory's intended actions: a
+            disturbance still applies to them.
     """
     special = model.special
     if model.max_positions is not None and max_length > model.max_positions:
@@ -207,6 +215,8 @@ def generate(
             top_p=top_p,
             generator=generator,
         )
+        if action_hook is not None:
+            actions = action_hook(mdp, actions)
         actions_taken[:, step] = actions  # kept up to each row's own step count
         executed_taken[:, step] = mdp.step(actions).executed
         if bool(mdp.done.all()):

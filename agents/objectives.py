@@ -131,10 +131,22 @@ class ObjectiveBatch:
         model: rollouts of the model (from the replay buffer); needed by SequenceMatch when a
             term reads model samples (``chi2_mixture`` with c > 0, value source ``mix`` or
             ``model``), ignored otherwise.
+        data_targets: see below.
     """
 
     data: TrajectoryBatch
     model: TrajectoryBatch | None = None
+    data_targets: torch.Tensor | None = None
+    """(B, S, A) float: an expert's action distribution at each step of ``data`` (soft labels,
+    read by :class:`OracleCrossEntropyLoss`); zero rows after a sequence's last step."""
+
+    def to(self, device: torch.device | str) -> ObjectiveBatch:
+        """The same batches on ``device``."""
+        return ObjectiveBatch(
+            data=self.data.to(device),
+            model=self.model.to(device) if self.model is not None else None,
+            data_targets=(self.data_targets.to(device) if self.data_targets is not None else None),
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,21 +204,32 @@ class StepValues:
         return torch.where(self.valid, self.q - gamma * self.v_next, 0.0)
 
 
-def step_values(
+def masked_logits(
     policy: BatchPolicy, batch: TrajectoryBatch, allow_backspace: bool = True
-) -> StepValues:
-    """Run the policy on ``batch`` once and read Q, V(s_t) and V(s_{t+1}) at every step."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The policy's one pass over ``batch``: (logits, allowed, masked logits), each (B, T, A).
+
+    The logits in float32 at least; ``allowed`` the actions of each row's state
+    (:mod:`seqenv.rules`); the masked logits ``-inf`` elsewhere.
+    """
     logits = policy.forward_batch(batch)  # (B, T, A)
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()  # bf16/fp16 under autocast: the sums below need float32
-    B = logits.shape[0]  # logits: (B, T, A)
-    backspace_id = policy.special.backspace_id
     # A row's state has something generated iff its position is past the prompt's last one,
     # which is the position of s_0 (state_rows[:, 0] is the last prompt row).
     prompt_end = batch.position_ids.gather(1, batch.state_rows[:, :1])  # (B, 1)
     has_generated = batch.position_ids > prompt_end  # (B, T)
     allowed = allowed_actions(has_generated, policy.special, allow_backspace)  # (B, T, A)
-    masked = mask_logits(logits, allowed)  # (B, T, A)
+    return logits, allowed, mask_logits(logits, allowed)
+
+
+def step_values(
+    policy: BatchPolicy, batch: TrajectoryBatch, allow_backspace: bool = True
+) -> StepValues:
+    """Run the policy on ``batch`` once and read Q, V(s_t) and V(s_{t+1}) at every step."""
+    logits, allowed, masked = masked_logits(policy, batch, allow_backspace)  # each (B, T, A)
+    B = logits.shape[0]
+    backspace_id = policy.special.backspace_id
     v_rows = masked.logsumexp(dim=-1)  # (B, T)
     with torch.no_grad():  # the entropy is a metric (the divergence estimate): no graph
         log_pi = masked.detach().log_softmax(dim=-1)  # (B, T, A)
@@ -680,6 +703,57 @@ class Mixture(Loss):
     def __call__(self, policy: BatchPolicy, batch: ObjectiveBatch) -> LossOutput:
         """The loss of ``policy`` on ``batch``, one forward pass per batch for both parts."""
         return _run(self, [self.bc, self.sm], policy, batch)
+
+
+@dataclass(frozen=True)
+class OracleCrossEntropyLoss(Loss):
+    """Cross entropy against an expert's whole action distribution at every step (soft labels).
+
+    loss = -sum_t sum_a p*(a | s_t) log pi(a | s_t) / (B L), over the steps of the data batch,
+    with p* the batch's ``data_targets`` (the task's oracle at each state, DAgger's labels).
+    Mass the expert puts on an action the state does not allow is an error.
+
+    Args:
+        normaliser_length: L (see the module docstring); None: the batch's padded step count.
+        allow_backspace: False masks ``<bkspc>`` out of the policy everywhere.
+
+    Metrics: ``loss``, ``nll`` (mean cross entropy per step), ``expert_backspace`` (the
+    expert's mean probability of ``<bkspc>`` over the steps), ``num_targets``.
+    """
+
+    normaliser_length: int | None = None
+    allow_backspace: bool = True
+
+    def __post_init__(self) -> None:
+        _check_normaliser(self.normaliser_length)
+
+    def __call__(self, policy: BatchPolicy, batch: ObjectiveBatch) -> LossOutput:
+        """The loss of ``policy`` on ``batch.data`` against ``batch.data_targets``."""
+        targets = batch.data_targets
+        if targets is None:
+            raise ValueError("OracleCrossEntropyLoss needs the batch's data_targets")
+        data = batch.data
+        _, allowed, masked = masked_logits(policy, data, self.allow_backspace)
+        B = masked.shape[0]
+        rows = torch.arange(B, device=masked.device)[:, None]  # (B, 1)
+        log_pi = masked[rows, data.state_rows].log_softmax(dim=-1)  # (B, S, A)
+        expected = targets.to(log_pi.dtype)  # (B, S, A)
+        if bool((expected > 0).logical_and(~allowed[rows, data.state_rows]).any()):
+            raise ValueError("the expert's targets put mass on an action the state does not allow")
+        # where(): 0 * -inf is nan at the masked actions, where the expert puts no mass.
+        per_step = -torch.where(expected > 0, expected * log_pi, 0.0).sum(dim=-1)  # (B, S)
+        per_step = torch.where(data.step_mask, per_step, 0.0)
+        L = self.normaliser_length or per_step.shape[1]
+        loss = per_step.sum() / (B * L)
+        backspace = expected[..., policy.special.backspace_id]  # (B, S)
+        metrics = {
+            "loss": loss.detach(),
+            "nll": _masked_mean(per_step, data.step_mask),
+            "expert_backspace": _masked_mean(backspace, data.step_mask),
+            "num_targets": data.step_mask.sum().float(),
+            "backspace_rate_data": _backspace_rate(data, policy.special.backspace_id),
+        }
+        return LossOutput(loss, metrics)
 
 
 def gradient_shares(

@@ -14,6 +14,10 @@ name                       what it is
 ``sequencematch_no_bkspc`` SequenceMatch without backspace (clean data), a preset
 ``ppo``                    stable-baselines3 PPO on the task reward (ppo.py)
 ``untuned``                the pretrained model as loaded, never updated (mle.py)
+``dagger``                 DAgger: the task's oracle labels the learner's own states
+                           (dagger.py; tasks with an oracle)
+``dagger_demos``           its control: the demonstrations relabelled by the oracle, the same
+                           number of expert-labelled states, no rollouts (a preset)
 =========================  ==================================================================
 
 Write your own as an :class:`Algorithm` subclass (see the README) and name it
@@ -31,6 +35,7 @@ from agents.algorithms.base import (
     safe_name,
 )
 from agents.algorithms.bc import BC
+from agents.algorithms.dagger import DAgger
 from agents.algorithms.mle import MLE, Untuned
 from agents.algorithms.ppo import PPO
 from agents.algorithms.sequencematch import SequenceMatch
@@ -61,6 +66,14 @@ register_algorithm(
 )
 register_algorithm("ppo", PPO)
 register_algorithm("untuned", Untuned, overrides={"backspace": False})
+register_algorithm("dagger", DAgger)
+register_algorithm(
+    "dagger_demos",
+    DAgger,
+    overrides={"dagger_demo_share": 1.0},
+    label="DAgger's control: BC on oracle-relabelled demonstrations",
+    short_label="DAgger control",
+)
 
 __all__ = [
     "ALGORITHMS",
@@ -69,6 +82,7 @@ __all__ = [
     "PPO",
     "Algorithm",
     "AlgorithmSpec",
+    "DAgger",
     "DataKind",
     "SequenceMatch",
     "Untuned",

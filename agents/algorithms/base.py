@@ -31,7 +31,11 @@ import importlib
 import json
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
+
+from agents.collate import collate
+from agents.objectives import ObjectiveBatch
+from seqenv.trajectory import LabelKind
 
 if TYPE_CHECKING:
     from agents.objectives import Objective
@@ -120,6 +124,22 @@ class Algorithm:
         None: the update reads demonstrations only. Called after the data batch is drawn.
         """
         return None
+
+    def batch(self, data: list[Trajectory], model: list[Trajectory] | None) -> ObjectiveBatch:
+        """One micro-batch as the loss reads it: the trajectories collated with their labels."""
+        labels = cast(LabelKind, self.config.labels)
+        return ObjectiveBatch(
+            data=collate(data, labels=labels),
+            model=collate(model, labels=labels) if model is not None else None,
+        )
+
+    def labelled_states(self, data: list[Trajectory], model: list[Trajectory] | None) -> int:
+        """States an expert labelled that this update read (this rank's): the demonstrations'."""
+        return sum(t.num_steps for t in data)
+
+    def metrics(self) -> dict[str, float]:
+        """What to log of the algorithm after each update (``train/<key>``)."""
+        return {}
 
     # -- checkpoints --------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

@@ -175,6 +175,28 @@ class TrainConfig:
     temperature: float = 1.0
     """Sampling temperature of the rollouts (not the soft-Q temperature --alpha)."""
 
+    # --- DAgger (agents/algorithms/dagger.py): the task's oracle labels the learner's states ---
+
+    dagger_warmup: int = 200
+    """Updates of plain BC before the on-policy rounds (as SequenceMatch's sm_warmup): the first
+    rollouts then come from a policy that has learnt the shape of the data."""
+    dagger_beta: float = 0.5
+    """beta_0: the chance that a rollout step takes the oracle's action instead of the
+    learner's, in the first round (DAgger's mixture policy keeps early rollouts near the
+    expert's states while the learner is still BC)."""
+    dagger_beta_decay: float = 0.99
+    """beta_i = beta_0 * decay^i at the i-th update after the warm start (0.99: halved every 69
+    updates, so the late rounds are the learner's own states)."""
+    dagger_rollouts: int = 16
+    """Rollouts of the current policy per update, on the training prompts, into the buffer."""
+    dagger_buffer_size: int = 2048
+    """Capacity of the FIFO buffer of labelled rollouts (trajectories): the aggregated dataset,
+    bounded; the oldest rounds leave first."""
+    dagger_demo_share: float = 0.25
+    """Share of each batch that is demonstrations relabelled by the oracle (the rest: rollouts
+    from the buffer). Keeps the expert's own states in every update; 1 trains on relabelled
+    demonstrations only (the control with the same expert information, no rollouts)."""
+
     # --- Run cost: defaults chosen by the quality check in benchmarks/README.md ---
 
     model_batch_size: int | None = None
@@ -257,6 +279,8 @@ class TrainConfig:
             "layers",
             "width",
             "heads",
+            "dagger_rollouts",
+            "dagger_buffer_size",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(
@@ -267,7 +291,7 @@ class TrainConfig:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
-        non_negative = ("eval_interval", "save_interval", "sm_warmup", "lr_warmup")
+        non_negative = ("eval_interval", "save_interval", "sm_warmup", "lr_warmup", "dagger_warmup")
         for name in (*non_negative, "grad_share_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(
@@ -296,6 +320,13 @@ class TrainConfig:
             )
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"--noise must be in [0, 1], got {self.noise}")
+        for name in ("dagger_beta", "dagger_demo_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}"
+                )
+        if not 0.0 < self.dagger_beta_decay <= 1.0:
+            raise ValueError(f"--dagger-beta-decay must be in (0, 1], got {self.dagger_beta_decay}")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"--eta must be in [0, 1], got {self.eta}")
         if not 0.0 < self.gamma <= 1.0:
@@ -363,7 +394,17 @@ class TrainConfig:
 
 # Settings added after checkpoints were first written, each with the value that trained as the
 # library did before it existed: a checkpoint that lacks one resumes as it was trained.
-ADDED_SETTINGS: dict[str, Any] = {"level_penalty": 0.0, "agent_args": "{}"}
+ADDED_SETTINGS: dict[str, Any] = {
+    "level_penalty": 0.0,
+    "agent_args": "{}",
+    # DAgger's settings change no other agent's run: their defaults, as first written.
+    "dagger_warmup": 200,
+    "dagger_beta": 0.5,
+    "dagger_beta_decay": 0.99,
+    "dagger_rollouts": 16,
+    "dagger_buffer_size": 2048,
+    "dagger_demo_share": 0.25,
+}
 
 
 def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:

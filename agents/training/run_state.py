@@ -28,6 +28,7 @@ def run_metadata(trainer: Trainer) -> dict[str, Any]:
     return {
         "step": trainer.step,
         "num_timesteps": trainer.num_timesteps,
+        "num_labelled_states": trainer.num_labelled_states,
         "config": dataclasses.asdict(trainer.config),
         "vocab": trainer.vocab.to_json(),
         "task": {
@@ -72,6 +73,7 @@ def restore_run(trainer: Trainer, path: str | Path, metadata: dict[str, Any]) ->
     rng = load_training_state(path, trainer.optimizer, metadata)
     trainer.step = int(metadata["step"])
     trainer.num_timesteps = int(metadata.get("num_timesteps", 0))
+    trainer.num_labelled_states = int(metadata.get("num_labelled_states", trainer.num_timesteps))
     trainer.scheduler.last_epoch = trainer.step
     trainer.scheduler._last_lr = [g["lr"] for g in trainer.optimizer.param_groups]
     trainer.data_rng.bit_generator.state = metadata["data_rng"]

@@ -35,7 +35,7 @@ import threading
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,9 +44,8 @@ from torch import nn
 from tqdm import tqdm
 
 from agents.algorithms import resolve_algorithm
-from agents.collate import collate
 from agents.evaluation.evaluate import headline
-from agents.objectives import LossOutput, ObjectiveBatch, SequenceMatchLoss, gradient_shares
+from agents.objectives import LossOutput, SequenceMatchLoss, gradient_shares
 from agents.training.checkpoint import (
     MARKER,
     CheckpointError,
@@ -72,7 +71,6 @@ from seqenv.env import noise_of
 from seqenv.rules import step_budget
 from seqenv.tasks import Task, make_task
 from seqenv.trajectory import (
-    LabelKind,
     Trajectory,
     check_episodes,
     disturbed_demonstrations,
@@ -186,6 +184,7 @@ class Trainer:
         self.algorithm = self.spec.cls(self)  # reads the streams, data and policy above
         self.step = 0
         self.num_timesteps = 0  # demonstration actions trained on, all processes together
+        self.num_labelled_states = 0  # states an expert labelled that updates read, likewise
         self.history: list[dict[str, float]] = []  # the logged means, for learning curves
         self.last_eval: dict[str, float] = {}
         self.autocast_dtype = torch.bfloat16 if config.bf16 and self.device.type == "cuda" else None
@@ -246,21 +245,13 @@ class Trainer:
         # Not under torch.compile: its backward donates buffers and refuses retain_graph=True.
         every = config.grad_share_interval
         sampled = every > 0 and ((self.step + 1) % every == 0 or self.step + 1 == config.steps)
-        measure_shares = (
-            model is not None and sampled and not self.distributed and not config.compile
-        )  # the shares of a loss with a SequenceMatch part, which reads rollouts
-        labels = cast(LabelKind, config.labels)
+        measure_shares = sampled and not self.distributed and not config.compile
         for k in range(config.grad_accum):
             part = slice(k * micro, (k + 1) * micro)
             model_part = slice(k * model_micro, (k + 1) * model_micro)
-            batch = ObjectiveBatch(
-                data=collate(data[part], labels=labels).to(self.device),
-                model=(
-                    collate(model[model_part], labels=labels).to(self.device)
-                    if model is not None
-                    else None
-                ),
-            )
+            batch = self.algorithm.batch(
+                data[part], model[model_part] if model is not None else None
+            ).to(self.device)
             last = k == config.grad_accum - 1
             ddp = self.batch_forward
             sync: AbstractContextManager[Any] = contextlib.nullcontext()
@@ -275,7 +266,7 @@ class Trainer:
                 ),
             ):
                 out: LossOutput = objective(self.policy_view, batch)
-            if measure_shares and k == 0:
+            if measure_shares and k == 0 and "sm" in out.parts:  # a SequenceMatch part
                 shares = gradient_shares(out.parts, self.policy.parameters())
                 for key, value in shares.items():
                     logger.record(f"train/{key}", value)
@@ -292,6 +283,9 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.num_timesteps += sum(t.num_steps for t in data) * self.world_size
+        self.num_labelled_states += self.algorithm.labelled_states(data, model) * self.world_size
+        for name, figure in self.algorithm.metrics().items():
+            logger.record(f"train/{name}", figure)
 
         logger.record("train/grad_norm", grad_norm)
         logger.record("train/lr", lr)

@@ -180,8 +180,15 @@ CASES = {
     ),
     "unknown_agent": Case(
         [*TRAIN, "--agent", "ppo2", "--json", "out/train.json"],
-        "invalid choice 'ppo2' for argument '--agent'",
-        code=2,
+        "unknown agent 'ppo2'; known agents: mle, bc, bc_executed, sequencematch",
+    ),
+    "agent_that_does_not_import": Case(
+        [*TRAIN, "--agent", "no_such_module:Algo", "--json", "out/train.json"],
+        "agent 'no_such_module:Algo': cannot import module 'no_such_module'",
+    ),
+    "agent_trained_elsewhere": Case(
+        [*TRAIN, "--agent", "ppo", "--json", "out/train.json"],
+        "agent 'ppo' trains with a loop of its own: use it in seqmatch compare",
     ),
     "unknown_divergence": Case(
         [*TRAIN, "--divergence", "wasserstein", "--json", "out/train.json"],
