@@ -29,10 +29,10 @@ from agents.algorithms.base import (
     Algorithm,
     AlgorithmSpec,
     DataKind,
+    Run,
     describe_algorithms,
     register_algorithm,
     resolve_algorithm,
-    safe_name,
 )
 from agents.algorithms.bc import BC
 from agents.algorithms.dagger import DAgger
@@ -84,10 +84,10 @@ __all__ = [
     "AlgorithmSpec",
     "DAgger",
     "DataKind",
+    "Run",
     "SequenceMatch",
     "Untuned",
     "describe_algorithms",
     "register_algorithm",
     "resolve_algorithm",
-    "safe_name",
 ]

@@ -29,22 +29,64 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
-import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, cast
 
 from agents.collate import collate
 from agents.objectives import ObjectiveBatch
 from seqenv.trajectory import LabelKind
 
 if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from agents.models.interface import PolicyModel
     from agents.objectives import Objective
     from agents.training.config import TrainConfig
-    from agents.training.trainer import Trainer
+    from seqenv.disturbance import Disturbance, NoiseFn
+    from seqenv.tasks import Task
     from seqenv.trajectory import Trajectory
+    from seqenv.vocab import SpecialIds
+
+    class TrainablePolicy(PolicyModel, Protocol):
+        """The network a run trains: a policy model that is also a torch module."""
+
+        def train(self, mode: bool = True) -> Any:
+            """Training mode (dropout on)."""
+
+        def eval(self) -> Any:
+            """Evaluation mode."""
+
 
 DataKind = Literal["clean", "disturbed"]
 """What an algorithm learns from: clean demonstrations, or those of the disturbed environment."""
+
+
+class Run(Protocol):
+    """What an algorithm reads of its run (the trainer, :mod:`agents.training.trainer`)."""
+
+    config: TrainConfig
+    task: Task
+    special: SpecialIds
+
+    @property
+    def policy(self) -> TrainablePolicy:
+        """The network being trained."""
+
+    demonstrations: list[Trajectory]
+    """The training demonstrations, clean (their prompts are the training prompts)."""
+    data_rng: np.random.Generator
+    """The run's stream of data order and noise, shared by every rank (checkpointed)."""
+    rollout_generator: torch.Generator
+    """The run's stream of rollout draws (checkpointed)."""
+    disturbance: Disturbance | None
+    noise_fn: NoiseFn | None
+    max_length: int
+    max_steps: int
+    rank: int
+    world_size: int
+    step: int
+    """The update in progress (0-based), while one runs."""
 
 
 class Algorithm:
@@ -55,8 +97,8 @@ class Algorithm:
     checkpoint must keep of them).
 
     Args:
-        trainer: the run's trainer: its ``config``, ``policy``, ``demonstrations``, random streams
-            (``data_rng``, ``rollout_generator``), ``disturbance`` and sizes.
+        trainer: the run (:class:`Run`): its ``config``, ``policy``, ``demonstrations``, random
+            streams (``data_rng``, ``rollout_generator``), ``disturbance`` and sizes.
     """
 
     label: ClassVar[str] = ""
@@ -79,7 +121,7 @@ class Algorithm:
     """True: it trains with a loop of its own (PPO's), never through the trainer; a comparison
     calls its ``train_own_loop(config, task, seed, out, device) -> (policy, curves)``."""
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: Run) -> None:
         self.trainer = trainer
         self.config: TrainConfig = trainer.config
         self.extra = parse_agent_args(type(self), self.config.agent_args)
@@ -233,16 +275,6 @@ def describe_algorithms() -> str:
             notes.append("seqmatch compare only")
         lines.append(f"  {name:<24} {spec.label}" + (f" ({', '.join(notes)})" if notes else ""))
     return "\n".join(lines)
-
-
-def safe_name(name: str) -> str:
-    """``name`` as a file or folder name: path characters (``:``, ``/``, ...) become ``-``.
-
-    Run keys and TensorBoard run names are made from agent and task names, which may be
-    ``module:Class``; leading dots are dropped, so no name climbs out of its folder.
-    """
-    cleaned = re.sub(r"[^A-Za-z0-9_.=+-]+", "-", name).strip("-.")
-    return cleaned or "agent"
 
 
 def parse_agent_args(cls: type[Algorithm], agent_args: str) -> Any:

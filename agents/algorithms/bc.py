@@ -8,13 +8,8 @@ executed ones (noise tokens included, the paper's scheme; the ``bc_executed`` pr
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from agents.algorithms.base import Algorithm
+from agents.algorithms.base import Algorithm, Run
 from agents.objectives import BCLoss, Objective
-
-if TYPE_CHECKING:
-    from agents.training.trainer import Trainer
 
 
 class BC(Algorithm):
@@ -24,7 +19,7 @@ class BC(Algorithm):
     short_label = "BC"
     settings = ("noise", "noise_type", "labels", "noise_targets")
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: Run) -> None:
         super().__init__(trainer)
         self.objective = BCLoss(
             noise_targets=self.config.noise_targets,

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
-from agents.algorithms.base import Algorithm, DataKind
+from agents.algorithms.base import Algorithm, DataKind, Run
 from agents.buffer import ReplayBuffer
 from agents.collate import collate
 from agents.generate import generate
@@ -47,7 +47,6 @@ from seqenv.tasks import Task, oracle_task_names
 
 if TYPE_CHECKING:
     from agents.training.config import TrainConfig
-    from agents.training.trainer import Trainer
     from seqenv.trajectory import Trajectory
 
 
@@ -63,7 +62,7 @@ class DAgger(Algorithm):
         "dagger_rollouts", "dagger_buffer_size", "dagger_demo_share", "temperature",
     )  # fmt: skip
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: Run) -> None:
         super().__init__(trainer)
         require_oracle(trainer.task)  # e.g. arithmetic on a pretrained model's tokenizer
         config = self.config

@@ -7,13 +7,10 @@ built as MLE would be and evaluated as loaded, never updated: the baseline a fin
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
-from agents.algorithms.base import Algorithm, DataKind
+from agents.algorithms.base import Algorithm, DataKind, Run
 from agents.objectives import MLELoss, Objective
-
-if TYPE_CHECKING:
-    from agents.training.trainer import Trainer
 
 
 class MLE(Algorithm):
@@ -23,7 +20,7 @@ class MLE(Algorithm):
     short_label = "MLE"
     learns_from: ClassVar[DataKind] = "clean"
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: Run) -> None:
         super().__init__(trainer)
         self.objective = MLELoss(
             normaliser_length=trainer.max_steps, allow_backspace=self.config.backspace

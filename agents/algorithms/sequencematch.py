@@ -23,14 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agents.algorithms.base import Algorithm
+from agents.algorithms.base import Algorithm, Run
 from agents.buffer import ReplayBuffer
 from agents.generate import generate
 from agents.objectives import BCLoss, Mixture, Objective, SequenceMatchLoss
 
 if TYPE_CHECKING:
     from agents.training.config import TrainConfig
-    from agents.training.trainer import Trainer
     from seqenv.trajectory import Trajectory
 
 
@@ -47,7 +46,7 @@ class SequenceMatch(Algorithm):
         "rollout_length_factor", "rollout_length_quantile",
     )  # fmt: skip
 
-    def __init__(self, trainer: Trainer) -> None:
+    def __init__(self, trainer: Run) -> None:
         super().__init__(trainer)
         config = self.config
         self.warm_objective, self.mixture = self.losses(config, trainer.max_steps, config.backspace)

@@ -67,7 +67,7 @@ from typing import Any, cast
 
 import torch
 
-from agents.algorithms import ALGORITHMS, resolve_algorithm, safe_name
+from agents.algorithms import ALGORITHMS, resolve_algorithm
 from agents.evaluation.evaluate import (
     evaluate,
     exact_metrics,
@@ -76,6 +76,7 @@ from agents.evaluation.evaluate import (
 from agents.evaluation.occupancy import GrammarTask
 from agents.experiments.report import _clean, write_outputs
 from agents.experiments.summary import aggregate, check_targets, convergence, differences
+from agents.naming import safe_name
 from agents.training.checkpoint import POINTER
 from agents.training.config import ADDED_SETTINGS, TrainConfig, resolve_device
 from agents.training.trainer import Trainer
@@ -349,6 +350,7 @@ def run_one(
     if exact is not None:
         exact = {"p": disturbance.p if disturbance else 0.0, **exact}
     warm_start: dict[str, Any] = {}
+    labelled_states = 0  # states an expert labelled that the updates read (none for PPO)
     algorithm = resolve_algorithm(agent).cls
     if algorithm.own_loop:
         torch_device = resolve_device(device)
@@ -386,6 +388,7 @@ def run_one(
             trainer.config.steps = full_steps
         trainer.train()
         policy, history = trainer.policy, trainer.history
+        labelled_states = trainer.num_labelled_states
         policy.eval()
         max_length, max_steps = trainer.max_length, trainer.max_steps
         allow_backspace, use_cache = train.backspace, True
@@ -428,6 +431,7 @@ def run_one(
         "curves": curves,
         "train_seconds": train_seconds,
         "eval_seconds": time.perf_counter() - start - train_seconds,
+        "labelled_states": labelled_states,
         **overrides,
     }
 

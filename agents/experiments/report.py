@@ -278,6 +278,7 @@ def convergence_lines(results: dict[str, Any]) -> list[str]:
 def budgets(results: dict[str, Any]) -> list[str]:
     """What each agent was trained with: updates and batch, or PPO's environment steps."""
     config = results["config"]
+    runs = [r for r in results.get("runs", []) if "labelled_states" in r]
     lines = []
     for agent in config.get("agent_list", []):
         fields = {**config.get("train", {}), **config.get("agents", {}).get(agent, {})}
@@ -296,9 +297,15 @@ def budgets(results: dict[str, Any]) -> list[str]:
         elif untrained:
             lines.append(f"- {agent_label(agent)}: no update (its fresh adapter is a no-op)")
         else:
+            states = [r["labelled_states"] for r in runs if r["agent"] == agent]
+            labelled = (
+                f", {sum(states) / len(states):,.0f} expert-labelled states read per run"
+                if states and all(states)
+                else ""
+            )
             lines.append(
                 f"- {agent_label(agent)}: {fields.get('steps', '?')} updates of "
-                f"batch {fields.get('batch_size', '?')}"
+                f"batch {fields.get('batch_size', '?')}{labelled}"
             )
     if "ppo" not in config.get("agent_list", []) and results["task"] != "text":
         lines.append("- PPO: not in this run (`--agents ...,ppo` adds it)")

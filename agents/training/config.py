@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from agents.models.policy import Positions
-from agents.objectives import Divergence, ValueSource
+from agents.naming import safe_name
+from agents.objectives import Divergence, SequenceMatchLoss, ValueSource
 from seqenv.devices import check_device
 from seqenv.disturbance import DisturbanceKind
 from seqenv.trajectory import LabelKind
@@ -254,14 +255,6 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
-        # Imported here: the registry's PPO adapter imports this module.
-        from agents.algorithms import resolve_algorithm
-
-        spec = resolve_algorithm(self.agent)
-        if spec.cls.own_loop:
-            raise ValueError(
-                f"agent {self.agent!r} trains with a loop of its own: use it in seqmatch compare"
-            )
         for field in dataclasses.fields(self):  # nan and inf are never a setting
             value = getattr(self, field.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -351,8 +344,8 @@ class TrainConfig:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not self.c >= 0.0:
             raise ValueError(f"--c must be >= 0, got {self.c}")
-        # The algorithm checks its own settings (its losses are built), before any file exists.
-        spec.cls.validate(self)
+        # The SequenceMatch loss checks its own settings; building it fails before any file.
+        SequenceMatchLoss.from_settings(self)
         resolve_device(self.device)
         if self.labels not in ("intended", "executed"):
             raise ValueError(f"--labels must be intended or executed, got {self.labels!r}")
@@ -387,8 +380,6 @@ class TrainConfig:
     @property
     def run_name(self) -> str:
         """``name``, or ``AGENT-TASK-sSEED`` when it is empty."""
-        from agents.algorithms import safe_name
-
         return self.name or safe_name(f"{self.agent}-{self.task}-s{self.seed}")
 
 

@@ -7,7 +7,7 @@ occupancy-divergence estimate d_hat of the run's own episodes (``eval/divergence
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -18,11 +18,35 @@ from seqenv.disturbance import KEY_BOUND
 from seqenv.trajectory import Trajectory, disturbed_demonstrations
 
 if TYPE_CHECKING:
-    from agents.training.trainer import Trainer
+    from agents.algorithms.base import TrainablePolicy
+    from agents.objectives import SequenceMatchLoss
+    from agents.training.config import TrainConfig
+    from seqenv.disturbance import Disturbance, NoiseFn
+    from seqenv.tasks import Task
+    from seqenv.vocab import Vocab
+
+
+class EvaluatedRun(Protocol):
+    """What the evaluation reads of a run (the trainer)."""
+
+    config: TrainConfig
+    task: Task
+    vocab: Vocab
+    heldout: list[Trajectory]
+    divergence_probe: SequenceMatchLoss
+    disturbance: Disturbance | None
+    noise_fn: NoiseFn | None
+    max_length: int
+    max_steps: int
+    step: int
+
+    @property
+    def policy(self) -> TrainablePolicy:
+        """The network being trained."""
 
 
 @torch.no_grad()
-def evaluate_run(trainer: Trainer, logger: Logger | None = None) -> dict[str, float]:
+def evaluate_run(trainer: EvaluatedRun, logger: Logger | None = None) -> dict[str, float]:
     """A run's evaluation: episodes on held-out prompts (task score, backspace use, samples).
 
     Sampled episodes draw from their own seeded stream, so evaluating never changes the
@@ -64,7 +88,7 @@ def evaluate_run(trainer: Trainer, logger: Logger | None = None) -> dict[str, fl
 
 
 @torch.no_grad()
-def divergence_of(trainer: Trainer, episodes: list[Trajectory]) -> float:
+def divergence_of(trainer: EvaluatedRun, episodes: list[Trajectory]) -> float:
     """d_hat of the agent's own evaluation ``episodes`` against the held-out demonstrations.
 
     Both in the agent's environment (disturbed when it trains with a disturbance).

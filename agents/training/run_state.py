@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agents.training.checkpoint import (
     CheckpointError,
@@ -15,7 +15,43 @@ from agents.training.checkpoint import (
 from agents.training.config import saved_settings
 
 if TYPE_CHECKING:
-    from agents.training.trainer import Trainer
+    import numpy as np
+    import torch
+
+    from agents.algorithms.base import Algorithm
+    from agents.training.config import TrainConfig
+    from seqenv.tasks import Task
+    from seqenv.trajectory import Trajectory
+    from seqenv.vocab import Vocab
+
+
+class CheckpointedRun(Protocol):
+    """What a checkpoint keeps of a run (the trainer) besides its weights, and restores."""
+
+    config: TrainConfig
+    task: Task
+    vocab: Vocab
+    heldout: list[Trajectory]
+    algorithm: Algorithm
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    data_rng: np.random.Generator
+    rollout_generator: torch.Generator
+    max_length: int
+    max_steps: int
+    step: int
+    num_timesteps: int
+    num_labelled_states: int
+    last_eval: dict[str, float]
+    history: list[dict[str, float]]
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        """The network being trained."""
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """Its optimizer."""
+
 
 # Settings that may change between a run and its resume (where things go, how they are shown).
 _RESUMABLE = {
@@ -23,7 +59,7 @@ _RESUMABLE = {
 }  # fmt: skip
 
 
-def run_metadata(trainer: Trainer) -> dict[str, Any]:
+def run_metadata(trainer: CheckpointedRun) -> dict[str, Any]:
     """What a checkpoint stores besides the weights: step, config, vocabulary, task."""
     return {
         "step": trainer.step,
@@ -47,7 +83,7 @@ def run_metadata(trainer: Trainer) -> dict[str, Any]:
     }
 
 
-def restore_run(trainer: Trainer, path: str | Path, metadata: dict[str, Any]) -> None:
+def restore_run(trainer: CheckpointedRun, path: str | Path, metadata: dict[str, Any]) -> None:
     """Put a checkpoint's state into ``trainer``: weights, optimizer, step, streams, algorithm.
 
     Raises:

@@ -84,6 +84,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, task: Task | None = None) -> None:
         """``task``, if given, is used instead of building ``config.task`` (same name)."""
         config.validate()
+        self.spec = resolve_algorithm(config.agent)  # the registered name, or module:Class
+        self.spec.cls.validate(config)  # its own settings, before any work
         check_outputs(config)
         self.config = config
         self.rank = int(os.environ.get("RANK", "0"))
@@ -139,7 +141,6 @@ class Trainer:
         )
         # The environment's disturbance (docs/method.md §5): demonstrations, rollouts and the
         # disturbed evaluation share it, for an algorithm that learns from it.
-        self.spec = resolve_algorithm(config.agent)
         self.disturbance = (
             Disturbance(config.noise, config.noise_type)
             if self.spec.cls.uses_disturbance(config)

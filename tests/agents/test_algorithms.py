@@ -16,10 +16,10 @@ from agents.algorithms import (
     Algorithm,
     register_algorithm,
     resolve_algorithm,
-    safe_name,
 )
 from agents.cli import main
 from agents.experiments.compare import CompareConfig, run_compare
+from agents.naming import safe_name
 from agents.training.config import TrainConfig
 from agents.training.trainer import Trainer
 
@@ -35,7 +35,7 @@ TRAINING = Path(__file__).resolve().parents[2] / "agents" / "training"
 def test_registry_names_presets_and_labels() -> None:
     assert list(ALGORITHMS) == [
         "mle", "bc", "bc_executed", "sequencematch", "sequencematch_eta0",
-        "sequencematch_no_bkspc", "ppo", "untuned",
+        "sequencematch_no_bkspc", "ppo", "untuned", "dagger", "dagger_demos",
     ]  # fmt: skip
     assert ALGORITHMS["bc_executed"].cls is ALGORITHMS["bc"].cls
     assert ALGORITHMS["bc_executed"].overrides == {"labels": "executed"}
@@ -135,9 +135,9 @@ def test_user_algorithm_trains_with_its_settings() -> None:
     )]  # fmt: skip
     assert any(moved)  # the smoothing term changes the updates
     with pytest.raises(ValueError, match="has no setting 'eps'; it has: smoothing"):
-        TrainConfig(agent=USER, agent_args='{"eps": 1}', **TINY).validate()
+        Trainer(TrainConfig(agent=USER, agent_args='{"eps": 1}', **TINY))
     with pytest.raises(ValueError, match="--agent-args: BC takes no settings of its own"):
-        TrainConfig(agent="bc", agent_args='{"eps": 1}', **TINY).validate()
+        Trainer(TrainConfig(agent="bc", agent_args='{"eps": 1}', **TINY))
 
 
 def test_user_algorithm_through_train_eval_and_compare(

@@ -115,9 +115,9 @@ def test_the_control_reads_as_many_oracle_labelled_states_without_rollouts() -> 
 
 def test_a_task_without_an_oracle_refuses_it_in_one_line() -> None:
     with pytest.raises(ValueError, match=r"agent 'dagger' needs a task with an expert oracle; "):
-        _config(task="text", task_args="{}", max_length=None).validate()
+        Trainer(_config(task="text", task_args="{}", max_length=None))
     with pytest.raises(ValueError, match="needs the backspace"):
-        _config(backspace=False).validate()
+        Trainer(_config(backspace=False))
 
 
 def test_dagger_learns_a_tiny_dyck() -> None:

@@ -65,7 +65,7 @@ def test_configs_load_and_bad_options_fail_clearly() -> None:
     assert "ppo" not in load_config(CompareConfig(config="text_cpu"))["agent_list"]
     with pytest.raises(ValueError, match="no config 'nope'"):
         load_config(CompareConfig(config="nope"))
-    with pytest.raises(ValueError, match="unknown agents"):
+    with pytest.raises(ValueError, match="unknown agent 'gail'; known agents: mle, bc"):
         load_config(CompareConfig(agents="mle,gail"))
     with pytest.raises(ValueError, match="is for task 'dyck'"):
         load_config(CompareConfig(config="dyck_cpu", task="arithmetic"))
@@ -83,13 +83,15 @@ def test_default_agents_and_all() -> None:
         "sequencematch_eta0",
         "sequencematch_no_bkspc",
         "ppo",
+        "dagger",
+        "dagger_demos",
     ]
     # The eta-0 ablation is SequenceMatch's run with the SequenceMatch term weighted 0.
     ablation = train_config(default, "sequencematch_eta0", 0, Path("out"), "cpu", False)
     full = train_config(default, "sequencematch", 0, Path("out"), "cpu", False)
-    assert ablation.agent == "sequencematch" and ablation.eta == 0.0 and full.eta > 0.0
-    assert {k: v for k, v in asdict(ablation).items() if k not in ("eta", "name")} == {
-        k: v for k, v in asdict(full).items() if k not in ("eta", "name")
+    assert ablation.agent == "sequencematch_eta0" and ablation.eta == 0.0 and full.eta > 0.0
+    assert {k: v for k, v in asdict(ablation).items() if k not in ("eta", "name", "agent")} == {
+        k: v for k, v in asdict(full).items() if k not in ("eta", "name", "agent")
     }
     # A config without default_agents runs every agent that applies to its task.
     assert "sequencematch_no_bkspc" in load_config(CompareConfig(config="dyck_cpu"))["agent_list"]
