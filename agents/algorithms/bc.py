@@ -17,12 +17,13 @@ class BC(Algorithm):
 
     label = "BC (intended actions, disturbed data)"
     short_label = "BC"
-    settings = ("noise", "noise_type", "labels", "noise_targets")
+    settings = ("noise", "noise_type", "labels", "noise_targets", "level_penalty")
 
     def __init__(self, trainer: Run) -> None:
         super().__init__(trainer)
         self.objective = BCLoss(
             noise_targets=self.config.noise_targets,
+            level_penalty=self.config.level_penalty,  # a z-loss: see TrainConfig.level_penalty
             normaliser_length=trainer.max_steps,
             allow_backspace=self.config.backspace,
         )

@@ -5,7 +5,8 @@ Ross, Gordon and Bagnell (2011), with the task's expert as the oracle
 brackets included, with the backspace it needs. After ``dagger_warmup`` updates of BC, every
 update:
 
-1. **roll out**: ``dagger_rollouts`` episodes of the current policy on training prompts (the
+1. **roll out**: at the start of each round of ``dagger_round`` updates, ``dagger_rollouts`` x
+   ``dagger_round`` episodes of the current policy on training prompts (the
    demonstrations' prompts: the same questions BC has, never fresh ones), in the training
    disturbance (``--noise 0``: the clean environment). At each step, with probability
    beta_i = ``dagger_beta`` x ``dagger_beta_decay``^i, the oracle's action (drawn from its
@@ -58,8 +59,8 @@ class DAgger(Algorithm):
     learns_from: ClassVar[DataKind] = "disturbed"
     needs_rollouts = True
     settings = (
-        "noise", "noise_type", "dagger_warmup", "dagger_beta", "dagger_beta_decay",
-        "dagger_rollouts", "dagger_buffer_size", "dagger_demo_share", "temperature",
+        "noise", "noise_type", "level_penalty", "dagger_warmup", "dagger_beta", "dagger_beta_decay",
+        "dagger_rollouts", "dagger_round", "dagger_buffer_size", "dagger_demo_share", "temperature",
     )  # fmt: skip
 
     def __init__(self, trainer: Run) -> None:
@@ -67,7 +68,11 @@ class DAgger(Algorithm):
         require_oracle(trainer.task)  # e.g. arithmetic on a pretrained model's tokenizer
         config = self.config
         L = trainer.max_steps
-        self.warm_objective = BCLoss(noise_targets=config.noise_targets, normaliser_length=L)
+        self.warm_objective = BCLoss(  # the bc agent's loss
+            noise_targets=config.noise_targets,
+            level_penalty=config.level_penalty,
+            normaliser_length=L,
+        )
         self.objective = OracleCrossEntropyLoss(normaliser_length=L)
         self.buffer = ReplayBuffer(config.dagger_buffer_size)
         # The expert's draws in the rollouts: a stream of their own, kept in checkpoints.
@@ -122,7 +127,7 @@ class DAgger(Algorithm):
         return round(self.config.dagger_demo_share * micro)
 
     def model_batch(self, step: int) -> list[Trajectory] | None:
-        """After the warm start: this update's rollouts into the buffer, then a draw from it.
+        """After the warm start: a round's rollouts into the buffer at its start, then a draw.
 
         As many buffer episodes as the batch leaves to them (none with a share of 1: no
         rollouts then). Every rank draws the global batch and keeps its slice, as for the data.
@@ -134,17 +139,16 @@ class DAgger(Algorithm):
         per_rank = config.grad_accum * (micro - self.demos_per_part(micro))
         if per_rank == 0:
             return None
-        self.buffer.add(self.rollouts(step))
+        if (step - config.dagger_warmup) % config.dagger_round == 0:  # a round starts
+            self.buffer.add(self.rollouts(step, config.dagger_rollouts * config.dagger_round))
         total = per_rank * trainer.world_size
         drawn = self.buffer.sample(total, trainer.data_rng)
         return drawn[trainer.rank * per_rank : (trainer.rank + 1) * per_rank]
 
-    def rollouts(self, step: int) -> list[Trajectory]:
-        """``dagger_rollouts`` episodes from training prompts, the oracle mixed in at beta_i."""
+    def rollouts(self, step: int, count: int) -> list[Trajectory]:
+        """``count`` episodes from training prompts, the oracle mixed in at beta of ``step``."""
         trainer = self.trainer
-        index = trainer.data_rng.integers(
-            0, len(trainer.demonstrations), size=self.config.dagger_rollouts
-        )
+        index = trainer.data_rng.integers(0, len(trainer.demonstrations), size=count)
         prompts = [trainer.demonstrations[int(i)].prompt.tolist() for i in index]
         beta = self.beta(step)
         trainer.policy.eval()

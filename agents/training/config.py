@@ -158,11 +158,14 @@ class TrainConfig:
     dyck_small); 0.3 gives it a quarter or more while keeping the exact bounds on dyck_small,
     and eta from 0.01 to 1 made no measured difference on dyck_hard (benchmarks/README.md)."""
     level_penalty: float = 0.01
-    """Weight of the log-partition penalty (a z-loss: V(s)^2 per target step) in SequenceMatch's
-    warm start and in the BC part of its mixture. The policy ignores the logits' common level;
-    the chi^2 terms read it, and the level plain BC leaves (about 3.5 on dyck_small) lowers the
-    fixed point's <eos> probability (docs/method.md §3, "The logits' level"). The mle and bc
-    agents train without it. 0 turns it off."""
+    """Weight of the log-partition penalty (a z-loss: V(s)^2 per target step) in BC (the bc
+    agent, DAgger's warm start) and in SequenceMatch's warm start and BC part. The policy
+    ignores the logits' common level; SequenceMatch's chi^2 terms read it (docs/method.md §3,
+    "The logits' level"). BC has it too, at the same weight, so that SequenceMatch - BC is the
+    SequenceMatch term's own effect, and because it measurably helps BC's recovery: +0.25
+    [+0.03, +0.46] on one-digit arithmetic (6 seeds), at a small cost in small dyck's exact fit
+    (chi^2 0.0016 against 0.0006, both far inside their bound; benchmarks/README.md). MLE trains
+    without it. 0 turns it off."""
     value_source: ValueSource = "mix"
     """Trajectories of the value term: mix, data or model."""
     sm_warmup: int = 200
@@ -189,7 +192,12 @@ class TrainConfig:
     """beta_i = beta_0 * decay^i at the i-th update after the warm start (0.99: halved every 69
     updates, so the late rounds are the learner's own states)."""
     dagger_rollouts: int = 16
-    """Rollouts of the current policy per update, on the training prompts, into the buffer."""
+    """Rollouts of the current policy per update (on average), on the training prompts, into
+    the buffer."""
+    dagger_round: int = 4
+    """Updates per DAgger round: each round starts with dagger_rollouts x dagger_round rollouts
+    of the current policy, generated in one batch (a batched generation of 64 episodes costs
+    about what one of 16 does: the steps, not the rows, take the time)."""
     dagger_buffer_size: int = 2048
     """Capacity of the FIFO buffer of labelled rollouts (trajectories): the aggregated dataset,
     bounded; the oldest rounds leave first."""
@@ -273,6 +281,7 @@ class TrainConfig:
             "width",
             "heads",
             "dagger_rollouts",
+            "dagger_round",
             "dagger_buffer_size",
         ):
             if getattr(self, name) < 1:
@@ -393,6 +402,7 @@ ADDED_SETTINGS: dict[str, Any] = {
     "dagger_beta": 0.5,
     "dagger_beta_decay": 0.99,
     "dagger_rollouts": 16,
+    "dagger_round": 4,
     "dagger_buffer_size": 2048,
     "dagger_demo_share": 0.25,
 }

@@ -22,7 +22,7 @@ def _config(**settings: Any) -> TrainConfig:
         "steps": 8, "batch_size": 8, "layers": 1, "width": 32, "heads": 2,
         "num_demonstrations": 128, "eval_interval": 0, "eval_episodes": 8, "lr": 0.01,
         "lr_warmup": 1, "logdir": None, "progress": False, "device": "cpu",
-        "dagger_warmup": 2, "dagger_rollouts": 4, "dagger_buffer_size": 10,
+        "dagger_warmup": 2, "dagger_rollouts": 4, "dagger_round": 1, "dagger_buffer_size": 10,
     }  # fmt: skip
     base.update(settings)
     return TrainConfig(**base)
@@ -35,15 +35,17 @@ def _dagger(trainer: Trainer) -> DAgger:
 
 def test_buffer_grows_by_the_rollouts_and_stays_bounded() -> None:
     torch.set_num_threads(1)
-    trainer = Trainer(_config())
-    dagger = _dagger(trainer)
-    sizes = []
-    for step in range(8):
-        trainer.step = step
-        dagger.model_batch(step)
-        sizes.append(len(dagger.buffer))
-    # Nothing in the warm start (2 updates), then 4 rollouts an update, up to 10.
-    assert sizes == [0, 0, 4, 8, 10, 10, 10, 10]
+    for round_, expected in ((1, [0, 0, 4, 8, 10, 10, 10, 10]), (2, [0, 0, 8, 8, 10, 10, 10, 10])):
+        trainer = Trainer(_config(dagger_round=round_))
+        dagger = _dagger(trainer)
+        sizes = []
+        for step in range(8):
+            trainer.step = step
+            dagger.model_batch(step)
+            sizes.append(len(dagger.buffer))
+        # Nothing in the warm start (2 updates), then 4 rollouts an update (a round's at its
+        # start), up to 10.
+        assert sizes == expected, round_
 
 
 def test_demonstrations_are_relabelled_by_the_oracle() -> None:
@@ -83,9 +85,9 @@ def test_demonstrations_are_relabelled_by_the_oracle() -> None:
 
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
 def test_beta_hook_takes_the_oracles_action_at_the_stated_rate(beta: float) -> None:
-    trainer = Trainer(_config(dagger_beta=beta, dagger_beta_decay=1.0, dagger_rollouts=256))
+    trainer = Trainer(_config(dagger_beta=beta, dagger_beta_decay=1.0))
     dagger = _dagger(trainer)
-    trajectories = dagger.rollouts(step=2)
+    trajectories = dagger.rollouts(step=2, count=256)
     steps = sum(t.num_steps for t in trajectories)
     assert dagger.rollout_steps == steps
     share = dagger.expert_steps / steps

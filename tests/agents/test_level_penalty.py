@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from agents.algorithms import SequenceMatch
-from agents.objectives import BCLoss
+from agents.objectives import BCLoss, MLELoss
 from agents.training.config import TrainConfig
 from agents.training.logger import Logger
 from agents.training.trainer import Trainer
@@ -24,14 +24,16 @@ def _config(**settings: Any) -> TrainConfig:
     return TrainConfig(**base)
 
 
-def test_only_sequencematch_warm_starts_with_the_penalty() -> None:
+def test_bc_and_sequencematch_share_the_penalty_and_mle_has_none() -> None:
     assert TrainConfig().level_penalty == 0.01
     sm = Trainer(_config(level_penalty=0.05)).algorithm
     assert isinstance(sm, SequenceMatch)
     assert isinstance(sm.warm_objective, BCLoss) and sm.warm_objective.level_penalty == 0.05
     assert sm.mixture.bc.level_penalty == 0.05
     bc = Trainer(_config(agent="bc", level_penalty=0.05)).algorithm.loss(0)
-    assert isinstance(bc, BCLoss) and bc.level_penalty == 0.0
+    assert isinstance(bc, BCLoss) and bc.level_penalty == 0.05  # the same penalty as SM's BC
+    mle = Trainer(_config(agent="mle", level_penalty=0.05)).algorithm.loss(0)
+    assert isinstance(mle, MLELoss) and mle.level_penalty == 0.0
 
 
 def test_bad_level_penalty_is_refused() -> None:

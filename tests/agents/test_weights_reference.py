@@ -43,8 +43,9 @@ TINY: dict[str, Any] = {
 }
 RUNS: dict[str, dict[str, Any]] = {
     "mle": {"agent": "mle", "backspace": False},
-    "bc": {"agent": "bc"},
-    "bc_executed": {"agent": "bc", "labels": "executed"},
+    # BC as it trained before it read the level penalty (the reference predates that).
+    "bc": {"agent": "bc", "level_penalty": 0.0},
+    "bc_executed": {"agent": "bc", "labels": "executed", "level_penalty": 0.0},
     "sequencematch": {
         "agent": "sequencematch",
         "sm_warmup": 4,
