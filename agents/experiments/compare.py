@@ -89,11 +89,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "task": "arithmetic",
     "task_args": {"base": 10, "min_digits": 1, "max_digits": 1},
     "seeds": 3,
-    # PPO (which learns nothing at this budget) and most ablations gain little here: their
-    # time went into updates, so that the curves flatten. `--agents all` brings them back. The
-    # eta-0 ablation stays: without it a difference to BC cannot be told apart from the level
-    # penalty's (benchmarks/README.md).
-    "default_agents": ["mle", "bc", "sequencematch", "sequencematch_eta0"],
+    # PPO (which learns nothing at this budget) and the ablations gain little here: their time
+    # went into updates, so that the curves flatten. `--agents all` brings them back. BC has
+    # SequenceMatch's level penalty, so SequenceMatch - BC is the term's own effect and the
+    # eta-0 ablation is no longer needed to tell them apart.
+    "default_agents": ["mle", "bc", "sequencematch", "dagger"],
     "train": {
         "steps": 1600,
         "batch_size": 64,
@@ -108,6 +108,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "log_interval": 20,
         "noise": 0.1,
         "sm_warmup": 600,
+        "dagger_warmup": 600,
         "k_sample": 10,
         "rollouts": 64,
         "buffer_size": 256,
@@ -120,6 +121,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "train": {
             "steps": 20,
             "sm_warmup": 10,
+            "dagger_warmup": 10,
             "eval_interval": 10,
             "num_demonstrations": 200,
             "eval_episodes": 8,
@@ -254,7 +256,7 @@ def agent_list(config: dict[str, Any], agents: str | None) -> list[str]:
     """The agents a comparison runs, registered ones in registry order, then the others.
 
     ``agents`` (comma-separated names, ``module:Class`` entries, or ``all``), else the config's
-    ``default_agents``, else every registered agent that can run on the config's task.
+    ``default_agents`` (those that can run on its task), else every registered agent that can.
 
     Raises:
         ValueError: for an unknown name, or an agent that cannot run on this task.
@@ -271,10 +273,13 @@ def agent_list(config: dict[str, Any], agents: str | None) -> list[str]:
             for name, spec in ALGORITHMS.items()
             if spec.cls.unavailable(config["task"], pretrained) is None
         ]
-    for name in wanted:
+    asked = bool(agents)  # named on the command line: one that cannot run here is an error
+    for name in list(wanted):
         reason = resolve_algorithm(name).cls.unavailable(config["task"], pretrained)
-        if reason is not None:
+        if reason is not None and asked:
             raise ValueError(f"agent {name!r} {reason}")
+        if reason is not None:  # a config's default that does not apply to this task
+            wanted = [w for w in wanted if w != name]
     if len({safe_name(name) for name in wanted}) < len(set(wanted)):
         raise ValueError(f"--agents {','.join(wanted)}: two names give the same run files")
     registered = [name for name in ALGORITHMS if name in wanted]

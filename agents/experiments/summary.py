@@ -26,9 +26,11 @@ from agents.training.config import TrainConfig
 
 DIFFERENCES = (
     ("sequencematch", "mle"),
-    ("sequencematch", "bc"),
-    ("sequencematch", "sequencematch_eta0"),  # what the SequenceMatch term adds
-    ("sequencematch_eta0", "bc"),  # what the level penalty adds to BC
+    ("sequencematch", "bc"),  # BC has the same level penalty: the SequenceMatch term's own effect
+    ("sequencematch", "sequencematch_eta0"),  # the same, within SequenceMatch's own run
+    ("dagger", "bc"),
+    ("dagger", "dagger_demos"),  # the same expert-labelled states: the on-policy states' effect
+    ("dagger", "sequencematch"),
     ("sequencematch", "untuned"),
     ("mle", "untuned"),
 )
