@@ -47,6 +47,10 @@ GRID: dict[str, list] = {
     "k_sample": [5, 10, 50],
     "buffer_size": [64, 256, 1024],
     "run_cost": ["off", "mbs16", "mbs8"],
+    # DAgger's settings (run with --agent dagger): one at a time around its defaults.
+    "dagger_beta": [0.0, 0.5, 1.0],
+    "dagger_rollouts": [4, 16, 64],
+    "dagger_buffer_size": [512, 2048, 8192],
 }
 RUN_COST: dict[str, dict[str, Any]] = {
     "off": {
