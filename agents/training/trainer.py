@@ -62,26 +62,25 @@ from agents.objectives import (
     gradient_shares,
     make_objective,
 )
+from agents.outputs import check_folder, first_missing
 from agents.training.checkpoint import (
     MARKER,
     CheckpointError,
     check_save_target,
-    check_writable_dir,
-    first_missing,
+    holding,
     is_checkpoint,
     load_policy,
     load_training_state,
     load_weights,
     mark_checkpoint,
     model_metadata,
-    nearest_existing,
     read_metadata,
     resolve_checkpoint,
     save_checkpoint,
 )
 from agents.training.config import RunError, TrainConfig, resolve_device, saved_settings
 from agents.training.logger import Logger
-from agents.training.memory import check_memory, training_bytes
+from agents.training.memory import check_memory, demonstration_bytes, training_bytes
 from seqenv.disturbance import KEY_BOUND, Disturbance
 from seqenv.env import noise_of
 from seqenv.rules import step_budget
@@ -174,6 +173,13 @@ class Trainer:
                 training_bytes(config, self.special.num_actions, self.max_length, self.max_steps),
                 self.device,
                 "the model, its optimizer and a batch",
+            )
+        if config.data is None:  # the task's demonstrations are drawn in memory, heldout too
+            check_memory(
+                demonstration_bytes(config, self.max_length),
+                torch.device("cpu"),
+                f"{config.num_demonstrations} demonstrations",
+                "use fewer --num-demonstrations",
             )
         self.demonstrations = (
             self.task.demonstrations(
@@ -633,8 +639,15 @@ class Trainer:
 
         Ctrl-C (SIGINT) stops after the update in progress, saves a checkpoint when ``--save``
         is set and raises KeyboardInterrupt; a second Ctrl-C stops at once. A run that fails
-        before its first update removes the TensorBoard run folder it created.
+        before its first update removes the TensorBoard run folder it created. The ``--save``
+        folder's lock is held throughout (by rank 0): one writer per folder.
         """
+        config = self.config
+        save = config.save if self.is_main else None
+        with holding(save, resume=config.resume, overwrite=config.overwrite):
+            return self._train()
+
+    def _train(self) -> dict[str, float]:
         config = self.config
         if config.resume:
             self.load(config.save)  # type: ignore[arg-type]
@@ -776,19 +789,18 @@ def rollout_step_cap(
 
 # -- checks before the work ------------------------------------------------------------------
 def check_outputs(config: TrainConfig) -> None:
-    """Refuse output paths a run could not write, or must not write into, before any work."""
+    """Refuse output paths a run could not write, or must not write into, before any work.
+
+    The rule of :mod:`agents.outputs`: no input, none of seqmatch's own files, a ``--save``
+    folder that no other process holds.
+    """
+    inputs = (("--data", config.data), ("--model", config.model))
     if config.save:
-        check_save_target(config.save, resume=config.resume, overwrite=config.overwrite)
+        check_save_target(
+            config.save, resume=config.resume, overwrite=config.overwrite, inputs=inputs
+        )
     if config.logdir:
-        check_output_dir(Path(config.logdir) / config.run_name, "--logdir")
-
-
-def check_output_dir(path: Path, option: str) -> None:
-    """``path`` is a folder or can be made one: a writable folder is its nearest existing part."""
-    existing = nearest_existing(path)
-    if not existing.is_dir():
-        raise NotADirectoryError(f"{option} {path}: {existing} is a file, not a folder")
-    check_writable_dir(existing, option)
+        check_folder(Path(config.logdir) / config.run_name, "--logdir", None, inputs)
 
 
 def model_vocabulary(config: TrainConfig) -> Vocab | None:

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 import agents.training.checkpoint as ck
+from agents.outputs import MANIFEST
 from agents.training.checkpoint import (
     MARKER,
     POINTER,
@@ -126,7 +127,7 @@ def test_a_kill_at_any_point_of_a_save_keeps_the_last_checkpoint(
         # The next save removes whatever the kill left (temporary and stale step folders).
         _save(path, 3)
         assert _loaded_step(path) == 3
-        assert {p.name for p in path.iterdir()} == {MARKER, POINTER, "step-000000003"}
+        assert {p.name for p in path.iterdir()} == {MARKER, MANIFEST, POINTER, "step-000000003"}
     assert outcomes[0] == 1 and outcomes[-1] == 2  # both sides of the pointer were hit
 
 
@@ -146,7 +147,7 @@ def test_a_kill_during_the_first_save_leaves_nothing_that_loads(
             # What is there is a checkpoint folder (marker) or empty, so a new save may go in.
             assert not path.exists() or (path / MARKER).exists() or not any(path.iterdir())
         _save(path, 3)
-        assert {p.name for p in path.iterdir()} == {MARKER, POINTER, "step-000000003"}
+        assert {p.name for p in path.iterdir()} == {MARKER, MANIFEST, POINTER, "step-000000003"}
 
 
 def test_a_full_disk_keeps_the_old_checkpoint(
@@ -163,7 +164,7 @@ def test_a_full_disk_keeps_the_old_checkpoint(
         _save(path, 2)
     monkeypatch.undo()
     assert _loaded_step(path) == 1
-    assert {p.name for p in path.iterdir()} == {MARKER, POINTER, "step-000000001"}
+    assert {p.name for p in path.iterdir()} == {MARKER, MANIFEST, POINTER, "step-000000001"}
 
 
 def test_saving_the_same_step_twice_and_loading_a_step_folder(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from agents.cli import COMMANDS, main
+from agents.outputs import LOCK
 from agents.training.checkpoint import CheckpointError, resolve_checkpoint
 from tests.integration.conftest import TINY, run_cli, snapshot
 
@@ -304,7 +305,12 @@ def _setup(case: Case, root: Path, good: Path) -> list[str]:
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    """Every file's bytes, but the lock file's (it names whoever last held the lock)."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != LOCK
+    }
 
 
 def _check_one_line(stderr: str, case: Case, name: str) -> None:
