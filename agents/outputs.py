@@ -221,7 +221,7 @@ def refuse_own(path: str | os.PathLike[str], flag: str, *, listed_too: bool = Tr
         elif kind == "checkpoint" and first.startswith((STEP_PREFIX, TMP_PREFIX)):
             what = "a step folder" if len(relative.parts) == 1 else "inside a step folder"
         elif listed_too and _listed_under(folder, relative):
-            what = "a file written by"
+            what = "one of the files"
         if what is not None:
             raise FileExistsError(
                 f"{flag} {path}: that is {what} of the seqmatch {kind} {folder} (seqmatch keeps "

@@ -279,18 +279,19 @@ def check_export_target(
     """
     out = Path(out)
     check_folder(out, "--out", "export", [("--checkpoint", str(checkpoint))], probe=probe)
+    if out.is_dir() and has_content(out):
+        if owner(out) != "export":
+            raise FileExistsError(
+                f"--out {out}: the folder holds files and is not a seqmatch export (refusing to "
+                "write into it); choose a new or empty folder"
+            )
+        if not overwrite:
+            raise FileExistsError(
+                f"--out {out}: an export is there; pass --overwrite to replace it"
+            )
     model = read_metadata(checkpoint).get("model")
     if not (isinstance(model, dict) and model.get("kind") == "hf"):
         raise ValueError(f"{checkpoint}: not a pretrained-LM checkpoint (train with --model)")
-    if not out.is_dir() or not has_content(out):
-        return
-    if owner(out) != "export":
-        raise FileExistsError(
-            f"--out {out}: the folder holds files and is not a seqmatch export (refusing to "
-            "write into it); choose a new or empty folder"
-        )
-    if not overwrite:
-        raise FileExistsError(f"--out {out}: an export is there; pass --overwrite to replace it")
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
