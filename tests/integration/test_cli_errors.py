@@ -9,8 +9,9 @@ subprocess too, where start-up warnings would show; ``-m slow`` runs every case 
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from agents.cli import COMMANDS, main
-from agents.outputs import LOCK
+from agents.outputs import LOCK, FolderLock, lock_folder
 from agents.training.checkpoint import CheckpointError, resolve_checkpoint
 from tests.integration.conftest import TINY, run_cli, snapshot
 
@@ -112,6 +113,84 @@ def _an_out_folder(root: Path) -> None:
 
 def _malformed_data(root: Path) -> None:
     (root / "bad.jsonl").write_text('{"prompt": "^", "completion": "()"}\nnot json at all\n')
+
+
+def _fifo(root: Path) -> None:
+    os.mkfifo(root / "fifo")
+
+
+def _prompts(root: Path) -> None:
+    (root / "prompts.jsonl").write_text('{"prompt": "^"}\n')
+
+
+def _dangling_link(root: Path) -> None:
+    (root / "dangling.json").symlink_to("nowhere/eval.json")
+
+
+def _users_export(root: Path) -> None:
+    (root / "expuser").mkdir()
+    (root / "expuser" / "config.json").write_text('{"mine": true}')
+    (root / "expuser" / "notes.txt").write_text("precious")
+
+
+def _users_comparison(root: Path) -> None:
+    (root / "cmpuser").mkdir()
+    (root / "cmpuser" / "report.md").write_text("# my report")
+    (root / "cmpuser" / "metrics.png").write_bytes(b"my plot")
+
+
+def _empty_model(root: Path) -> None:
+    (root / "model").mkdir()
+
+
+def _tiny_model(root: Path) -> Path:
+    from tests.agents.test_pretrained import save_tiny_model
+
+    return save_tiny_model(root / "model", "gpt2")
+
+
+def _model_without_tokenizer(root: Path) -> None:
+    for file in _tiny_model(root).glob("tokenizer*"):
+        file.unlink()
+
+
+def _model_with_truncated_weights(root: Path) -> None:
+    weights = _tiny_model(root) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+
+
+def _model_with_a_mistyped_config(root: Path) -> None:
+    config = _tiny_model(root) / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "n_embd": "thirty-two"}))
+
+
+def _first_save_never_finished(checkpoint: Path) -> None:
+    """What a run killed (SIGTERM) before its first save leaves: the marker, no pointer."""
+    for entry in checkpoint.iterdir():
+        if entry.name != "seqmatch-checkpoint":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def _step_links_outside(checkpoint: Path) -> None:
+    step = resolve_checkpoint(checkpoint)
+    elsewhere = checkpoint.parent / "elsewhere"
+    step.rename(elsewhere)
+    step.symlink_to(elsewhere)
+
+
+_HELD: list[FolderLock] = []
+"""Locks a case holds while its command runs (another process's, as far as the command sees)."""
+
+
+def _held_by_another_process(root: Path) -> None:
+    _HELD.append(lock_folder(root / "ckpt", "--save"))
+
+
+@pytest.fixture(autouse=True)
+def _release_held_locks() -> Iterator[None]:
+    yield
+    while _HELD:
+        _HELD.pop().release()
 
 
 @dataclass(frozen=True)
@@ -286,7 +365,100 @@ CASES = {
     "vocab_is_a_list": Case(GENERATE, "incomplete or corrupt", _set("vocab", [1, 2])),
     "vocab_is_a_list_eval": Case(EVAL, "incomplete or corrupt", _set("vocab", [1, 2])),
     "generate_from_nan_weights": Case(GENERATE, "non-finite weights", _nan_weights),
+    # Every output path by one rule (agents.outputs): no input, nothing of seqmatch's own, no
+    # folder of anyone else, one writer per folder.
+    "json_is_the_pointer": Case([*EVAL, "--json", "CKPT/latest"], "the pointer of the seqmatch"),
+    "json_is_the_lock_file": Case(
+        [*EVAL, "--json", "CKPT/seqmatch.lock"], "the lock file of the seqmatch checkpoint",
+    ),
+    "json_in_a_step_folder": Case(
+        [*EVAL, "--json", "CKPT/step-000000002/checkpoint.json"], "inside a step folder",
+    ),
+    "json_is_the_data": Case(
+        [*EVAL, "--data", "prompts.jsonl", "--json", "prompts.jsonl"],
+        "is this run's input (--data prompts.jsonl)", prepare=_prompts,
+    ),
+    "output_is_the_data": Case(
+        [*EVAL, "--data", "prompts.jsonl", "--output", "prompts.jsonl"],
+        "is this run's input (--data prompts.jsonl)", prepare=_prompts,
+    ),
+    "json_and_output_are_one_file": Case(
+        [*EVAL, "--data", "prompts.jsonl", "--output", "o.jsonl", "--json", "./o.jsonl"],
+        "--json and --output name the same file", prepare=_prompts,
+    ),
+    "json_is_a_dangling_link": Case(
+        [*EVAL, "--json", "dangling.json"], "a symlink to nothing", prepare=_dangling_link,
+    ),
+    "json_into_a_fifo_nobody_reads": Case(
+        [*EVAL, "--json", "fifo"], "no process reads that named pipe", prepare=_fifo,
+    ),
+    "export_into_a_users_folder": Case(
+        ["export", "--checkpoint", "CKPT", "--out", "expuser"], "is not a seqmatch export",
+        prepare=_users_export,
+    ),
+    "export_into_the_checkpoint": Case(
+        ["export", "--checkpoint", "CKPT", "--out", "CKPT"], "a seqmatch checkpoint is there",
+    ),
+    "export_onto_a_file": Case(
+        ["export", "--checkpoint", "CKPT", "--out", "afile"], "a file is there", prepare=_a_file,
+    ),
+    "export_a_policy_checkpoint": Case(
+        ["export", "--checkpoint", "CKPT", "--out", "exported"],
+        "not a pretrained-LM checkpoint",
+    ),
+    "compare_into_a_users_folder": Case(
+        ["compare", "--out", "cmpuser"], "is not a seqmatch comparison",
+        prepare=_users_comparison,
+    ),
+    "compare_into_a_checkpoint": Case(
+        ["compare", "--out", "CKPT"], "a seqmatch checkpoint is there",
+    ),
+    "save_inside_a_step_folder": Case(
+        [*TRAIN[:-4], "--save", "CKPT/step-000000002/new", "--logdir", "runs"],
+        "inside a step folder",
+    ),
+    "save_held_by_another_process": Case(
+        [*TRAIN[:-4], "--save", "CKPT", "--resume", "--logdir", "runs"], "is in use by process",
+        prepare=_held_by_another_process,
+    ),
+    "resume_a_folder_whose_first_save_did_not_finish": Case(
+        [*TRAIN[:-4], "--save", "CKPT", "--resume", "--logdir", "runs"],
+        "run without --resume to start it afresh", _first_save_never_finished,
+    ),
+    "eval_a_step_folder_that_links_outside": Case(
+        EVAL, "links outside the checkpoint", _step_links_outside,
+    ),
+    "name_climbs_out_of_logdir": Case([*TRAIN, "--name", "../../escape"], "must be a plain name"),
+    "name_is_absolute": Case([*TRAIN, "--name", "/abs"], "must be a plain name"),
+    "logdir_run_is_the_pointer": Case(
+        [*TRAIN[:-2], "--logdir", "CKPT", "--name", "latest"], "a file is there",
+    ),
+    # Sizes: every one that scales memory is checked against the memory free.
+    "huge_num_demonstrations": Case(
+        [*TRAIN, "--num-demonstrations", "1000000000"], "demonstrations need about",
+    ),
+    # Settings that belong to another one.
+    "lora_r_without_model": Case([*TRAIN, "--lora-r", "-1"], "--lora-r applies to --model only"),
+    # Pretrained model folders: the file at fault named, in one line.
+    "model_folder_is_empty": Case(
+        [*TRAIN, "--task", "arithmetic", "--model", "model"], "model: no config.json",
+        prepare=_empty_model,
+    ),
+    "model_folder_without_tokenizer": Case(
+        [*TRAIN, "--task", "arithmetic", "--model", "model"], "model: no tokenizer",
+        prepare=_model_without_tokenizer,
+    ),
+    "model_weights_truncated": Case(
+        [*TRAIN, "--task", "arithmetic", "--model", "model"],
+        "model/model.safetensors cannot be loaded", prepare=_model_with_truncated_weights,
+    ),
+    "model_config_mistyped": Case(
+        [*TRAIN, "--task", "arithmetic", "--model", "model"],
+        "model/config.json cannot be loaded", prepare=_model_with_a_mistyped_config,
+    ),
 }  # fmt: skip
+if Path("/dev/full").exists():
+    CASES["json_onto_a_full_device"] = Case([*EVAL, "--json", "/dev/full"], "the device is full")
 if not torch.cuda.is_available():
     CASES["device_cuda_without_cuda"] = Case(
         [*TRAIN[:-4], "--device", "cuda"], "no CUDA device is available"
