@@ -301,7 +301,7 @@ def check_folder(
         raise NotADirectoryError(f"{flag} {path}: {existing} is a file, not a folder")
     check_writable_dir(existing, flag)
     if probe and kind is not None and real.is_dir():
-        check_unlocked(real, flag)
+        check_unlocked(target, flag)
 
 
 # -- writing a file --------------------------------------------------------------------------
