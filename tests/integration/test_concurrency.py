@@ -79,7 +79,9 @@ def _wait_for_lock(folder: Path, holder: subprocess.Popen[str], timeout: float =
     raise AssertionError(f"{folder} was not locked by {holder.pid}")
 
 
-def _second(args: list[str], cwd: Path, script: str, gate: Path) -> subprocess.CompletedProcess[str]:
+def _second(
+    args: list[str], cwd: Path, script: str, gate: Path
+) -> subprocess.CompletedProcess[str]:
     """The second process: the same command; it must not get past the lock."""
     return subprocess.run(
         [sys.executable, "-c", script, str(gate), *args],
@@ -192,6 +194,7 @@ def test_an_orphaned_worker_writes_nothing_after_its_parent_is_gone(tmp_path: Pa
     last = heartbeat.read_text()
     time.sleep(0.5)
     assert heartbeat.read_text() == last  # no write after the parent was gone
-    assert not Path(f"/proc/{child}").exists() or "State:\tZ" in Path(
-        f"/proc/{child}/status"
-    ).read_text()
+    assert (
+        not Path(f"/proc/{child}").exists()
+        or "State:\tZ" in Path(f"/proc/{child}/status").read_text()
+    )
