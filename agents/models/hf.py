@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -314,7 +315,9 @@ class HFPolicy(nn.Module):
             # GPT-2's Conv1D layers store their weights transposed.
             fan_in_fan_out=self.model.config.model_type == "gpt2",
         )
-        self.model = get_peft_model(self.model, config)
+        with warnings.catch_warnings():  # peft asks transformers for a renamed attribute
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+            self.model = get_peft_model(self.model, config)
         self.backspace_rows = BackspaceRows(self.model, self.special.backspace_id)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:

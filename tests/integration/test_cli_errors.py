@@ -559,3 +559,55 @@ def test_bad_input_in_a_subprocess(case_id: str, tmp_path: Path, good_checkpoint
     assert result.returncode == case.code
     _check_one_line(result.stderr, case, args[0])
     assert snapshot(tmp_path) == before
+
+
+def test_ctrl_c_before_the_first_update_is_one_line_and_leaves_nothing(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    one_thread: None,
+) -> None:
+    """Ctrl-C while the run is set up, or during its first update: exit 130, one line, and no
+    --save folder, TensorBoard run or --json file."""
+    import agents.training.trainer as trainer_module
+
+    monkeypatch.chdir(tmp_path)
+    args = [*TRAIN, "--json", "out/train.json"]
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    for target in ("build_policy", "Trainer.train_step"):
+        with monkeypatch.context() as patch:
+            owner, _, name = target.rpartition(".")
+            patch.setattr(getattr(trainer_module, owner) if owner else trainer_module, name,
+                          interrupted)  # fmt: skip
+            assert main(args) == 130
+        assert capfd.readouterr().err.splitlines() == ["seqmatch train: interrupted"]
+        assert snapshot(tmp_path) == set()
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line(tmp_path: Path) -> None:
+    """The first second or two go into importing torch: Ctrl-C there is one line too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.integration.conftest import cli_env
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agents.cli", *TRAIN],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+    )
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert err.splitlines() in (["seqmatch: interrupted"], ["seqmatch train: interrupted"])
+    assert snapshot(tmp_path) == set()

@@ -181,6 +181,30 @@ def test_resume_needs_runs_and_a_legacy_comparison_is_kept(
     assert sorted(p.name for p in users.iterdir()) == ["results.json"]
 
 
+def test_a_comparison_from_before_the_marker_resumes_and_is_marked(
+    tmp_path: Path, fake: FakeRunOne
+) -> None:
+    """Committed benchmark folders and folders of a run of the old code have run files and
+    results.json but no marker: recognised from them, resumed, marked; --overwrite then
+    removes what the comparison wrote and nothing else."""
+    out = tmp_path / "cmp"
+    stopped = FakeRunOne(fail_at=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compare, "run_one", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            run_compare(options(out, agents="mle"))
+    for name in ("seqmatch-comparison", outputs.MANIFEST, outputs.LOCK):
+        (out / name).unlink()  # as the old code left it
+    (out / "notes.txt").write_text("mine")
+    run_compare(options(out, agents="mle"))
+    assert fake.calls == [("mle", 2)]  # the two finished runs kept
+    assert outputs.owner(out) == "comparison"
+    assert {"runs/mle-s0.json", "runs/mle-s1.json", "results.json"} <= outputs.listed(out)
+    run_compare(options(out, agents="mle", seeds=2, quick=False, overwrite=True))
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (out / "runs").glob("*.json")) == ["mle-s0.json", "mle-s1.json"]
+
+
 def test_a_stopped_runs_tensorboard_folder_is_cleared_before_its_rerun(
     tmp_path: Path, fake: FakeRunOne
 ) -> None:
