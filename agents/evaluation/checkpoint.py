@@ -19,21 +19,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from agents import outputs
 from agents.data import load_prompt_records
 from agents.evaluation.episodes import backspace_stats
 from agents.evaluation.evaluate import default_greedy, evaluate
 from agents.generate import generate
-from agents.outputs import (
-    check_folder,
-    claimed,
-    has_content,
-    listed,
-    mark,
-    owner,
-    record,
-    remove_listed,
-    write_file,
-)
 from agents.training.checkpoint import TMP_PREFIX, CheckpointError, load_policy, read_metadata
 from agents.training.config import parse_task_args
 from seqenv.tasks import Example, Split, Task, make_task
@@ -135,7 +125,7 @@ def sampling_settings(
 
 def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
     """Write ``rows`` by the output rule (:mod:`agents.outputs`): atomically, never a link."""
-    write_file(path, "".join(json.dumps(row) + "\n" for row in rows), "--output")
+    outputs.write_file(path, "".join(json.dumps(row) + "\n" for row in rows), "--output")
 
 
 def evaluate_checkpoint(
@@ -278,9 +268,9 @@ def check_export_target(
     another process holds).
     """
     out = Path(out)
-    check_folder(out, "--out", "export", [("--checkpoint", str(checkpoint))], probe=probe)
-    if out.is_dir() and has_content(out):
-        if owner(out) != "export":
+    outputs.check_folder(out, "--out", "export", [("--checkpoint", str(checkpoint))], probe=probe)
+    if out.is_dir() and outputs.has_content(out):
+        if outputs.owner(out) != "export":
             raise FileExistsError(
                 f"--out {out}: the folder holds files and is not a seqmatch export (refusing to "
                 "write into it); choose a new or empty folder"
@@ -305,19 +295,19 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool =
 
     out = Path(out)
     check_export_target(out, checkpoint, overwrite)
-    with claimed(out, "--out"):
+    with outputs.claimed(out, "--out"):
         check_export_target(out, checkpoint, overwrite, probe=False)  # again, under the lock
         policy, _ = load_policy(checkpoint, "cpu")
         if not isinstance(policy, HFPolicy):
             raise ValueError(f"{checkpoint}: not a pretrained-LM checkpoint (train with --model)")
-        mark(out, "export")
+        outputs.mark(out, "export")
         tmp = out / f"{TMP_PREFIX}export-{os.getpid()}"
-        record(out, tmp.name)
+        outputs.record(out, tmp.name)
         try:
             export_pretrained(policy, tmp)
             names = sorted(p.name for p in tmp.iterdir())
-            earlier = listed(out)
-            record(out, *names)
+            earlier = outputs.listed(out)
+            outputs.record(out, *names)
             for name in names:
                 if (out / name).exists() and name not in earlier:  # not seqmatch's: kept
                     raise FileExistsError(f"--out {out}: {name} is not seqmatch's; not replaced")
@@ -326,5 +316,5 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool =
                 os.replace(tmp / name, out / name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        remove_listed(out, keep=names)
+        outputs.remove_listed(out, keep=names)
     return out

@@ -22,24 +22,13 @@ from safetensors.torch import load_file, save_file
 from agents.cli import COMMANDS, main
 from agents.outputs import LOCK, FolderLock, lock_folder
 from agents.training.checkpoint import CheckpointError, resolve_checkpoint
-from tests.integration.conftest import TINY, run_cli, snapshot
+from tests.integration.conftest import TINY, run_cli, snapshot, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def good_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Dyck checkpoint of a tiny MLE policy after 2 updates."""
-    root = tmp_path_factory.mktemp("good")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code = main([
-            "train", "--agent", "mle", *TINY, "--steps", "2", "--eval-episodes", "2",
-            "--logdir", str(root / "runs"), "--save", str(root / "ckpt"),
-        ])  # fmt: skip
-    finally:
-        torch.set_num_threads(before)
-    assert code == 0
-    return root / "ckpt"
+    return tiny_checkpoint(tmp_path_factory.mktemp("good"))
 
 
 def _truncate(file: str, size: int) -> Callable[[Path], None]:
@@ -209,6 +198,7 @@ class Case:
 EVAL = ["eval", "--checkpoint", "CKPT", "--episodes", "2", "--device", "cpu"]
 GENERATE = ["generate", "--checkpoint", "CKPT", "--prompt", "^", "--device", "cpu"]
 TRAIN = ["train", *TINY, "--steps", "2", "--save", "new-ckpt", "--logdir", "runs"]
+MODEL = [*TRAIN, "--task", "arithmetic", "--model", "model"]
 
 CASES = {
     "missing_checkpoint": Case(
@@ -441,19 +431,19 @@ CASES = {
     "lora_r_without_model": Case([*TRAIN, "--lora-r", "-1"], "--lora-r applies to --model only"),
     # Pretrained model folders: the file at fault named, in one line.
     "model_folder_is_empty": Case(
-        [*TRAIN, "--task", "arithmetic", "--model", "model"], "model: no config.json",
+        MODEL, "model: no config.json",
         prepare=_empty_model,
     ),
     "model_folder_without_tokenizer": Case(
-        [*TRAIN, "--task", "arithmetic", "--model", "model"], "model: no tokenizer",
+        MODEL, "model: no tokenizer",
         prepare=_model_without_tokenizer,
     ),
     "model_weights_truncated": Case(
-        [*TRAIN, "--task", "arithmetic", "--model", "model"],
+        MODEL,
         "model/model.safetensors cannot be loaded", prepare=_model_with_truncated_weights,
     ),
     "model_config_mistyped": Case(
-        [*TRAIN, "--task", "arithmetic", "--model", "model"],
+        MODEL,
         "model/config.json cannot be loaded", prepare=_model_with_a_mistyped_config,
     ),
 }  # fmt: skip

@@ -16,12 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
 
 from agents.cli import main
 from agents.outputs import LOCK
 from agents.training.checkpoint import read_metadata
-from tests.integration.conftest import TINY
+from tests.integration.conftest import TINY, tiny_checkpoint
 
 DATA = '{"prompt": "^", "completion": "()"}\n{"prompt": "^(", "completion": ")"}\n'
 
@@ -29,15 +28,7 @@ DATA = '{"prompt": "^", "completion": "()"}\n{"prompt": "^(", "completion": ")"}
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Dyck checkpoint after 2 updates."""
-    root = tmp_path_factory.mktemp("safety")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        args = ["train", "--agent", "mle", *TINY, "--steps", "2", "--eval-episodes", "2"]
-        assert main([*args, "--logdir", "", "--save", str(root / "ck")]) == 0
-    finally:
-        torch.set_num_threads(before)
-    return root / "ck"
+    return tiny_checkpoint(tmp_path_factory.mktemp("safety"))
 
 
 def _world(root: Path, checkpoint: Path) -> dict[str, Path]:
