@@ -644,7 +644,9 @@ class Trainer:
         """
         config = self.config
         save = config.save if self.is_main else None
-        with holding(save, resume=config.resume, overwrite=config.overwrite):
+        again = self._saved_step is not None  # a later call continues what this one saved
+        resume, overwrite = config.resume or again, config.overwrite and not again
+        with holding(save, resume=resume, overwrite=overwrite):
             return self._train()
 
     def _train(self) -> dict[str, float]:
