@@ -44,6 +44,7 @@ from pathlib import Path
 from agents.experiments import compare
 gate = Path(sys.argv[1])
 def run_one(config, task, agent, seed, out, *args, **kwargs):
+    gate.with_suffix(".reached").touch()
     while not gate.exists():
         time.sleep(0.05)
     return {"agent": agent, "seed": seed, "metrics": {"accuracy": 0.5}, "episode_values": {},
@@ -148,6 +149,9 @@ def test_two_compares_on_one_out(tmp_path: Path) -> None:
     first = _start(COMPARE_AT_A_GATE, tmp_path / "gate", args, tmp_path)
     try:
         _wait_for_lock(tmp_path / "cmp", first)
+        deadline = time.monotonic() + 120.0  # at its gate: its outputs settled
+        while not (tmp_path / "gate.reached").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
         for other in (args, [*args, "--task", "dyck"]):  # the same comparison, or another task
             second = _second(other, tmp_path, COMPARE_AT_A_GATE, tmp_path / "never")
