@@ -127,11 +127,13 @@ def show(config: ShowConfig) -> None:
     print(f"{end} after {steps} steps ({backspaces} backspaces), reward {reward}")
 
 
-OUTPUT_RULE = """Output paths (agents.outputs): a regular file is replaced atomically (a
-temporary file and a rename) and keeps its mode; a symlink is followed (the file it names is
+OUTPUT_RULE = """\
+Output paths (agents/outputs.py), checked before any work: a regular file is replaced atomically
+(a temporary file and a rename) and keeps its mode; a symlink is followed (the file it names is
 written, the link stays); a device or a named pipe (/dev/stdout, /dev/null) is written in place,
-never replaced; a pipe nobody reads, a run's own input and seqmatch's own files (a checkpoint's
-pointer, step folders, marker, manifest, lock) are refused."""
+never replaced. Refused: a pipe nobody reads, a run's own input, seqmatch's own files (a
+checkpoint's pointer and step folders, a folder's marker, manifest and lock) and a folder of
+anything else. train --save, compare and export hold their folder's lock: one writer at a time."""
 
 
 def _quiet_libraries() -> None:
