@@ -92,6 +92,7 @@ from agents.outputs import (
 )
 from agents.training.checkpoint import POINTER
 from agents.training.config import TrainConfig, resolve_device
+from agents.training.memory import check_memory
 from agents.training.trainer import Trainer
 from seqenv.disturbance import Disturbance
 from seqenv.rules import step_budget
@@ -161,6 +162,13 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "eval": {"episodes": 16},
     },
 }
+
+
+MAX_SEEDS = 10_000
+"""More seeds than any comparison needs: a larger count is a typo (each is a run per agent)."""
+WORKER_BYTES = 300 * 2**20
+"""A worker process's memory once it has imported torch and the library (240 MB measured), before
+its run: what --jobs multiplies."""
 
 
 @dataclass
@@ -279,8 +287,8 @@ def load_config(options: CompareConfig) -> dict[str, Any]:
             )
     if options.seeds is not None:
         config["seeds"] = options.seeds
-    if int(config["seeds"]) < 1:
-        raise ValueError(f"--seeds must be >= 1, got {config['seeds']}")
+    if not 1 <= int(config["seeds"]) <= MAX_SEEDS:
+        raise ValueError(f"--seeds must be in [1, {MAX_SEEDS}], got {config['seeds']}")
     # PPO trains its own small network on the task's reward: no text task, no pretrained model.
     # The untuned baseline exists only where there is a pretrained model to leave untuned.
     pretrained = bool(config.get("train", {}).get("model"))
@@ -796,14 +804,21 @@ def _exit_with_parent(parent: int) -> None:
             time.sleep(2.0)
         os._exit(1)
 
-    # On Linux the kernel kills the worker the moment its parent dies: an orphan never writes
-    # into a folder whose lock its parent no longer holds. The watch is the fallback elsewhere.
-    with contextlib.suppress(OSError, AttributeError):
+    # On Linux the kernel signals the worker the moment its parent dies, so that an orphan
+    # stops before it writes into a folder whose lock its parent no longer holds; the watch is
+    # the fallback elsewhere. The kernel also signals when the parent's thread that started the
+    # worker ends (the pool's own thread starts the replacement workers): then the parent is
+    # still there, and the worker goes on.
+    def orphaned(signum: int, frame: Any) -> None:
+        if os.getppid() != parent:
+            os._exit(1)
+
+    with contextlib.suppress(OSError, AttributeError, ValueError):
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the line above
+        signal.signal(signal.SIGUSR1, orphaned)
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGUSR1))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the lines above
         os._exit(1)
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
@@ -942,9 +957,12 @@ def _run_parallel(
     # at the end while the other cores idle.
     todo = sorted(todo, key=lambda spec: not spec.agent.startswith("sequencematch"))
     tasks = [(config, spec, options.device, options.threads) for spec in todo]
+    jobs = min(options.jobs, len(todo))  # never more processes than runs
+    check_memory(jobs * WORKER_BYTES, torch.device("cpu"), f"--jobs {jobs} worker processes",
+                 "use fewer --jobs")  # fmt: skip
     # A fresh process per run, which exits by itself once this process is gone (killed).
     pool = context.Pool(
-        options.jobs, initializer=_exit_with_parent, initargs=(os.getpid(),), maxtasksperchild=1
+        jobs, initializer=_exit_with_parent, initargs=(os.getpid(),), maxtasksperchild=1
     )
     try:
         for spec, row in pool.imap_unordered(_worker_task, tasks):

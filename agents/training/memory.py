@@ -47,6 +47,24 @@ def demonstration_bytes(config: TrainConfig, max_length: int) -> int:
     return (config.num_demonstrations + config.eval_episodes) * (400 + 4 * max_length)
 
 
+def check_host_memory(config: TrainConfig, max_length: int, world_size: int = 1) -> None:
+    """RunError (one line) where what a run keeps in host memory cannot fit, before any of it.
+
+    The task's demonstrations (unless --data gives them), and SequenceMatch's pool of
+    length-bucketed model batches: ``model_batch_buckets`` global model batches of positions
+    drawn at once, about 200 bytes each with their lengths.
+    """
+    cpu = torch.device("cpu")
+    if config.data is None:
+        what = f"{config.num_demonstrations} demonstrations"
+        check_memory(demonstration_bytes(config, max_length), cpu, what,
+                     "use fewer --num-demonstrations")  # fmt: skip
+    if config.agent == "sequencematch":
+        rows = config.model_batch_buckets * config.resolved_model_batch_size * world_size
+        what = f"--model-batch-buckets {config.model_batch_buckets} model batches"
+        check_memory(200 * rows, cpu, what, "use fewer --model-batch-buckets")
+
+
 def check_memory(
     num_bytes: int,
     device: torch.device,

@@ -80,7 +80,7 @@ from agents.training.checkpoint import (
 )
 from agents.training.config import RunError, TrainConfig, resolve_device, saved_settings
 from agents.training.logger import Logger
-from agents.training.memory import check_memory, demonstration_bytes, training_bytes
+from agents.training.memory import check_host_memory, check_memory, training_bytes
 from seqenv.disturbance import KEY_BOUND, Disturbance
 from seqenv.env import noise_of
 from seqenv.rules import step_budget
@@ -174,13 +174,7 @@ class Trainer:
                 self.device,
                 "the model, its optimizer and a batch",
             )
-        if config.data is None:  # the task's demonstrations are drawn in memory, heldout too
-            check_memory(
-                demonstration_bytes(config, self.max_length),
-                torch.device("cpu"),
-                f"{config.num_demonstrations} demonstrations",
-                "use fewer --num-demonstrations",
-            )
+        check_host_memory(config, self.max_length, self.world_size)
         self.demonstrations = (
             self.task.demonstrations(
                 "train", config.num_demonstrations, self.max_length, seed=config.seed

@@ -427,6 +427,11 @@ CASES = {
     "huge_num_demonstrations": Case(
         [*TRAIN, "--num-demonstrations", "1000000000"], "demonstrations need about",
     ),
+    "huge_model_batch_buckets": Case(
+        [*TRAIN, "--model-batch-buckets", "1000000000000"], "model batches need about",
+    ),
+    "compare_huge_seeds": Case(["compare", "--out", "cmp", "--seeds", "1000000000"],
+                               "--seeds must be in [1, 10000]"),
     # Settings that belong to another one.
     "lora_r_without_model": Case([*TRAIN, "--lora-r", "-1"], "--lora-r applies to --model only"),
     # Pretrained model folders: the file at fault named, in one line.
