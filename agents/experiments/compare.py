@@ -30,6 +30,9 @@ run gives them: :mod:`agents.experiments.summary`). Outputs under ``--out``: ``r
 ``library_defaults``) and ``row`` the run's row of results.json. A stopped comparison resumes
 from these files (a run with ``train.save_interval`` also from its last
 checkpoint, ``checkpoints/<run>``); results.json and report.md are rebuilt after every run.
+The folder is seqmatch's (:mod:`agents.outputs`): a marker, ``seqmatch-comparison``, a manifest of
+what the comparison wrote there (all that ``--overwrite`` removes), and a lock held while a
+comparison runs, so that a second one fails at once.
 
 A comparison is driven by a config: the embedded default (one-digit arithmetic, MLE, BC and
 SequenceMatch, about 10 minutes on 2 cores) or a JSON file, named (``configs/NAME.json`` shipped in
@@ -506,8 +509,6 @@ RUN_FORMAT = 1
 PLOT_INTERVAL = 60.0
 """Seconds between redraws of the plots while runs finish (results.json and report.md are
 rewritten after every run; the plots at most this often, and at the end)."""
-RESULT_FILES = ("results.json", "report.md")
-"""Files a comparison writes at its top level (besides PNG plots and the runs/ folders)."""
 
 
 NOT_RUN_KEYS = frozenset(

@@ -123,6 +123,7 @@ def test_two_trains_on_one_save(tmp_path: Path) -> None:
     assert read_metadata(tmp_path / "ck")["step"] == 3  # nothing of the first run lost
 
 
+@pytest.mark.slow  # the lock's release itself: tests/agents/test_outputs.py
 def test_a_killed_trains_lock_is_released_and_its_folder_starts_afresh(tmp_path: Path) -> None:
     """SIGKILL before the first save: the kernel drops the lock; the folder (marked, no
     checkpoint yet) is started afresh by the same command, as --resume's message says."""
