@@ -11,29 +11,57 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import math
 import os
 import re
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, SupportsFloat, TypeVar
 
-import numpy as np
-import tyro
 
-from agents.algorithms import describe_algorithms, resolve_algorithm
-from agents.evaluation.checkpoint import MAX_SEQUENCES
-from agents.experiments.compare import CompareConfig
-from agents.training.config import RunError, TrainConfig
+@contextlib.contextmanager
+def _ctrl_c_exits() -> Iterator[None]:
+    """Ctrl-C while the modules below load (a second or two): one line and exit 130, as later.
+
+    Python's own handler would print a traceback from inside torch's import. Only where that
+    handler is in place (a library that set its own, or an ignored SIGINT, is left alone).
+    """
+
+    def stop(signum: int, frame: Any) -> None:
+        print("seqmatch: interrupted", file=sys.stderr)
+        raise SystemExit(130)
+
+    on_main = threading.current_thread() is threading.main_thread()
+    if not on_main or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+with _ctrl_c_exits():
+    import numpy as np
+    import tyro
+
+    from agents.algorithms import describe_algorithms, resolve_algorithm
+    from agents.evaluation.checkpoint import MAX_SEQUENCES
+    from agents.experiments.compare import CompareConfig
+    from agents.outputs import OutputError, check_file, write_json, writes_to_stdout
+    from agents.training.config import RunError, TrainConfig
 
 # Exceptions that mean "the input was bad" or "the run cannot go on for a reason the user can
 # act on", as opposed to a bug (KeyError, TypeError, ...: those show their traceback).
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError,
     RunError,
+    OutputError,
     FileNotFoundError,
     FileExistsError,
     PermissionError,
@@ -100,51 +128,39 @@ def show(config: ShowConfig) -> None:
     print(f"{end} after {steps} steps ({backspaces} backspaces), reward {reward}")
 
 
-def _check_json_target(path: str | None, flag: str = "--json") -> None:
-    """Refuse, before any work, an output file path that cannot be written (one line)."""
-    if path is None:
-        return
-    from agents.training.checkpoint import check_writable_dir, nearest_existing
-
-    target = Path(path)
-    if target.is_dir():
-        raise IsADirectoryError(f"{flag} {path}: a folder is there")
-    existing = nearest_existing(target.parent)
-    if not existing.is_dir():
-        raise NotADirectoryError(f"{flag} {path}: {existing} is a file, not a folder")
-    check_writable_dir(existing, flag)
+OUTPUT_RULE = """\
+Output paths (agents/outputs.py), checked before any work: a regular file is replaced atomically
+(a temporary file and a rename) and keeps its mode; a symlink is followed (the file it names is
+written, the link stays); a device or a named pipe (/dev/stdout, /dev/null) is written in place,
+never replaced. Refused: a pipe nobody reads, a run's own input, seqmatch's own files (a
+checkpoint's pointer and step folders, a folder's marker, manifest and lock) and a folder of
+anything else. train --save, compare and export hold their folder's lock: one writer at a time."""
 
 
-def _write_json(path: str | None, document: dict[str, Any]) -> None:
-    """Write ``document`` atomically (a temporary file, then a rename): never a partial file.
+def _quiet_libraries() -> None:
+    """--no-progress: no progress bars from transformers and huggingface_hub either."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read when transformers is imported
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    Folders it creates and its temporary file are removed again if the write fails.
-    """
-    if path is None:
-        return
-    target = Path(path)
-    from agents.training.checkpoint import first_missing
+        hf_logging.disable_progress_bar()
 
-    created = first_missing(target.parent)
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(document, indent=2) + "\n")
-        os.replace(tmp, target)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        if created is not None:
-            import shutil
 
-            shutil.rmtree(created, ignore_errors=True)
-        raise RunError(f"could not write --json {path} ({err.strerror or err})") from None
+def _report(metrics: dict[str, float], json_path: str | None) -> None:
+    """Print the metrics, one a line: on stderr where --json goes to stdout (``| jq``)."""
+    stream = sys.stderr if writes_to_stdout(json_path) else sys.stdout
+    for key, value in metrics.items():
+        print(f"{key}: {value:.4f}", file=stream)
 
 
 def train(config: TrainConfig) -> None:
     """Train an agent; print and optionally write the final evaluation."""
     from agents.training.trainer import Trainer
 
-    _check_json_target(config.json)
+    if not config.progress:
+        _quiet_libraries()
+    if config.json is not None:
+        check_file(config.json, "--json", [("--data", config.data), ("--model", config.model)])
     spec = resolve_algorithm(config.agent)
     if not spec.cls.trains:
         raise ValueError(
@@ -154,12 +170,11 @@ def train(config: TrainConfig) -> None:
     trainer = Trainer(config)
     metrics = trainer.train()
     if trainer.is_main:
-        for key, value in metrics.items():
-            print(f"{key}: {value:.4f}")
-        _write_json(
-            config.json,
-            {"step": trainer.step, "metrics": metrics, "config": dataclasses.asdict(config)},
-        )
+        _report(metrics, config.json)
+        if config.json is not None:
+            config_json = dataclasses.asdict(config)
+            document = {"step": trainer.step, "metrics": metrics, "config": config_json}
+            write_json(config.json, document, "--json", indent=2)
 
 
 @dataclass
@@ -172,7 +187,8 @@ class EvalConfig:
     """JSONL file (or `datasets` folder) of {"prompt"} or {"prompt", "completion"} records: one
     generation per record, exact-match accuracy on those with a completion."""
     output: str | None = None
-    """Write the generations of --data to this JSONL file (one line per record)."""
+    """Write the generations of --data to this JSONL file (one line per record); as --json, it
+    may not be an input (--data, --checkpoint)."""
     task: str | None = None
     """Evaluate on this task instead of the checkpoint's (its vocabulary must match)."""
     task_args: str = "{}"
@@ -190,7 +206,8 @@ class EvalConfig:
     top_p: float | None = None
     """Nucleus sampling: the smallest set of actions whose probability reaches p, in (0, 1]."""
     json: str | None = None
-    """Write the metrics to this JSON file."""
+    """Write the metrics to this JSON file (/dev/stdout: the JSON alone on stdout, the lines
+    printed go to stderr)."""
     device: str = "auto"
     """auto (cuda when available), cpu, cuda or cuda:N."""
 
@@ -198,12 +215,17 @@ class EvalConfig:
 def evaluate(config: EvalConfig) -> None:
     """Evaluate a checkpoint: print its metrics, optionally write them as JSON."""
     from agents.evaluation.checkpoint import evaluate_checkpoint
+    from agents.outputs import resolved
 
     if config.episodes > MAX_SEQUENCES:
         raise ValueError(f"--episodes must be <= {MAX_SEQUENCES}, got {config.episodes}")
     _check_sampling(config.temperature, config.top_k, config.top_p)
-    _check_json_target(config.json)
-    _check_json_target(config.output, "--output")
+    inputs = [("--checkpoint", config.checkpoint), ("--data", config.data)]
+    for flag, path in (("--json", config.json), ("--output", config.output)):
+        if path is not None:
+            check_file(path, flag, inputs)
+    if config.json and config.output and resolved(config.json) == resolved(config.output):
+        raise ValueError(f"--json and --output name the same file ({config.output})")
     _check_generation_memory(config.checkpoint, config.episodes, config.device)
     metrics = _generation(
         lambda: evaluate_checkpoint(
@@ -221,9 +243,10 @@ def evaluate(config: EvalConfig) -> None:
             device=config.device,
         )
     )
-    for key, value in metrics.items():
-        print(f"{key}: {value:.4f}")
-    _write_json(config.json, {"checkpoint": config.checkpoint, "metrics": metrics})
+    _report(metrics, config.json)
+    if config.json is not None:
+        document = {"checkpoint": config.checkpoint, "metrics": metrics}
+        write_json(config.json, document, "--json", indent=2)
 
 
 @dataclass
@@ -331,27 +354,33 @@ class ExportConfig:
     checkpoint: str
     """Checkpoint folder written by `seqmatch train --model ... --save`."""
     out: str
-    """Folder to write (AutoModelForCausalLM.from_pretrained reads it; <bkspc> is its last row)."""
+    """Folder to write (AutoModelForCausalLM.from_pretrained reads it; <bkspc> is its last row):
+    a new or empty folder, which becomes seqmatch's (a marker, a manifest of its files, a lock
+    while it is written); a folder of anything else is refused."""
+    overwrite: bool = False
+    """Replace an export seqmatch wrote in --out (only the files its manifest lists go)."""
 
 
 def export(config: ExportConfig) -> None:
     """Export a pretrained-LM checkpoint as a plain transformers folder."""
-    from agents.evaluation.checkpoint import export_checkpoint
+    from agents.evaluation.checkpoint import check_export_target, export_checkpoint
 
-    print(f"wrote {export_checkpoint(config.checkpoint, config.out)}")
+    check_export_target(config.out, config.checkpoint, config.overwrite)  # before any loading
+    _quiet_libraries()  # the merged model's "Writing model shards" bar
+    print(f"wrote {export_checkpoint(config.checkpoint, config.out, config.overwrite)}")
 
 
 def compare(config: CompareConfig) -> None:
     """Run the comparison, print the table and say where the outputs are."""
-    from agents.experiments.compare import run_compare
+    from agents.experiments.compare import check_out, run_compare
     from agents.experiments.report import table, verdicts
-    from agents.training.trainer import check_output_dir
 
     if config.threads is not None and config.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0: torch's default), got {config.threads}")
-    if Path(config.out).exists() and not Path(config.out).is_dir():
-        raise NotADirectoryError(f"--out {config.out}: a file is there, not a folder")
-    check_output_dir(Path(config.out), "--out")
+    inputs = [("--config", config.config), ("--model", config.model), ("--data", config.data)]
+    check_out(Path(config.out), inputs)
+    if not config.progress:
+        _quiet_libraries()
     results = run_compare(config)
     print(table(results))
     print("\n".join(verdicts(results)))
@@ -427,6 +456,8 @@ def bench(config: BenchConfig) -> None:
     """Measure the throughput ratios (:mod:`agents.experiments.throughput`)."""
     from agents.experiments.throughput import main as throughput_main
 
+    if config.json is not None:
+        check_file(config.json, "--json")
     argv = ["--only", config.only] + (["--quick"] if config.quick else [])
     argv += ["--json", config.json] if config.json else []
     code = throughput_main(argv)
@@ -462,6 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(__doc__)
             for name, (_, _, summary) in COMMANDS.items():
                 print(f"  {name:<10} {summary}")
+            print(f"\n{OUTPUT_RULE}")
             return 0
         given = f"unknown command {args[0]!r}" if args else "no command given"
         print(f"seqmatch: error: {given}; commands: {names}", file=sys.stderr)
@@ -472,6 +504,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = _parse(config_type, rest, f"seqmatch {name}", debug)
     except SystemExit as exit_:  # --help (0) or a command line that does not parse (2)
         return exit_.code if isinstance(exit_.code, int) else 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"seqmatch {name}: interrupted", file=sys.stderr)
+        return 130
     try:
         if isinstance(config, TrainConfig):
             config.validate()

@@ -6,6 +6,9 @@ it on demand. Every registration of the project is in this file.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 from gymnasium.envs.registration import register, registry
 
 from seqenv.disturbance import Disturbance
@@ -32,6 +35,17 @@ if ENV_ID not in registry:
         entry_point="seqenv.env:SequenceGenEnv",
         vector_entry_point="seqenv.vector:SequenceGenVectorEnv",
     )
+
+_SUBMODULES = ("checker", "vector")
+"""Submodules loaded on first use (they import stable-baselines3): ``seqenv.checker`` works
+after ``import seqenv`` alone."""
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"seqenv.{name}")
+    raise AttributeError(f"module 'seqenv' has no attribute {name!r}")
+
 
 __all__ = [
     "ENV_ID",

@@ -1,6 +1,13 @@
-"""Device names to ``torch.device``, with one clear error where the device does not exist here."""
+"""Device names to ``torch.device``, with one clear error where the device does not exist here.
+
+Also the memory free on a device, for the estimates checked before allocating.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
 
 import torch
 
@@ -33,3 +40,33 @@ def check_device(device: torch.device | str, label: str | None = None) -> torch.
         if (resolved.index or 0) >= count:
             raise ValueError(f"{label} asked for, but only {count} CUDA device(s) are present")
     return resolved
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for tensors on ``device``, or None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def memory_shortfall(num_bytes: int, device: torch.device, what: str, fix: str) -> str | None:
+    """The one-line message where ``num_bytes`` exceed what ``device`` has free, else None.
+
+    ``what`` names the request (plural: "... need about"); ``fix`` says what to change.
+    """
+    free = available_memory(device)
+    if free is None or num_bytes <= free:
+        return None
+    return (
+        f"{what} need about {num_bytes / 2**30:.3g} GiB, {device.type} has "
+        f"{free / 2**30:.3g} GiB free: {fix}"
+    )

@@ -533,6 +533,7 @@ Format = Literal["auto", "text", "jsonl", "hf"]
 
 def _records(path: Path, fmt: Format) -> Iterator[tuple[str, dict]]:
     """Yield (where, record) pairs; a record has `prompt`+`completion` or `text`."""
+    sniff = False
     if fmt == "auto":
         if path.is_dir():
             fmt = "hf"
@@ -540,6 +541,8 @@ def _records(path: Path, fmt: Format) -> Iterator[tuple[str, dict]]:
             fmt = "jsonl"
         else:
             fmt = "text"
+            # A pipe (`<(...)`, /dev/stdin) has no telling name: its first line says which.
+            sniff = not path.is_file()
     if fmt == "hf":
         try:
             from datasets import load_from_disk
@@ -560,7 +563,7 @@ def _records(path: Path, fmt: Format) -> Iterator[tuple[str, dict]]:
             yield f"{path}[{i}]", dict(row)
         return
     with path.open("rb") as f:
-        yield from _file_records(f, path, fmt)
+        yield from _file_records(f, path, fmt, sniff)
 
 
 MAX_LINE_BYTES = 16 * 2**20
@@ -582,10 +585,13 @@ def _json_depth(line: str) -> int:
     return int(step.cumsum().max(initial=0))
 
 
-def _file_records(f: IO[bytes], path: Path, fmt: Format) -> Iterator[tuple[str, dict]]:
+def _file_records(
+    f: IO[bytes], path: Path, fmt: Format, sniff: bool = False
+) -> Iterator[tuple[str, dict]]:
     r"""Yield (where, record) pairs from a text or JSONL file, one line at a time.
 
     Lines end at ``\n`` only (a U+2028 or U+0085 inside a JSON string is part of its line).
+    With ``sniff``, a first line that starts with ``{`` makes it JSONL.
     """
     number = 0
     while raw := f.readline(MAX_LINE_BYTES + 1):
@@ -601,6 +607,8 @@ def _file_records(f: IO[bytes], path: Path, fmt: Format) -> Iterator[tuple[str, 
             ) from None
         if not line.strip():
             continue
+        if sniff:
+            fmt, sniff = ("jsonl" if line.lstrip().startswith("{") else "text"), False
         if fmt == "text":
             yield where, {"text": line}
             continue
@@ -655,7 +663,11 @@ def load_demonstrations(
                 if not isinstance(record["text"], str):
                     raise DemonstrationError("`text` must be a string")
                 if prompt_tokens is None:
-                    raise DemonstrationError("a `text` record needs prompt_tokens to split it")
+                    raise DemonstrationError(
+                        "a plain passage (`text`) needs prompt_tokens (a task that splits "
+                        'passages); give {"prompt", "completion"} records as JSONL '
+                        "(a .jsonl file)"
+                    )
                 ids = vocab.encode(record["text"])
                 trajectories.append(from_text(ids, vocab.special, prompt_tokens, max_length))
             else:

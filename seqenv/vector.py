@@ -27,7 +27,7 @@ from stable_baselines3.common.vec_env.base_vec_env import (
     VecEnvStepReturn,
 )
 
-from seqenv.devices import check_device
+from seqenv.devices import check_device, memory_shortfall
 from seqenv.disturbance import KEY_BOUND, Disturbance, resolve_disturbance
 from seqenv.env import (
     RewardFn,
@@ -94,6 +94,7 @@ class SequenceGenVectorEnv(VectorEnv):
         self.vocab = self.task.vocab
         self.reward_fn = resolve_reward(reward)
         self.max_length = resolve_max_length(max_length, self.task)
+        self._check_memory()
         self.disturbance = resolve_disturbance(disturbance, disturbance_type)
         self.mdp = SequenceMDP(
             self.vocab.special,
@@ -113,6 +114,24 @@ class SequenceGenVectorEnv(VectorEnv):
         self._rngs: list[np.random.Generator | None] = [None] * num_envs
         self._autoreset = torch.zeros(num_envs, dtype=torch.bool, device=self.device)
         self._started = False
+
+    def _check_memory(self) -> None:
+        """ValueError (one line) before allocating, where ``num_envs`` rows cannot fit.
+
+        Per row, a rough lower estimate: the token buffer and an observation copy (int64), the
+        action mask, and a numpy Generator (about 1 KB, measured) on the CPU.
+        """
+        tensors = self.num_envs * (16 * self.max_length + self.vocab.num_actions + 64)
+        python = self.num_envs * 1000
+        checks = [(tensors, self.device), (python, torch.device("cpu"))]
+        if self.device.type == "cpu":
+            checks = [(tensors + python, self.device)]
+        for num_bytes, device in checks:
+            message = memory_shortfall(
+                num_bytes, device, f"{self.num_envs} environments", "use fewer num_envs"
+            )
+            if message is not None:
+                raise ValueError(message)
 
     # -- resets ------------------------------------------------------------------------------
     def _seed_rows(self, seed: int | Sequence[int | None] | None) -> None:
@@ -194,6 +213,11 @@ class SequenceGenVectorEnv(VectorEnv):
         actions = torch.as_tensor(np.asarray(actions) if not torch.is_tensor(actions) else actions)
         if not is_integer_dtype(actions.dtype):
             raise InvalidActionError(f"actions must be integer ids, got dtype {actions.dtype}")
+        if actions.shape not in ((self.num_envs,), (self.num_envs, 1)):
+            raise InvalidActionError(
+                f"actions must have shape ({self.num_envs},), one per environment; got "
+                f"{tuple(actions.shape)}"
+            )
         actions = actions.to(self.device, torch.int64).reshape(-1)
         if self.metadata["autoreset_mode"] == AutoresetMode.DISABLED and bool(self.mdp.done.any()):
             raise RuntimeError(

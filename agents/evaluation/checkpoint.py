@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,11 +19,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from agents import outputs
 from agents.data import load_prompt_records
 from agents.evaluation.episodes import backspace_stats
 from agents.evaluation.evaluate import default_greedy, evaluate
 from agents.generate import generate
-from agents.training.checkpoint import CheckpointError, load_policy, read_metadata
+from agents.training.checkpoint import TMP_PREFIX, CheckpointError, load_policy, read_metadata
 from agents.training.config import parse_task_args
 from seqenv.tasks import Example, Split, Task, make_task
 from seqenv.vocab import PretrainedVocab, Vocab, VocabularyError, vocab_from_json
@@ -122,12 +124,8 @@ def sampling_settings(
 
 
 def _write_jsonl(path: str, rows: list[dict[str, Any]]) -> None:
-    """Write ``rows`` atomically: a temporary file renamed into place."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, target)
+    """Write ``rows`` by the output rule (:mod:`agents.outputs`): atomically, never a link."""
+    outputs.write_file(path, "".join(json.dumps(row) + "\n" for row in rows), "--output")
 
 
 def evaluate_checkpoint(
@@ -260,11 +258,63 @@ def generate_from_checkpoint(
     ]
 
 
-def export_checkpoint(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write a pretrained-LM checkpoint as a plain transformers folder (adapters merged)."""
+def check_export_target(
+    out: str | Path, checkpoint: str | Path, overwrite: bool = False, probe: bool = True
+) -> None:
+    """Refuse, before loading anything, an ``export --out`` folder that must not be written.
+
+    It must be new, empty, or an export folder seqmatch wrote (replaced with ``overwrite``);
+    never the checkpoint or a user's folder (one line each; ``probe``: also refuse a folder
+    another process holds).
+    """
+    out = Path(out)
+    outputs.check_folder(out, "--out", "export", [("--checkpoint", str(checkpoint))], probe=probe)
+    if out.is_dir() and outputs.has_content(out):
+        if outputs.owner(out) != "export":
+            raise FileExistsError(
+                f"--out {out}: the folder holds files and is not a seqmatch export (refusing to "
+                "write into it); choose a new or empty folder"
+            )
+        if not overwrite:
+            raise FileExistsError(
+                f"--out {out}: an export is there; pass --overwrite to replace it"
+            )
+    model = read_metadata(checkpoint).get("model")
+    if not (isinstance(model, dict) and model.get("kind") == "hf"):
+        raise ValueError(f"{checkpoint}: not a pretrained-LM checkpoint (train with --model)")
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a pretrained-LM checkpoint as a plain transformers folder (adapters merged).
+
+    The folder is seqmatch's (marker, manifest, lock: :mod:`agents.outputs`): the export is
+    written beside it first, then moved in file by file, each listed before it moves; the files
+    of an earlier export that this one does not write are removed, nothing else.
+    """
     from agents.models.hf import HFPolicy, export_pretrained
 
-    policy, _ = load_policy(checkpoint, "cpu")
-    if not isinstance(policy, HFPolicy):
-        raise ValueError(f"{checkpoint}: not a pretrained-LM checkpoint (train with --model)")
-    return export_pretrained(policy, out)
+    out = Path(out)
+    check_export_target(out, checkpoint, overwrite)
+    with outputs.claimed(out, "--out"):
+        check_export_target(out, checkpoint, overwrite, probe=False)  # again, under the lock
+        policy, _ = load_policy(checkpoint, "cpu")
+        if not isinstance(policy, HFPolicy):
+            raise ValueError(f"{checkpoint}: not a pretrained-LM checkpoint (train with --model)")
+        outputs.mark(out, "export")
+        tmp = out / f"{TMP_PREFIX}export-{os.getpid()}"
+        outputs.record(out, tmp.name)
+        try:
+            export_pretrained(policy, tmp)
+            names = sorted(p.name for p in tmp.iterdir())
+            earlier = outputs.listed(out)
+            outputs.record(out, *names)
+            for name in names:
+                if (out / name).exists() and name not in earlier:  # not seqmatch's: kept
+                    raise FileExistsError(f"--out {out}: {name} is not seqmatch's; not replaced")
+                if (out / name).is_dir() and not (out / name).is_symlink():
+                    shutil.rmtree(out / name)
+                os.replace(tmp / name, out / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        outputs.remove_listed(out, keep=names)
+    return out

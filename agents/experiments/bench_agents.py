@@ -45,6 +45,7 @@ from agents.experiments.timing import interleaved_fastest
 from agents.generate import generate
 from agents.models.policy import TransformerPolicy
 from agents.objectives import MLELoss, ObjectiveBatch
+from agents.outputs import write_json
 from agents.training.config import TrainConfig
 from agents.training.trainer import Trainer
 from seqenv.disturbance import Disturbance
@@ -315,8 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in figures.items():
         print(f"{key:<40} {value:,.3f}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"variants": variants, **figures}, indent=2) + "\n")
+        write_json(args.json, {"variants": variants, **figures}, "--json", indent=2)
     return 0
 
 

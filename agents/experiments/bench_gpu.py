@@ -43,6 +43,7 @@ from agents.experiments.bench_policy import Shape, _LogitBias, _special, _trajec
 from agents.experiments.timing import interleaved_fastest
 from agents.generate import generate
 from agents.models.policy import TransformerConfig, TransformerPolicy
+from agents.outputs import write_json
 
 PEAK_BF16_FLOPS = 989e12
 """Dense bf16 FLOP/s of an H100/H200 SXM (the vendor's datasheet), the denominator of MFU."""
@@ -325,10 +326,7 @@ def merge_json(path: Path, update: dict[str, Any]) -> dict[str, Any]:
     document: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     document.update(update)
     document.update(derive_ratios(document))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    tmp.replace(path)
+    write_json(path, document, "--json", indent=2)  # the output rule: agents/outputs.py
     return document
 
 

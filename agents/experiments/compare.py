@@ -30,6 +30,9 @@ run gives them: :mod:`agents.experiments.summary`). Outputs under ``--out``: ``r
 ``library_defaults``) and ``row`` the run's row of results.json. A stopped comparison resumes
 from these files (a run with ``train.save_interval`` also from its last
 checkpoint, ``checkpoints/<run>``); results.json and report.md are rebuilt after every run.
+The folder is seqmatch's (:mod:`agents.outputs`): a marker, ``seqmatch-comparison``, a manifest of
+what the comparison wrote there (all that ``--overwrite`` removes), and a lock held while a
+comparison runs, so that a second one fails at once.
 
 A comparison is driven by a config: the embedded default (one-digit arithmetic, MLE, BC and
 SequenceMatch, about 10 minutes on 2 cores) or a JSON file, named (``configs/NAME.json`` shipped in
@@ -46,6 +49,7 @@ three are not part of what a resumed run must match.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -74,11 +78,24 @@ from agents.evaluation.evaluate import (
     human_text_metrics,
 )
 from agents.evaluation.occupancy import GrammarTask
-from agents.experiments.report import _clean, write_outputs
+from agents.experiments.report import _clean, output_names, write_outputs
 from agents.experiments.summary import aggregate, check_targets, convergence, differences
-from agents.naming import safe_name
+from agents.outputs import (
+    LOCK,
+    check_folder,
+    claimed,
+    has_content,
+    listed,
+    mark,
+    owner,
+    record,
+    remove_listed,
+    safe_name,
+    write_json,
+)
 from agents.training.checkpoint import POINTER
 from agents.training.config import ADDED_SETTINGS, TrainConfig, resolve_device
+from agents.training.memory import check_memory
 from agents.training.trainer import Trainer
 from seqenv.disturbance import Disturbance
 from seqenv.rules import step_budget
@@ -132,6 +149,13 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
+MAX_SEEDS = 10_000
+"""More seeds than any comparison needs: a larger count is a typo (each is a run per agent)."""
+WORKER_BYTES = 300 * 2**20
+"""A worker process's memory once it has imported torch and the library (240 MB measured), before
+its run: what --jobs multiplies."""
+
+
 @dataclass
 class CompareConfig:
     """Train MLE, BC, SequenceMatch (with and without backspace) and PPO; compare them."""
@@ -146,7 +170,9 @@ class CompareConfig:
     """A named config (shipped in agents/experiments/configs/NAME.json) or a path to one; the
     embedded default if unset."""
     out: str = "out/compare"
-    """Output folder: results.json, report.md, plots, TensorBoard runs."""
+    """Output folder: results.json, report.md, plots, TensorBoard runs. A new or empty folder,
+    or a comparison seqmatch wrote (its marker, manifest and lock); a folder of anything else
+    is refused, and one comparison at a time holds it."""
     agents: str | None = None
     """Comma-separated subset of the agents, or `all`; default: the config's `default_agents`,
     else all that apply to the task."""
@@ -166,8 +192,9 @@ class CompareConfig:
     where there is nothing to resume)."""
     overwrite: bool = False
     """Replace a comparison of another config or other library defaults (or a finished one
-    without per-run results) in --out instead of refusing. Runs of the same config and defaults
-    are kept, not rerun: remove --out to train them again."""
+    without per-run results) in --out instead of refusing: what it wrote (its manifest) is
+    removed, nothing else. Runs of the same config and defaults are kept, not rerun: remove
+    --out to train them again."""
     model: str | None = None
     """Fine-tune this pretrained LM (folder or .gguf) instead of training our transformer; sets
     the config's train.model (LoRA settings come from train.lora_r etc.)."""
@@ -245,8 +272,8 @@ def load_config(options: CompareConfig) -> dict[str, Any]:
             )
     if options.seeds is not None:
         config["seeds"] = options.seeds
-    if int(config["seeds"]) < 1:
-        raise ValueError(f"--seeds must be >= 1, got {config['seeds']}")
+    if not 1 <= int(config["seeds"]) <= MAX_SEEDS:
+        raise ValueError(f"--seeds must be in [1, {MAX_SEEDS}], got {config['seeds']}")
     config["agent_list"] = agent_list(config, options.agents)
     config["library_defaults"] = library_defaults()
     return config
@@ -485,8 +512,6 @@ RUN_FORMAT = 1
 PLOT_INTERVAL = 60.0
 """Seconds between redraws of the plots while runs finish (results.json and report.md are
 rewritten after every run; the plots at most this often, and at the end)."""
-RESULT_FILES = ("results.json", "report.md")
-"""Files a comparison writes at its top level (besides PNG plots and the runs/ folders)."""
 
 
 NOT_RUN_KEYS = frozenset(
@@ -538,23 +563,21 @@ def stored_or_run(
 
 
 def run_key(agent: str, seed: int, overrides: dict[str, Any] | None = None) -> str:
-    """The file name (without .json) of one run: ``<agent>-s<seed>[-<param>=<value>]``."""
+    """The file name (without .json) of one run: ``<agent>-s<seed>[-<param>=<value>]``.
+
+    A value with a path separator or ``..`` in it is sanitised: the name stays in its folder.
+    """
     extra = "".join(f"-{k}={v}" for k, v in sorted((overrides or {}).items()))
     return safe_name(f"{agent}-s{seed}{extra}")
 
 
 def write_json_atomic(path: Path, content: Any) -> None:
-    """Write ``content`` as JSON to ``path`` through a temporary file and :func:`os.replace`.
+    """Write ``content`` as JSON to ``path`` by the output rule (:mod:`agents.outputs`).
 
-    A reader (or a resumed comparison) thus never sees a half-written file.
+    Through a temporary file and a rename: a reader (or a resumed comparison) never sees a
+    half-written file.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(content, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json(path, content)
 
 
 def run_files(out: Path) -> list[Path]:
@@ -580,14 +603,18 @@ def read_run(path: Path) -> dict[str, Any]:
 def prepare_out(out: Path, config: dict[str, Any], resume: bool, overwrite: bool) -> int:
     """Check that ``out`` can take this comparison; return how many finished runs it keeps.
 
-    A folder holding runs of the same config is resumed. One holding another config's runs,
-    or a finished comparison without per-run files, is refused unless ``overwrite`` (then its
-    comparison outputs are removed).
+    Run once the folder's lock is held. A folder holding runs of the same config is resumed.
+    One holding another config's runs, or a finished comparison without per-run files, is
+    refused unless ``overwrite`` (then what the comparison wrote there is removed: what its
+    manifest lists). A folder that is not a comparison is refused (:func:`check_out`). The
+    folder is marked as a comparison; one from before the marker is marked now, its files listed.
 
     Raises:
-        FileExistsError: for a folder that holds another comparison (and not ``overwrite``).
+        FileExistsError: for a folder that holds another comparison (and not ``overwrite``), or
+            that is no comparison.
         ValueError: for ``resume`` where there is nothing to resume.
     """
+    adopted = check_out(out, probe=False)
     wanted = runs_config(config)
     files = run_files(out)
     foreign = [p for p in files if runs_config(read_run(p)["config"]) != wanted]
@@ -601,28 +628,116 @@ def prepare_out(out: Path, config: dict[str, Any], resume: bool, overwrite: bool
         raise FileExistsError(
             f"--out {out} holds {what}; pass --overwrite to replace it, or choose another --out"
         )
+    if adopted:  # a comparison from before the marker: listed first, then marked
+        record(out, *adopted)
+    mark(out, "comparison")
     if foreign or legacy:
-        for name in ("runs", "sweep"):
-            shutil.rmtree(out / name, ignore_errors=True)
-        for path in [
-            *(out / n for n in RESULT_FILES),
-            *out.glob("curves_*.png"),
-            out / "metrics.png",
-        ]:
-            path.unlink(missing_ok=True)
+        remove_listed(out)
         files = []
     if resume and not files:
         raise ValueError(f"--resume: no finished runs in {out}")
     return len(files)
 
 
-def _clear_unfinished(logdir: Path) -> None:
+def check_out(
+    out: Path, inputs: Sequence[tuple[str, str | None]] = (), probe: bool = True
+) -> list[str]:
+    """Refuse an ``--out`` that is not a comparison folder; what a pre-marker one wrote.
+
+    New, empty, or marked as a comparison: fine. A folder from before the marker is recognised
+    by its content (:func:`_pre_marker_entries`): a comparison's results.json (with its config),
+    finished-run files, or only the TensorBoard runs and checkpoints of a first run stopped
+    early. Anything else that holds files is a user's folder, refused.
+
+    ``probe``: refuse a folder whose lock another process holds (off under the lock itself).
+
+    Returns:
+        The entries (relative paths) the pre-marker comparison wrote; empty otherwise.
+    """
+    check_folder(out, "--out", "comparison", inputs, probe=probe)
+    if not out.is_dir() or owner(out) == "comparison" or not has_content(out):
+        return []
+    entries = _pre_marker_entries(out)
+    if entries is None:
+        raise FileExistsError(
+            f"--out {out}: the folder holds files and is not a seqmatch comparison (refusing to "
+            "write into it); choose a new or empty folder"
+        )
+    return entries
+
+
+def _event_files_only(folder: Path) -> bool:
+    entries = list(folder.iterdir())
+    return bool(entries) and all(p.name.startswith("events.out.tfevents") for p in entries)
+
+
+def _pre_marker_entries(out: Path) -> list[str] | None:
+    """What a comparison written before the marker existed wrote in ``out``; None if none did.
+
+    Recognised by content, never by names alone: results.json with a comparison's config (and
+    report.md and the plots it names), finished-run files, TensorBoard run folders that hold
+    only event files, and seqmatch checkpoints under ``checkpoints/``.
+    """
+    entries: list[str] = []
+    try:
+        results = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        results = None
+    is_results = isinstance(results, dict) and isinstance(results.get("config"), dict)
+    if is_results:
+        assert isinstance(results, dict)
+        try:
+            names = output_names(results)
+        except (KeyError, TypeError, AttributeError):
+            names = ["results.json", "report.md"]
+        entries += [n for n in names if (out / n).is_file()]
+    runs = []
+    for path in run_files(out):
+        try:
+            read_run(path)
+        except ValueError:
+            continue
+        runs.append(str(path.relative_to(out)))
+    entries += runs
+    work = []
+    for base in ("runs", "sweep/runs"):
+        if (out / base).is_dir():
+            work += [
+                str(p.relative_to(out))
+                for p in (out / base).iterdir()
+                if p.is_dir() and _event_files_only(p)
+            ]
+    for base in ("checkpoints", "sweep/checkpoints"):
+        if (out / base).is_dir():
+            work += [str(p.relative_to(out)) for p in (out / base).iterdir() if owner(p)]
+    entries += work
+    if is_results or runs:
+        return entries
+    # A first run stopped before it finished: only its TensorBoard run and checkpoint.
+    known = {"runs", "sweep", "checkpoints", LOCK}
+    if work and all(p.name in known for p in out.iterdir()):
+        found = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} - {LOCK}
+        if all(any(f.startswith(w + "/") for w in work) for f in found):
+            return entries
+    return None
+
+
+def _clear_unfinished(out: Path, logdir: Path) -> None:
     """Remove the TensorBoard folder an interrupted run left behind (event files only).
 
-    The rerun's curves are then not mixed with it; a folder holding anything else is kept.
+    The rerun's curves are then not mixed with it. Only a folder the comparison's manifest
+    lists (one it wrote) is removed, and only while it holds event files alone.
     """
-    if logdir.is_dir() and all(p.name.startswith("events.out.tfevents") for p in logdir.iterdir()):
+    ours = str(logdir.relative_to(out)) in listed(out)
+    if ours and logdir.is_dir() and _event_files_only(logdir):
         shutil.rmtree(logdir)
+
+
+def _spec_entries(out: Path, spec: RunSpec) -> list[str]:
+    """What one run writes under ``out``: its run file, TensorBoard run and checkpoint."""
+    key = run_key(spec.agent, spec.seed, dict(spec.overrides))
+    paths = [spec.path, spec.out / "runs" / key, spec.out / "checkpoints" / key]
+    return [str(p.relative_to(out)) for p in paths]
 
 
 # --------------------------------------------------------------------------------------------
@@ -660,7 +775,6 @@ def _run_spec(
     """
     if task is None:
         task = comparison_task(config)
-    _clear_unfinished(spec.out / "runs" / run_key(spec.agent, spec.seed, dict(spec.overrides)))
     overrides = dict(spec.overrides)
     cpu_start = time.process_time()
     row = run_one(config, task, spec.agent, spec.seed, spec.out, device, progress, **overrides)
@@ -700,6 +814,22 @@ def _exit_with_parent(parent: int) -> None:
             time.sleep(2.0)
         os._exit(1)
 
+    # On Linux the kernel signals the worker the moment its parent dies, so that an orphan
+    # stops before it writes into a folder whose lock its parent no longer holds; the watch is
+    # the fallback elsewhere. The kernel also signals when the parent's thread that started the
+    # worker ends (the pool's own thread starts the replacement workers): then the parent is
+    # still there, and the worker goes on.
+    def orphaned(signum: int, frame: Any) -> None:
+        if os.getppid() != parent:
+            os._exit(1)
+
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        import ctypes
+
+        signal.signal(signal.SIGUSR1, orphaned)
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGUSR1))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the lines above
+        os._exit(1)
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
@@ -721,11 +851,18 @@ def run_compare(options: CompareConfig) -> dict[str, Any]:
 
     Each run's row is written to its file as the run ends, and results.json, report.md and the
     plots are rebuilt from the finished runs after each one, so a stopped comparison keeps a
-    partial report and resumes where it stopped.
+    partial report and resumes where it stopped. The ``--out`` folder's lock is held
+    throughout: a second comparison there fails at once (:mod:`agents.outputs`).
 
     Returns:
         results.json's content.
     """
+    check_out(Path(options.out))  # a user's folder is refused before its lock file is made
+    with claimed(options.out, "--out"):
+        return _run_compare(options)
+
+
+def _run_compare(options: CompareConfig) -> dict[str, Any]:
     config = load_config(options)
     if options.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {options.jobs}")
@@ -745,6 +882,9 @@ def run_compare(options: CompareConfig) -> dict[str, Any]:
             file=sys.stderr,
             flush=True,
         )
+    for spec in todo:  # a stopped run's TensorBoard folder, then what each run will write
+        _clear_unfinished(out, out / _spec_entries(out, spec)[1])
+    record(out, *(entry for spec in todo for entry in _spec_entries(out, spec)))
     wanted = runs_config(config)
     done = len(specs) - len(todo)
     reference = {}
@@ -827,9 +967,12 @@ def _run_parallel(
     # at the end while the other cores idle.
     todo = sorted(todo, key=lambda spec: not resolve_algorithm(spec.agent).cls.needs_rollouts)
     tasks = [(config, spec, options.device, options.threads) for spec in todo]
+    jobs = min(options.jobs, len(todo))  # never more processes than runs
+    check_memory(jobs * WORKER_BYTES, torch.device("cpu"), f"--jobs {jobs} worker processes",
+                 "use fewer --jobs")  # fmt: skip
     # A fresh process per run, which exits by itself once this process is gone (killed).
     pool = context.Pool(
-        options.jobs, initializer=_exit_with_parent, initargs=(os.getpid(),), maxtasksperchild=1
+        jobs, initializer=_exit_with_parent, initargs=(os.getpid(),), maxtasksperchild=1
     )
     try:
         for spec, row in pool.imap_unordered(_worker_task, tasks):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from agents.evaluation.evaluate import (
     metric_spec,
 )
 from agents.evaluation.stats import FLAT_CHANGE
+from agents.outputs import owner, record, write_file
 
 
 def agent_label(agent: str) -> str:
@@ -63,12 +64,6 @@ def _clean(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_clean(v) for v in value]
     return value
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _cell(stats: dict[str, Any] | None) -> str:
@@ -485,8 +480,7 @@ def plots(results: dict[str, Any], out: Path) -> None:
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
         fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
+        _save(fig, out / name)
 
     metrics = metrics_of(results)
     fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(3 * max(1, len(metrics)), 3.5))
@@ -512,14 +506,33 @@ def plots(results: dict[str, Any], out: Path) -> None:
         ax.set_title(f"{metric} {_arrow(metric)}".rstrip(), fontsize=9)
     fig.suptitle("mean over seeds, 95% bootstrap interval", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "metrics.png", dpi=100)
+    _save(fig, out / "metrics.png")
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Draw ``fig`` as a PNG and write it by the output rule (atomically); close it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    write_file(path, buffer.getvalue())
+
+
+def output_names(results: dict[str, Any]) -> list[str]:
+    """The files :func:`write_outputs` writes for ``results``, relative to its folder."""
+    return ["results.json", "report.md", "metrics.png", *(n for _, n, _ in curve_keys(results))]
 
 
 def write_outputs(results: dict[str, Any], out: Path, with_plots: bool = True) -> None:
-    """Write results.json and report.md (each atomically), and the plots if ``with_plots``."""
+    """Write results.json and report.md (each atomically), and the plots if ``with_plots``.
+
+    In a comparison folder, each is listed in its manifest before it is written.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    _write(out / "results.json", json.dumps(_clean(results), indent=1) + "\n")
-    _write(out / "report.md", report(_clean(results)))
+    if owner(out) == "comparison":
+        record(out, *output_names(_clean(results)))
+    write_file(out / "results.json", json.dumps(_clean(results), indent=1) + "\n")
+    write_file(out / "report.md", report(_clean(results)))
     if with_plots:
         plots(_clean(results), out)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import platform
 import sys
 from collections.abc import Callable
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from agents.outputs import write_json
 
 # Each group: a module of this folder with `measure(quick: bool, ...) -> dict[str, float]`.
 GROUPS = {
@@ -67,10 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{group:>7}  {key:<34} {value:,.3f}")
         results.update(figures)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.replace(args.json)
+        write_json(args.json, results, "--json")
     return 0
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -314,7 +315,9 @@ class HFPolicy(nn.Module):
             # GPT-2's Conv1D layers store their weights transposed.
             fan_in_fan_out=self.model.config.model_type == "gpt2",
         )
-        self.model = get_peft_model(self.model, config)
+        with warnings.catch_warnings():  # peft asks transformers for a renamed attribute
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+            self.model = get_peft_model(self.model, config)
         self.backspace_rows = BackspaceRows(self.model, self.special.backspace_id)
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -411,17 +414,106 @@ class HFPolicy(nn.Module):
         return out.logits
 
 
-def _from_pretrained(path: Path, **kwargs: Any) -> tuple[Any, Any]:
-    """(model, tokenizer) of a local folder or a GGUF file (dequantised by transformers)."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+"""Files of which a model folder needs one: the tokenizer (its vocabulary is the task's)."""
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+class ModelFolderError(ValueError):
+    """A ``--model`` folder or file that cannot be loaded; the message names the file."""
+
+
+def _model_source(path: Path, weights: bool = True) -> tuple[Path, dict[str, Any]]:
+    """(folder, extra from_pretrained arguments) of a model folder or GGUF file, checked.
+
+    A folder must hold config.json, a tokenizer and (with ``weights``) the weights: each missing
+    part is named in one line, before transformers reads anything.
+    """
     if path.is_file() and path.suffix == ".gguf":
-        folder, extra = path.parent, {"gguf_file": path.name}
-    elif path.is_dir():
-        folder, extra = path, {}
-    else:
+        return path.parent, {"gguf_file": path.name}
+    if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such model folder or .gguf file")
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra)
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **extra, **kwargs)
+    fix = "--model takes a folder written by save_pretrained (model and tokenizer) or a .gguf file"
+    if not (path / "config.json").is_file():
+        raise ModelFolderError(f"{path}: no config.json, not a transformers model folder; {fix}")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelFolderError(
+            f"{path}: no tokenizer ({' or '.join(TOKENIZER_FILES)}); save the tokenizer beside "
+            "the model (tokenizer.save_pretrained)"
+        )
+    if weights and not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise ModelFolderError(f"{path}: no weights ({' or '.join(WEIGHT_FILES[:2])}); {fix}")
+    return path, {}
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) or type(err).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _loading(what: Path, load: Any, *args: Any, **kwargs: Any) -> Any:
+    """``load(*args, **kwargs)``; any failure as one ModelFolderError line naming ``what``.
+
+    transformers raises many kinds (OSError, ValueError, TypeError, its own validation errors,
+    safetensors' SafetensorError) with messages many lines long.
+    """
+    try:
+        return load(*args, **kwargs)
+    except (MemoryError, ImportError):
+        raise
+    except Exception as err:  # every loader failure here is a bad model file
+        raise ModelFolderError(
+            f"{what} cannot be loaded ({type(err).__name__}: {_first_line(err)}); save the model "
+            "again, or point --model at a complete copy"
+        ) from None
+
+
+def _weights_file(folder: Path, extra: dict[str, Any]) -> Path:
+    if "gguf_file" in extra:
+        return folder / extra["gguf_file"]
+    return next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), folder)
+
+
+def _from_pretrained(path: Path, **kwargs: Any) -> tuple[Any, Any]:
+    """(model, tokenizer) of a local folder or a GGUF file (dequantised by transformers).
+
+    Config, tokenizer and weights are read one after the other, so that a failure names the
+    file it comes from.
+    """
+    folder, extra = _model_source(path)
+    config = _load_config(folder, extra)
+    tokenizer = _load_tokenizer(folder, extra)
+    model = _loading(
+        _weights_file(folder, extra),
+        AutoModelForCausalLM.from_pretrained,
+        folder,
+        config=config,
+        local_files_only=True,
+        **extra,
+        **kwargs,
+    )
     return model, tokenizer
+
+
+def _load_config(folder: Path, extra: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    what = folder / extra["gguf_file"] if extra else folder / "config.json"
+    return _loading(what, AutoConfig.from_pretrained, folder, local_files_only=True, **extra)
+
+
+def _load_tokenizer(folder: Path, extra: dict[str, Any]) -> Any:
+    if extra:
+        what = folder / extra["gguf_file"]
+    else:
+        what = next(folder / n for n in TOKENIZER_FILES if (folder / n).is_file())
+    return _loading(what, AutoTokenizer.from_pretrained, folder, local_files_only=True, **extra)
 
 
 def load_hf(
@@ -453,13 +545,9 @@ def load_hf(
 def load_hf_vocab(path: str | Path) -> HFVocab:
     """The vocabulary of a model folder or GGUF file (reads the tokenizer only)."""
     path = Path(path).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        folder, extra = path.parent, {"gguf_file": path.name}
-    elif path.is_dir():
-        folder, extra = path, {}
-    else:
-        raise FileNotFoundError(f"{path}: no such model folder or .gguf file")
-    return HFVocab(AutoTokenizer.from_pretrained(folder, local_files_only=True, **extra))
+    folder, extra = _model_source(path)
+    _load_config(folder, extra)  # a bad config.json is named as such, not as the tokenizer
+    return HFVocab(_load_tokenizer(folder, extra))
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ current one::
 
     CKPT/
       seqmatch-checkpoint       marker: this folder is a seqmatch checkpoint (JSON: the format)
+      seqmatch-manifest.json    the step and temporary folders seqmatch made here (agents.outputs)
+      seqmatch.lock             the lock a training run holds (agents.outputs)
       latest                    pointer: the name of the current step folder, e.g. step-000000120
       step-000000120/           the current checkpoint
         model.safetensors       the model payload (a policy's weights; another model kind writes
@@ -15,12 +17,14 @@ current one::
                                 numpy RNG state, replay buffer, last evaluation, and ``files``:
                                 every file of the step folder (checked on loading)
 
-A save writes a new step folder under a hidden temporary name (``.tmp-*``) inside ``CKPT``,
-renames it to ``step-N``, then replaces ``latest`` (a temporary file, fsync, ``os.replace``), and
-only then removes older step folders and temporary folders left by an interrupted save. A kill
-at any point leaves ``latest`` naming a complete step folder (or no ``latest`` at all before the
-first save completes); what it leaks is removed by the next save. Loading follows ``latest``;
-a step folder may also be given directly. Nothing is ever unpickled.
+A save records the names of its new step folder and temporary folder in the manifest, writes
+the step folder under the hidden temporary name (``.tmp-*``) inside ``CKPT``, renames it to
+``step-N``, then replaces ``latest`` (a temporary file, fsync, ``os.replace``), and only then
+removes the older step folders and the temporary folders left by an interrupted save: those the
+manifest lists, never a folder that only has such a name. A kill at any point leaves ``latest``
+naming a complete step folder (or no ``latest`` at all before the first save completes); what it
+leaks is removed by the next save. Loading follows ``latest`` (never to a step folder that links
+outside the checkpoint); a step folder may also be given directly. Nothing is ever unpickled.
 
 Saving into a folder that exists and is not a seqmatch checkpoint (no marker) is refused, so a
 user's folder is never touched.
@@ -28,13 +32,13 @@ user's folder is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +46,27 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from agents.outputs import (
+    MANIFEST,
+    MARKERS,
+    POINTER,
+    STEP_PREFIX,
+    TMP_PREFIX,
+    Inputs,
+    OutputError,
+    check_folder,
+    claimed,
+    forget,
+    has_content,
+    nearest_existing,
+    record,
+    remove_listed,
+    resolved,
+)
+
 FORMAT = 2
-MARKER = "seqmatch-checkpoint"
+MARKER = MARKERS["checkpoint"]
 """The marker file's name: a folder holding it is a seqmatch checkpoint."""
-POINTER = "latest"
-"""The pointer file's name: it holds the name of the current step folder."""
-STEP_PREFIX = "step-"
-TMP_PREFIX = ".tmp-"
 METADATA = "checkpoint.json"
 TRAINING_FILES = ("optimizer.safetensors", "rng.safetensors")
 
@@ -93,70 +111,71 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def check_save_target(path: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
+def check_save_target(
+    path: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    inputs: Inputs = (),
+    probe: bool = True,
+) -> None:
     """Refuse, before any work, a ``--save`` folder that a run must not write into.
 
     Like ``git clone``'s target: ``path`` must not exist (its nearest existing parent must be a
-    writable folder), be an empty folder, or be a seqmatch checkpoint named by ``resume`` or
-    ``overwrite``. Raises FileExistsError, NotADirectoryError or PermissionError in one line.
+    writable folder), be an empty folder, or be a seqmatch checkpoint: one that holds a complete
+    checkpoint is continued with ``resume`` or replaced with ``overwrite``; one whose first save
+    never finished (no pointer) holds nothing to keep and is started afresh. It must not be one of
+    the run's ``inputs``, nor be locked by another process (``probe``: look at the lock; off
+    where this process holds it). Raises FileExistsError, NotADirectoryError, PermissionError,
+    CheckpointError or OutputError in one line.
     """
     path = Path(path)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other")
-    if path.is_file() or (path.exists() and not path.is_dir()):
+    if path.exists() and not path.is_dir():
         raise FileExistsError(f"--save {path}: a file is there (a checkpoint is a folder)")
-    if path.is_dir():
-        if is_checkpoint(path):
-            if not (resume or overwrite):
-                raise FileExistsError(
-                    f"--save {path}: a checkpoint is there; pass --resume to continue it "
-                    "or --overwrite to replace it"
-                )
-        elif any(path.iterdir()):
-            raise FileExistsError(
-                f"--save {path}: the folder exists and is not a seqmatch checkpoint "
-                "(refusing to write into it)"
-            )
-        check_writable_dir(path, "--save")
+    if not path.exists():
+        if resume:
+            raise CheckpointError(f"{path}: no such checkpoint")
+        parent = nearest_existing(path)
+        if not parent.is_dir():
+            raise NotADirectoryError(f"--save {path}: {parent} is not a folder")
+    check_folder(path, "--save", "checkpoint", inputs, probe=probe)
+    if not path.is_dir():
         return
-    if resume:
-        raise CheckpointError(f"{path}: no such checkpoint")
-    parent = nearest_existing(path)
-    if not parent.is_dir():
-        raise NotADirectoryError(f"--save {path}: {parent} is not a folder")
-    check_writable_dir(parent, "--save")
+    if is_checkpoint(path):
+        complete = (path / POINTER).is_file()
+        if resume and not complete:
+            raise CheckpointError(
+                f"--save {path}: holds no complete checkpoint yet (its first save did not "
+                "finish); run without --resume to start it afresh"
+            )
+        if complete and not (resume or overwrite):
+            raise FileExistsError(
+                f"--save {path}: a checkpoint is there; pass --resume to continue it "
+                "or --overwrite to replace it"
+            )
+    elif has_content(path):
+        raise FileExistsError(
+            f"--save {path}: the folder exists and is not a seqmatch checkpoint "
+            "(refusing to write into it)"
+        )
 
 
-def nearest_existing(path: Path) -> Path:
-    """``path`` or its nearest ancestor that exists."""
-    path = Path(os.path.abspath(path))
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
+@contextlib.contextmanager
+def holding(path: str | Path | None, *, resume: bool, overwrite: bool) -> Iterator[None]:
+    """Hold the lock of the ``--save`` folder ``path`` for the block (nothing where None).
 
-
-def first_missing(path: str | Path) -> Path | None:
-    """The outermost folder on the way to ``path`` that does not exist yet (None if it does).
-
-    Removing it undoes a ``mkdir(parents=True)`` of ``path``.
+    The folder is made if it is missing and checked again once the lock is held; a folder made
+    here is removed again if the block fails before anything is saved
+    (:func:`agents.outputs.claimed`).
     """
-    path = Path(os.path.abspath(path))
-    existing = nearest_existing(path)
-    if existing == path:
-        return None
-    return existing / path.relative_to(existing).parts[0]
-
-
-def check_writable_dir(folder: Path, option: str) -> None:
-    """Create and remove a probe file in ``folder``; one-line PermissionError if that fails."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".probe-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise PermissionError(
-            f"{option} {folder}: cannot write there ({err.strerror or err})"
-        ) from None
+    if path is None:
+        yield
+        return
+    with claimed(path, "--save"):
+        check_save_target(path, resume=resume, overwrite=overwrite, probe=False)
+        yield
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -180,6 +199,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"{path}/{POINTER} is unreadable ({err})") from None
     if not name.startswith(STEP_PREFIX) or "/" in name or not (path / name).is_dir():
         raise CheckpointError(f"{path}/{POINTER} is corrupt (names {name[:60]!r})")
+    if resolved(path) not in resolved(path / name).parents:  # a link to elsewhere: not ours
+        raise CheckpointError(
+            f"{path}/{name} links outside the checkpoint (to {resolved(path / name)}); "
+            "refusing to read it"
+        )
     return path / name
 
 
@@ -253,14 +277,25 @@ def _step_name(folder: Path, step: int) -> str:
 
 
 def _prune(path: Path, keep: str) -> None:
-    """Remove every step folder but ``keep``, and temporary files left by interrupted saves."""
-    for entry in path.iterdir():
-        if entry.name == keep or not entry.name.startswith((STEP_PREFIX, TMP_PREFIX)):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+    """Remove every step folder but ``keep``, and what interrupted saves left.
+
+    Only the entries the manifest lists: never a folder that merely has such a name.
+    """
+    remove_listed(path, keep=[keep])
+
+
+def _adopt_current(path: Path) -> list[str]:
+    """The step folder ``latest`` names, in a checkpoint saved before the manifest existed.
+
+    Listed at the next save, so that pruning removes it as its own; other folders named like
+    step folders there are never listed, and so never removed.
+    """
+    if (path / MANIFEST).is_file() or not (path / POINTER).is_file():
+        return []
+    try:
+        return [resolve_checkpoint(path).name]
+    except CheckpointError:
+        return []
 
 
 def save_checkpoint(
@@ -286,12 +321,16 @@ def save_checkpoint(
     step = metadata.get("step")
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"metadata['step'] must be an int >= 0, got {step!r}")
-    if path.exists() and not is_checkpoint(path) and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and not is_checkpoint(path) and (not path.is_dir() or has_content(path)):
         raise FileExistsError(f"{path} exists and is not a seqmatch checkpoint")
     if not is_checkpoint(path):
         mark_checkpoint(path)
     write_model = module_writer(model) if isinstance(model, torch.nn.Module) else model
-    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=path))
+    step_name = _step_name(path, step)
+    tmp = path / f"{TMP_PREFIX}{os.getpid()}-{os.urandom(4).hex()}"
+    # Listed before they exist: a kill never leaves a folder of ours that pruning would not know.
+    record(path, *_adopt_current(path), tmp.name, step_name, f"{TMP_PREFIX}{POINTER}")
+    os.mkdir(tmp)
     try:
         files = list(write_model(tmp))
         opt_tensors, opt_rest = (
@@ -308,16 +347,17 @@ def save_checkpoint(
         for name in files[:-1]:  # the tensor files (safetensors does not flush them)
             _fsync_file(tmp / name)
         _fsync_dir(tmp)
-        name = _step_name(path, step)
-        os.rename(tmp, path / name)
+        os.rename(tmp, path / step_name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError, OutputError):  # the disk may be full: best effort
+            forget(path, tmp.name, step_name, f"{TMP_PREFIX}{POINTER}")
         raise
     _fsync_dir(path)
-    _write_pointer(path, name)
+    _write_pointer(path, step_name)
     _fsync_dir(path)
-    _prune(path, keep=name)
-    return path / name
+    _prune(path, keep=step_name)
+    return path / step_name
 
 
 def _write_pointer(path: Path, name: str) -> None:
@@ -352,6 +392,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     missing = [name for name in files if not (folder / name).is_file()]
     if missing:
         raise CheckpointError(f"{folder}: not a complete checkpoint (missing {', '.join(missing)})")
+    outside = [name for name in files if resolved(folder) not in resolved(folder / name).parents]
+    if outside:
+        raise CheckpointError(f"{folder}/{outside[0]} links outside the checkpoint; refusing it")
     step = document.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"{folder}/{METADATA} is corrupt (step {step!r})")

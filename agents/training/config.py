@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from agents.models.policy import Positions
-from agents.naming import safe_name
 from agents.objectives import Divergence, SequenceMatchLoss, ValueSource
+from agents.outputs import check_name, safe_name
 from seqenv.devices import check_device
 from seqenv.disturbance import DisturbanceKind
 from seqenv.trajectory import LabelKind
@@ -52,16 +52,19 @@ class TrainConfig:
     logdir: str | None = "runs"
     """TensorBoard runs go to LOGDIR/NAME; none if empty."""
     name: str | None = None
-    """Run name; default AGENT-TASK-sSEED."""
+    """Run name, a plain name (no path separator, no '..'); default AGENT-TASK-sSEED."""
     save: str | None = None
-    """Checkpoint folder (written at save_interval and at the end); none if unset."""
+    """Checkpoint folder (written at save_interval and at the end); none if unset. A new or
+    empty folder, or a checkpoint; a run holds its lock, so a second run there fails at once."""
     resume: bool = False
     """Continue from the checkpoint in --save, exactly where it stopped."""
     overwrite: bool = False
     """Replace the checkpoint in --save with this run's (its current step stays until the first
-    new save is complete). Without it or --resume, --save must name a new or empty folder."""
+    new save is complete; only what seqmatch wrote there is removed, as its manifest lists).
+    Without it or --resume, --save must name a new or empty folder."""
     json: str | None = None
-    """Write the final metrics to this JSON file."""
+    """Write the final metrics to this JSON file: replaced atomically; a symlink is followed;
+    a device or pipe (/dev/stdout) is written in place (the printed lines then go to stderr)."""
 
     # --- Data ---
 
@@ -374,6 +377,15 @@ class TrainConfig:
                 )
         elif self.gradient_checkpointing:
             raise ValueError("--gradient-checkpointing applies to --model only")
+        else:
+            for name in ("lora_r", "lora_alpha", "lora_dropout"):
+                if getattr(self, name) != getattr(TrainConfig, name):
+                    raise ValueError(
+                        f"--{name.replace('_', '-')} applies to --model only (LoRA adapters of a "
+                        "pretrained model); remove it, or pass --model"
+                    )
+        if self.name:
+            check_name(self.name, "--name")
         if self.resume and not self.save:
             raise ValueError("--resume needs --save (the checkpoint folder to resume from)")
         if self.overwrite and not self.save:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from agents.training.config import RunError, TrainConfig
+from seqenv.devices import memory_shortfall
 
 
 def _parameters(width: int, layers: int, num_embeddings: int, context: int) -> int:
@@ -42,27 +40,43 @@ def policy_bytes(model: dict[str, Any], num_actions: int, num_sequences: int, T:
     return 4 * (params + num_sequences * T * (2 * layers * width + num_actions))
 
 
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free for tensors on ``device``, or None when unknown."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type == "cpu":
-        try:
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        with contextlib.suppress(ValueError, OSError, AttributeError):
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return None
+def demonstration_bytes(config: TrainConfig, max_length: int) -> int:
+    """A rough lower estimate of the memory of a task's demonstrations, in bytes.
+
+    The training set and the held-out ones, each a Python object with two small arrays: about
+    530 bytes for a dyck demonstration (buffer 30) and 1.1 KB for arithmetic (135), measured.
+    """
+    return (config.num_demonstrations + config.eval_episodes) * (400 + 4 * max_length)
 
 
-def check_memory(num_bytes: int, device: torch.device, what: str) -> None:
-    """RunError (one line) when ``num_bytes`` exceed what ``device`` has free."""
-    free = available_memory(device)
-    if free is not None and num_bytes > free:
-        raise RunError(
-            f"{what} need about {num_bytes / 2**30:.3g} GiB, {device.type} has "
-            f"{free / 2**30:.3g} GiB free: make the model, batch or sample count smaller"
-        )
+def check_host_memory(config: TrainConfig, max_length: int, world_size: int = 1) -> None:
+    """RunError (one line) where what a run keeps in host memory cannot fit, before any of it.
+
+    The task's demonstrations (unless --data gives them), and SequenceMatch's pool of
+    length-bucketed model batches: ``model_batch_buckets`` global model batches of positions
+    drawn at once, about 200 bytes each with their lengths.
+    """
+    cpu = torch.device("cpu")
+    if config.data is None:
+        what = f"{config.num_demonstrations} demonstrations"
+        check_memory(demonstration_bytes(config, max_length), cpu, what,
+                     "use fewer --num-demonstrations")  # fmt: skip
+    if config.agent == "sequencematch":
+        rows = config.model_batch_buckets * config.resolved_model_batch_size * world_size
+        what = f"--model-batch-buckets {config.model_batch_buckets} model batches"
+        check_memory(200 * rows, cpu, what, "use fewer --model-batch-buckets")
+
+
+def check_memory(
+    num_bytes: int,
+    device: torch.device,
+    what: str,
+    fix: str = "make the model, batch or sample count smaller",
+) -> None:
+    """RunError (one line) when ``num_bytes`` exceed what ``device`` has free.
+
+    ``fix`` says what to change.
+    """
+    message = memory_shortfall(num_bytes, device, what, fix)
+    if message is not None:
+        raise RunError(message)

@@ -46,22 +46,21 @@ from tqdm import tqdm
 from agents.algorithms import resolve_algorithm
 from agents.evaluation.evaluate import headline
 from agents.objectives import LossOutput, SequenceMatchLoss, gradient_shares
+from agents.outputs import check_folder, first_missing
 from agents.training.checkpoint import (
     MARKER,
     CheckpointError,
     check_save_target,
-    check_writable_dir,
-    first_missing,
+    holding,
     is_checkpoint,
     mark_checkpoint,
-    nearest_existing,
     read_metadata,
     resolve_checkpoint,
     save_checkpoint,
 )
 from agents.training.config import RunError, TrainConfig, resolve_device
 from agents.training.logger import Logger
-from agents.training.memory import check_memory, training_bytes
+from agents.training.memory import check_host_memory, check_memory, training_bytes
 from agents.training.policies import BatchForward, PolicyView, build_policy, model_vocabulary
 from agents.training.run_eval import evaluate_run
 from agents.training.run_state import restore_run, run_metadata
@@ -123,6 +122,7 @@ class Trainer:
                 self.device,
                 "the model, its optimizer and a batch",
             )
+        check_host_memory(config, self.max_length, self.world_size)
         self.demonstrations = (
             self.task.demonstrations(
                 "train", config.num_demonstrations, self.max_length, seed=config.seed
@@ -372,8 +372,17 @@ class Trainer:
 
         Ctrl-C (SIGINT) stops after the update in progress, saves a checkpoint when ``--save``
         is set and raises KeyboardInterrupt; a second Ctrl-C stops at once. A run that fails
-        before its first update removes the TensorBoard run folder it created.
+        before its first update removes the TensorBoard run folder it created. The ``--save``
+        folder's lock is held throughout (by rank 0): one writer per folder.
         """
+        config = self.config
+        save = config.save if self.is_main else None
+        again = self._saved_step is not None  # a later call continues what this one saved
+        resume, overwrite = config.resume or again, config.overwrite and not again
+        with holding(save, resume=resume, overwrite=overwrite):
+            return self._train()
+
+    def _train(self) -> dict[str, float]:
         config = self.config
         if config.resume:
             self.load(config.save)  # type: ignore[arg-type]
@@ -471,16 +480,15 @@ def _reason(err: OSError) -> str:
 
 # -- checks before the work ------------------------------------------------------------------
 def check_outputs(config: TrainConfig) -> None:
-    """Refuse output paths a run could not write, or must not write into, before any work."""
+    """Refuse output paths a run could not write, or must not write into, before any work.
+
+    The rule of :mod:`agents.outputs`: no input, none of seqmatch's own files, a ``--save``
+    folder that no other process holds.
+    """
+    inputs = (("--data", config.data), ("--model", config.model))
     if config.save:
-        check_save_target(config.save, resume=config.resume, overwrite=config.overwrite)
+        check_save_target(
+            config.save, resume=config.resume, overwrite=config.overwrite, inputs=inputs
+        )
     if config.logdir:
-        check_output_dir(Path(config.logdir) / config.run_name, "--logdir")
-
-
-def check_output_dir(path: Path, option: str) -> None:
-    """``path`` is a folder or can be made one: a writable folder is its nearest existing part."""
-    existing = nearest_existing(path)
-    if not existing.is_dir():
-        raise NotADirectoryError(f"{option} {path}: {existing} is a file, not a folder")
-    check_writable_dir(existing, option)
+        check_folder(Path(config.logdir) / config.run_name, "--logdir", None, inputs)

@@ -19,7 +19,7 @@ from agents.algorithms import (
 )
 from agents.cli import main
 from agents.experiments.compare import CompareConfig, run_compare
-from agents.naming import safe_name
+from agents.outputs import safe_name
 from agents.training.config import TrainConfig
 from agents.training.trainer import Trainer
 

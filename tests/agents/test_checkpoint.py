@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 import agents.training.checkpoint as ck
+from agents.outputs import MANIFEST
 from agents.training.checkpoint import (
     MARKER,
     POINTER,
@@ -126,7 +127,7 @@ def test_a_kill_at_any_point_of_a_save_keeps_the_last_checkpoint(
         # The next save removes whatever the kill left (temporary and stale step folders).
         _save(path, 3)
         assert _loaded_step(path) == 3
-        assert {p.name for p in path.iterdir()} == {MARKER, POINTER, "step-000000003"}
+        assert {p.name for p in path.iterdir()} == {MARKER, MANIFEST, POINTER, "step-000000003"}
     assert outcomes[0] == 1 and outcomes[-1] == 2  # both sides of the pointer were hit
 
 
@@ -146,7 +147,7 @@ def test_a_kill_during_the_first_save_leaves_nothing_that_loads(
             # What is there is a checkpoint folder (marker) or empty, so a new save may go in.
             assert not path.exists() or (path / MARKER).exists() or not any(path.iterdir())
         _save(path, 3)
-        assert {p.name for p in path.iterdir()} == {MARKER, POINTER, "step-000000003"}
+        assert {p.name for p in path.iterdir()} == {MARKER, MANIFEST, POINTER, "step-000000003"}
 
 
 def test_a_full_disk_keeps_the_old_checkpoint(
@@ -163,7 +164,7 @@ def test_a_full_disk_keeps_the_old_checkpoint(
         _save(path, 2)
     monkeypatch.undo()
     assert _loaded_step(path) == 1
-    assert {p.name for p in path.iterdir()} == {MARKER, POINTER, "step-000000001"}
+    assert {p.name for p in path.iterdir()} == {MARKER, MANIFEST, POINTER, "step-000000001"}
 
 
 def test_saving_the_same_step_twice_and_loading_a_step_folder(tmp_path: Path) -> None:
@@ -208,7 +209,50 @@ def test_check_save_target(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     check_save_target("ck", overwrite=True)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         check_save_target("missing", resume=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "empty", "notes.txt"]
+    # A folder whose first save never finished holds nothing to keep: it starts afresh, and
+    # --resume says so (the two agree).
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / MARKER).write_text('{"format": 2}')
+    check_save_target("killed")
+    with pytest.raises(CheckpointError, match="run without --resume to start it afresh"):
+        check_save_target("killed", resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "empty", "killed", "notes.txt"]
+
+
+def test_pruning_removes_only_what_seqmatch_wrote(tmp_path: Path) -> None:
+    """A user's folders named like step or temporary folders survive every save."""
+    path = tmp_path / "ck"
+    _save(path, 1)
+    for name in ("step-000000099", ".tmp-mine"):
+        (path / name).mkdir()
+        (path / name / "notes.txt").write_text("mine")
+    _save(path, 2)
+    _save(path, 99)  # the same step as the user's folder: saved beside it
+    assert resolve_checkpoint(path).name == "step-000000099.2"
+    names = {p.name for p in path.iterdir()}
+    assert names == {MARKER, MANIFEST, POINTER, "step-000000099", ".tmp-mine", "step-000000099.2"}
+    assert (path / "step-000000099" / "notes.txt").read_text() == "mine"
+    assert _loaded_step(path) == 99
+
+
+def test_a_checkpoint_from_before_the_manifest_prunes_its_own_step_only(tmp_path: Path) -> None:
+    path = tmp_path / "ck"
+    _save(path, 1)
+    (path / MANIFEST).unlink()  # as the library wrote it before the manifest
+    (path / "step-000000000").mkdir()  # left by a save killed then, or a user's: not known
+    _save(path, 2)
+    names = {p.name for p in path.iterdir()}
+    assert names == {MARKER, MANIFEST, POINTER, "step-000000000", "step-000000002"}
+
+
+def test_a_step_folder_that_links_outside_is_not_read(tmp_path: Path) -> None:
+    path = tmp_path / "ck"
+    _save(path, 1)
+    step = resolve_checkpoint(path)
+    step.rename(tmp_path / "elsewhere")
+    step.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match="links outside the checkpoint"):
+        read_metadata(path)
 
 
 def test_empty_or_mismatched_optimizer_state_is_refused(tmp_path: Path) -> None:

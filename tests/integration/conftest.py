@@ -72,6 +72,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def tiny_checkpoint(root: Path, steps: int = 2) -> Path:
+    """``root/ckpt``: a Dyck checkpoint of a tiny MLE policy after ``steps`` updates, trained
+    on one thread."""
+    from agents.cli import main
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main([
+            "train", "--agent", "mle", *TINY, "--steps", str(steps), "--eval-episodes", "2",
+            "--logdir", str(root / "runs"), "--save", str(root / "ckpt"),
+        ])  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    assert code == 0
+    return root / "ckpt"
+
+
 def snapshot(folder: Path) -> set[str]:
     """Every path under ``folder`` (files and folders, hidden ones included), relative to it."""
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}

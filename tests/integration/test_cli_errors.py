@@ -9,8 +9,9 @@ subprocess too, where start-up warnings would show; ``-m slow`` runs every case 
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,25 +20,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from agents.cli import COMMANDS, main
+from agents.outputs import LOCK, FolderLock, lock_folder
 from agents.training.checkpoint import CheckpointError, resolve_checkpoint
-from tests.integration.conftest import TINY, run_cli, snapshot
+from tests.integration.conftest import TINY, run_cli, snapshot, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def good_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Dyck checkpoint of a tiny MLE policy after 2 updates."""
-    root = tmp_path_factory.mktemp("good")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code = main([
-            "train", "--agent", "mle", *TINY, "--steps", "2", "--eval-episodes", "2",
-            "--logdir", str(root / "runs"), "--save", str(root / "ckpt"),
-        ])  # fmt: skip
-    finally:
-        torch.set_num_threads(before)
-    assert code == 0
-    return root / "ckpt"
+    return tiny_checkpoint(tmp_path_factory.mktemp("good"))
 
 
 def _truncate(file: str, size: int) -> Callable[[Path], None]:
@@ -113,6 +104,84 @@ def _malformed_data(root: Path) -> None:
     (root / "bad.jsonl").write_text('{"prompt": "^", "completion": "()"}\nnot json at all\n')
 
 
+def _fifo(root: Path) -> None:
+    os.mkfifo(root / "fifo")
+
+
+def _prompts(root: Path) -> None:
+    (root / "prompts.jsonl").write_text('{"prompt": "^"}\n')
+
+
+def _dangling_link(root: Path) -> None:
+    (root / "dangling.json").symlink_to("nowhere/eval.json")
+
+
+def _users_export(root: Path) -> None:
+    (root / "expuser").mkdir()
+    (root / "expuser" / "config.json").write_text('{"mine": true}')
+    (root / "expuser" / "notes.txt").write_text("precious")
+
+
+def _users_comparison(root: Path) -> None:
+    (root / "cmpuser").mkdir()
+    (root / "cmpuser" / "report.md").write_text("# my report")
+    (root / "cmpuser" / "metrics.png").write_bytes(b"my plot")
+
+
+def _empty_model(root: Path) -> None:
+    (root / "model").mkdir()
+
+
+def _tiny_model(root: Path) -> Path:
+    from tests.agents.test_pretrained import save_tiny_model
+
+    return save_tiny_model(root / "model", "gpt2")
+
+
+def _model_without_tokenizer(root: Path) -> None:
+    for file in _tiny_model(root).glob("tokenizer*"):
+        file.unlink()
+
+
+def _model_with_truncated_weights(root: Path) -> None:
+    weights = _tiny_model(root) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+
+
+def _model_with_a_mistyped_config(root: Path) -> None:
+    config = _tiny_model(root) / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "n_embd": "thirty-two"}))
+
+
+def _first_save_never_finished(checkpoint: Path) -> None:
+    """What a run killed (SIGTERM) before its first save leaves: the marker, no pointer."""
+    for entry in checkpoint.iterdir():
+        if entry.name != "seqmatch-checkpoint":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+
+def _step_links_outside(checkpoint: Path) -> None:
+    step = resolve_checkpoint(checkpoint)
+    elsewhere = checkpoint.parent / "elsewhere"
+    step.rename(elsewhere)
+    step.symlink_to(elsewhere)
+
+
+_HELD: list[FolderLock] = []
+"""Locks a case holds while its command runs (another process's, as far as the command sees)."""
+
+
+def _held_by_another_process(root: Path) -> None:
+    _HELD.append(lock_folder(root / "ckpt", "--save"))
+
+
+@pytest.fixture(autouse=True)
+def _release_held_locks() -> Iterator[None]:
+    yield
+    while _HELD:
+        _HELD.pop().release()
+
+
 @dataclass(frozen=True)
 class Case:
     args: list[str]
@@ -129,6 +198,7 @@ class Case:
 EVAL = ["eval", "--checkpoint", "CKPT", "--episodes", "2", "--device", "cpu"]
 GENERATE = ["generate", "--checkpoint", "CKPT", "--prompt", "^", "--device", "cpu"]
 TRAIN = ["train", *TINY, "--steps", "2", "--save", "new-ckpt", "--logdir", "runs"]
+MODEL = [*TRAIN, "--task", "arithmetic", "--model", "model"]
 
 CASES = {
     "missing_checkpoint": Case(
@@ -292,7 +362,105 @@ CASES = {
     "vocab_is_a_list": Case(GENERATE, "incomplete or corrupt", _set("vocab", [1, 2])),
     "vocab_is_a_list_eval": Case(EVAL, "incomplete or corrupt", _set("vocab", [1, 2])),
     "generate_from_nan_weights": Case(GENERATE, "non-finite weights", _nan_weights),
+    # Every output path by one rule (agents.outputs): no input, nothing of seqmatch's own, no
+    # folder of anyone else, one writer per folder.
+    "json_is_the_pointer": Case([*EVAL, "--json", "CKPT/latest"], "the pointer of the seqmatch"),
+    "json_is_the_lock_file": Case(
+        [*EVAL, "--json", "CKPT/seqmatch.lock"], "the lock file of the seqmatch checkpoint",
+    ),
+    "json_in_a_step_folder": Case(
+        [*EVAL, "--json", "CKPT/step-000000002/checkpoint.json"], "inside a step folder",
+    ),
+    "json_is_the_data": Case(
+        [*EVAL, "--data", "prompts.jsonl", "--json", "prompts.jsonl"],
+        "is this run's input (--data prompts.jsonl)", prepare=_prompts,
+    ),
+    "output_is_the_data": Case(
+        [*EVAL, "--data", "prompts.jsonl", "--output", "prompts.jsonl"],
+        "is this run's input (--data prompts.jsonl)", prepare=_prompts,
+    ),
+    "json_and_output_are_one_file": Case(
+        [*EVAL, "--data", "prompts.jsonl", "--output", "o.jsonl", "--json", "./o.jsonl"],
+        "--json and --output name the same file", prepare=_prompts,
+    ),
+    "json_is_a_dangling_link": Case(
+        [*EVAL, "--json", "dangling.json"], "a symlink to nothing", prepare=_dangling_link,
+    ),
+    "json_into_a_fifo_nobody_reads": Case(
+        [*EVAL, "--json", "fifo"], "no process reads that named pipe", prepare=_fifo,
+    ),
+    "export_into_a_users_folder": Case(
+        ["export", "--checkpoint", "CKPT", "--out", "expuser"], "is not a seqmatch export",
+        prepare=_users_export,
+    ),
+    "export_into_the_checkpoint": Case(
+        ["export", "--checkpoint", "CKPT", "--out", "CKPT"], "a seqmatch checkpoint is there",
+    ),
+    "export_onto_a_file": Case(
+        ["export", "--checkpoint", "CKPT", "--out", "afile"], "a file is there", prepare=_a_file,
+    ),
+    "export_a_policy_checkpoint": Case(
+        ["export", "--checkpoint", "CKPT", "--out", "exported"],
+        "not a pretrained-LM checkpoint",
+    ),
+    "compare_into_a_users_folder": Case(
+        ["compare", "--out", "cmpuser"], "is not a seqmatch comparison",
+        prepare=_users_comparison,
+    ),
+    "compare_into_a_checkpoint": Case(
+        ["compare", "--out", "CKPT"], "a seqmatch checkpoint is there",
+    ),
+    "save_inside_a_step_folder": Case(
+        [*TRAIN[:-4], "--save", "CKPT/step-000000002/new", "--logdir", "runs"],
+        "inside a step folder",
+    ),
+    "save_held_by_another_process": Case(
+        [*TRAIN[:-4], "--save", "CKPT", "--resume", "--logdir", "runs"], "is in use by process",
+        prepare=_held_by_another_process,
+    ),
+    "resume_a_folder_whose_first_save_did_not_finish": Case(
+        [*TRAIN[:-4], "--save", "CKPT", "--resume", "--logdir", "runs"],
+        "run without --resume to start it afresh", _first_save_never_finished,
+    ),
+    "eval_a_step_folder_that_links_outside": Case(
+        EVAL, "links outside the checkpoint", _step_links_outside,
+    ),
+    "name_climbs_out_of_logdir": Case([*TRAIN, "--name", "../../escape"], "must be a plain name"),
+    "name_is_absolute": Case([*TRAIN, "--name", "/abs"], "must be a plain name"),
+    "logdir_run_is_the_pointer": Case(
+        [*TRAIN[:-2], "--logdir", "CKPT", "--name", "latest"], "a file is there",
+    ),
+    # Sizes: every one that scales memory is checked against the memory free.
+    "huge_num_demonstrations": Case(
+        [*TRAIN, "--num-demonstrations", "1000000000"], "demonstrations need about",
+    ),
+    "huge_model_batch_buckets": Case(
+        [*TRAIN, "--model-batch-buckets", "1000000000000"], "model batches need about",
+    ),
+    "compare_huge_seeds": Case(["compare", "--out", "cmp", "--seeds", "1000000000"],
+                               "--seeds must be in [1, 10000]"),
+    # Settings that belong to another one.
+    "lora_r_without_model": Case([*TRAIN, "--lora-r", "-1"], "--lora-r applies to --model only"),
+    # Pretrained model folders: the file at fault named, in one line.
+    "model_folder_is_empty": Case(
+        MODEL, "model: no config.json",
+        prepare=_empty_model,
+    ),
+    "model_folder_without_tokenizer": Case(
+        MODEL, "model: no tokenizer",
+        prepare=_model_without_tokenizer,
+    ),
+    "model_weights_truncated": Case(
+        MODEL,
+        "model/model.safetensors cannot be loaded", prepare=_model_with_truncated_weights,
+    ),
+    "model_config_mistyped": Case(
+        MODEL,
+        "model/config.json cannot be loaded", prepare=_model_with_a_mistyped_config,
+    ),
 }  # fmt: skip
+if Path("/dev/full").exists():
+    CASES["json_onto_a_full_device"] = Case([*EVAL, "--json", "/dev/full"], "the device is full")
 if not torch.cuda.is_available():
     CASES["device_cuda_without_cuda"] = Case(
         [*TRAIN[:-4], "--device", "cuda"], "no CUDA device is available"
@@ -311,7 +479,12 @@ def _setup(case: Case, root: Path, good: Path) -> list[str]:
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    """Every file's bytes, but the lock file's (it names whoever last held the lock)."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != LOCK
+    }
 
 
 def _check_one_line(stderr: str, case: Case, name: str) -> None:
@@ -388,3 +561,55 @@ def test_bad_input_in_a_subprocess(case_id: str, tmp_path: Path, good_checkpoint
     assert result.returncode == case.code
     _check_one_line(result.stderr, case, args[0])
     assert snapshot(tmp_path) == before
+
+
+def test_ctrl_c_before_the_first_update_is_one_line_and_leaves_nothing(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    one_thread: None,
+) -> None:
+    """Ctrl-C while the run is set up, or during its first update: exit 130, one line, and no
+    --save folder, TensorBoard run or --json file."""
+    import agents.training.trainer as trainer_module
+
+    monkeypatch.chdir(tmp_path)
+    args = [*TRAIN, "--json", "out/train.json"]
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    for target in ("build_policy", "Trainer.train_step"):
+        with monkeypatch.context() as patch:
+            owner, _, name = target.rpartition(".")
+            patch.setattr(getattr(trainer_module, owner) if owner else trainer_module, name,
+                          interrupted)  # fmt: skip
+            assert main(args) == 130
+        assert capfd.readouterr().err.splitlines() == ["seqmatch train: interrupted"]
+        assert snapshot(tmp_path) == set()
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line(tmp_path: Path) -> None:
+    """The first second or two go into importing torch: Ctrl-C there is one line too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.integration.conftest import cli_env
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agents.cli", *TRAIN],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal
+    )
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert err.splitlines() in (["seqmatch: interrupted"], ["seqmatch train: interrupted"])
+    assert snapshot(tmp_path) == set()

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from agents import outputs
 from agents.cli import main
 from agents.experiments import compare
 from agents.experiments.compare import CompareConfig, RunSpec, run_compare
@@ -163,26 +164,65 @@ def test_resume_needs_runs_and_a_legacy_comparison_is_kept(
 ) -> None:
     with pytest.raises(ValueError, match="no finished runs"):
         run_compare(options(tmp_path / "empty", resume=True))
-    legacy = tmp_path / "old"
+    assert not (tmp_path / "empty").exists()  # a failed start leaves no folder
+    legacy = tmp_path / "old"  # from before per-run files (and before the marker)
     legacy.mkdir()
-    (legacy / "results.json").write_text('{"task": "arithmetic"}')
+    text = '{"task": "arithmetic", "config": {"task": "arithmetic"}, "runs": []}'
+    (legacy / "results.json").write_text(text)
     with pytest.raises(FileExistsError, match="a finished comparison without per-run files"):
         run_compare(options(legacy))
-    assert (legacy / "results.json").read_text() == '{"task": "arithmetic"}' and fake.calls == []
+    assert (legacy / "results.json").read_text() == text and fake.calls == []
+    # A results.json that is no comparison's: a user's folder, refused as such.
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "results.json").write_text('{"task": "arithmetic"}')
+    with pytest.raises(FileExistsError, match="is not a seqmatch comparison"):
+        run_compare(options(users))
+    assert sorted(p.name for p in users.iterdir()) == ["results.json"]
+
+
+def test_a_comparison_from_before_the_marker_resumes_and_is_marked(
+    tmp_path: Path, fake: FakeRunOne
+) -> None:
+    """Committed benchmark folders and folders of a run of the old code have run files and
+    results.json but no marker: recognised from them, resumed, marked; --overwrite then
+    removes what the comparison wrote and nothing else."""
+    out = tmp_path / "cmp"
+    stopped = FakeRunOne(fail_at=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compare, "run_one", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            run_compare(options(out, agents="mle"))
+    for name in ("seqmatch-comparison", outputs.MANIFEST, outputs.LOCK):
+        (out / name).unlink()  # as the old code left it
+    (out / "notes.txt").write_text("mine")
+    run_compare(options(out, agents="mle"))
+    assert fake.calls == [("mle", 2)]  # the two finished runs kept
+    assert outputs.owner(out) == "comparison"
+    assert {"runs/mle-s0.json", "runs/mle-s1.json", "results.json"} <= outputs.listed(out)
+    run_compare(options(out, agents="mle", seeds=2, quick=False, overwrite=True))
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (out / "runs").glob("*.json")) == ["mle-s0.json", "mle-s1.json"]
 
 
 def test_a_stopped_runs_tensorboard_folder_is_cleared_before_its_rerun(
     tmp_path: Path, fake: FakeRunOne
 ) -> None:
     out = tmp_path / "cmp"
-    stale = out / "runs" / "mle-s0"
+    stale = out / "runs" / "mle-s0"  # a run stopped in an earlier session: listed as ours
     stale.mkdir(parents=True)
     (stale / "events.out.tfevents.1.host").write_bytes(b"partial")
-    kept = out / "runs" / "mle-s1"
+    outputs.mark(out, "comparison")
+    outputs.record(out, "runs/mle-s0", "runs/mle-s1")
+    kept = out / "runs" / "mle-s1"  # listed, but holds a user's file
     kept.mkdir()
     (kept / "notes.txt").write_text("mine")
+    unlisted = out / "runs" / "mle-s2"  # event files only, but never written by seqmatch
+    unlisted.mkdir()
+    (unlisted / "events.out.tfevents.2.host").write_bytes(b"someone else's")
     run_compare(options(out, agents="mle"))
     assert not stale.exists() and (kept / "notes.txt").read_text() == "mine"
+    assert (unlisted / "events.out.tfevents.2.host").read_bytes() == b"someone else's"
 
 
 def test_atomic_write_leaves_the_old_file_on_failure(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import torch
 from agents.agent import MLE, SequenceMatch
 from agents.cli import main
 from agents.training.config import resolve_device
-from tests.integration.conftest import TINY
+from tests.integration.conftest import TINY, tiny_checkpoint
 
 NO_CUDA = "no CUDA device is available"
 ON_CUDA = [a if a != "cpu" else "cuda" for a in TINY]  # TINY with --device cuda
@@ -27,18 +27,7 @@ def no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Dyck checkpoint of a tiny MLE policy after 1 update, on the CPU."""
-    root = tmp_path_factory.mktemp("ckpt")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        code = main([
-            "train", "--agent", "mle", *TINY, "--steps", "1", "--eval-episodes", "2",
-            "--logdir", str(root / "runs"), "--save", str(root / "ckpt"),
-        ])  # fmt: skip
-    finally:
-        torch.set_num_threads(before)
-    assert code == 0
-    return root / "ckpt"
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), steps=1)
 
 
 def _one_error_line(capsys: pytest.CaptureFixture[str], command: str) -> str:

@@ -10,8 +10,10 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from agents.cli import main
+from agents.outputs import listed, owner
 from agents.training.checkpoint import resolve_checkpoint
 from tests.agents.test_pretrained import save_tiny_model
+from tests.integration.conftest import check_ok, run_cli
 
 ARITHMETIC = [
     "--task", "arithmetic",
@@ -282,3 +284,24 @@ def test_smollm2_gguf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert run("generate", *args) == 0
     # The text may be empty (an instruct model may end at once); the action trace is printed.
     assert "actions:" in capsys.readouterr().out
+
+
+def test_no_progress_is_quiet_and_an_export_folder_is_seqmatchs(tmp_path: Path) -> None:
+    """The real process: --no-progress leaves stderr empty (no "Loading weights" bars, no
+    FutureWarning); the export folder gets a marker and is replaced only with --overwrite."""
+    model = save_tiny_model(tmp_path / "model", "gpt2")
+    save = tmp_path / "ck"
+    result = run_cli(
+        "train", *ARITHMETIC, "--model", str(model), "--agent", "mle", "--steps", "1",
+        "--save", str(save), cwd=tmp_path,
+    )  # fmt: skip
+    check_ok(result)
+    assert result.stderr == ""
+    out = tmp_path / "export"
+    assert run("export", "--checkpoint", save, "--out", out) == 0
+    assert owner(out) == "export" and "config.json" in listed(out)
+    (out / "notes.txt").write_text("mine")
+    assert run("export", "--checkpoint", save, "--out", out) == 1  # "pass --overwrite"
+    assert run("export", "--checkpoint", save, "--out", out, "--overwrite") == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    assert AutoModelForCausalLM.from_pretrained(out).get_input_embeddings() is not None

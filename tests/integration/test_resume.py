@@ -27,11 +27,13 @@ import agents.training.checkpoint as checkpoint_module
 import agents.training.trainer as trainer_module
 from agents.cli import main
 from agents.objectives import LossOutput, MLELoss
+from agents.outputs import LOCK, MANIFEST
 from agents.training.checkpoint import read_metadata, resolve_checkpoint
 from agents.training.trainer import Trainer
 from tests.integration.conftest import TINY, snapshot
 
 N = 12
+CONTROL_FILES = {"seqmatch-checkpoint", MANIFEST, LOCK}
 
 COMMON = [
     *TINY,
@@ -204,7 +206,7 @@ def test_a_kill_during_a_save_resumes_exactly(
     assert_same_checkpoint(straight_mle, tmp_path / "resumed")
     # The next saves removed what the kill left behind.
     names = {p.name for p in (tmp_path / "resumed").iterdir()}
-    assert names == {"seqmatch-checkpoint", "latest", f"step-{2 * N:09d}"}
+    assert names == {*CONTROL_FILES, "latest", f"step-{2 * N:09d}"}
 
 
 def test_ctrl_c_saves_and_resumes_exactly(

@@ -113,8 +113,11 @@ def test_train_json_and_checkpoint(trained: TrainedRun) -> None:
     assert document["config"]["agent"] == "sequencematch"
     step = f"step-{STEPS:09d}"
     assert sorted(p.name for p in trained.checkpoint.iterdir()) == sorted(
-        ["seqmatch-checkpoint", "latest", step]
+        ["seqmatch-checkpoint", "latest", step, "seqmatch-manifest.json", "seqmatch.lock"]
     )
+    assert json.loads((trained.checkpoint / "seqmatch-manifest.json").read_text())["written"] == [
+        step
+    ]
     files = sorted(p.name for p in (trained.checkpoint / step).iterdir())
     assert files == sorted(
         ["model.safetensors", "optimizer.safetensors", "rng.safetensors", "checkpoint.json"]

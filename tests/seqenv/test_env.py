@@ -259,6 +259,24 @@ def test_vector_env_rejects_non_integer_actions() -> None:
     env.step(np.array([1, 2], dtype=np.int32))
 
 
+def test_vector_env_checks_the_action_shape_and_its_size() -> None:
+    env = SequenceGenVectorEnv(num_envs=3, task="dyck")
+    env.reset(seed=0)
+    for actions in (np.array([1, 2]), np.ones((3, 2), dtype=np.int64), np.int64(1)):
+        with pytest.raises(InvalidActionError, match=r"actions must have shape \(3,\), one per"):
+            env.step(actions)
+    env.step(np.ones((3, 1), dtype=np.int64))  # a column of actions: one per environment
+    with pytest.raises(ValueError, match=r"1000000000000 environments need about .* num_envs"):
+        gym.make_vec(seqenv.ENV_ID, num_envs=10**12, task="dyck")
+
+
+def test_import_seqenv_exposes_the_checker() -> None:
+    """A fresh interpreter: `import seqenv` alone, then `seqenv.checker`."""
+    code = "import seqenv; print(seqenv.checker.check_sequence_env.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "check_sequence_env"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -358,6 +360,22 @@ def test_load_plain_text(tmp_path: Path) -> None:
     assert demos == [traj([A], [B, C, EOS]), traj([C], [A, B, EOS])]
     with pytest.raises(DemonstrationError, match=r"demos\.txt:1: .*needs prompt_tokens"):
         load_demonstrations(path, VOCAB, max_length=8)
+
+
+def test_load_from_a_pipe_reads_its_first_line_for_the_format(tmp_path: Path) -> None:
+    """`--data <(...)` names a pipe without a suffix: JSONL is told by its first line."""
+    for lines, expected in [
+        ([json.dumps({"prompt": "ab", "completion": "c"})], [traj([A, B], [C, EOS])]),
+        (["", "abc"], [traj([A], [B, C, EOS])]),  # plain text, the first line blank
+    ]:
+        fifo = tmp_path / "pipe"
+        os.mkfifo(fifo)
+        text = "\n".join(lines) + "\n"
+        writer = threading.Thread(target=fifo.write_text, args=(text,))
+        writer.start()
+        assert load_demonstrations(fifo, VOCAB, max_length=8, prompt_tokens=1) == expected
+        writer.join(10.0)
+        fifo.unlink()
 
 
 def test_load_hf_dataset_folder(tmp_path: Path) -> None:
