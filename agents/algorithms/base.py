@@ -153,6 +153,10 @@ class Algorithm:
     @classmethod
     def validate(cls, config: TrainConfig) -> None:
         """Raise ValueError (one line) for settings this algorithm cannot run with."""
+        if cls.own_loop:
+            raise ValueError(
+                f"agent {config.agent!r} trains with a loop of its own: use it in seqmatch compare"
+            )
         parse_agent_args(cls, config.agent_args)
 
     # -- one update ---------------------------------------------------------------------------

@@ -61,7 +61,9 @@ def check_host_memory(config: TrainConfig, max_length: int, world_size: int = 1)
         what = f"{config.num_demonstrations} demonstrations"
         check_memory(demonstration_bytes(config, max_length), cpu, what,
                      "use fewer --num-demonstrations")  # fmt: skip
-    if config.agent == "sequencematch":
+    from agents.algorithms import resolve_algorithm  # the registry's PPO adapter imports config
+
+    if resolve_algorithm(config.agent).cls.model_rows(config):  # a pool of model batches
         rows = config.model_batch_buckets * config.resolved_model_batch_size * world_size
         what = f"--model-batch-buckets {config.model_batch_buckets} model batches"
         check_memory(200 * rows, cpu, what, "use fewer --model-batch-buckets")

@@ -532,12 +532,13 @@ def test_debug_shows_the_traceback(
 
 
 def test_installed_command_gives_one_line(tmp_path: Path) -> None:
-    """The real process: one stderr line (no start-up warnings, no progress bar), exit 2."""
+    """The real process: one stderr line (no start-up warnings, no progress bar), exit 1."""
     result = run_cli("train", *TRAIN[1:], "--agent", "ppo2", "--json", "out.json", cwd=tmp_path)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr.splitlines() == [
-        "seqmatch train: error: invalid choice 'ppo2' for argument '--agent'. Expected one of "
-        "('mle', 'bc', 'sequencematch'). (see seqmatch train --help)"
+        "seqmatch train: error: unknown agent 'ppo2'; known agents: mle, bc, bc_executed, "
+        "sequencematch, sequencematch_eta0, sequencematch_no_bkspc, ppo, untuned, dagger, "
+        "dagger_demos (or module:Class)"
     ]
     assert result.stdout == ""
     assert snapshot(tmp_path) == set()

@@ -73,7 +73,7 @@ def test_configs_load_and_bad_options_fail_clearly() -> None:
 
 def test_default_agents_and_all() -> None:
     default = load_config(CompareConfig())
-    assert default["agent_list"] == ["mle", "bc", "sequencematch", "sequencematch_eta0"]
+    assert default["agent_list"] == ["mle", "bc", "sequencematch", "dagger"]
     everything = load_config(CompareConfig(agents="all"))["agent_list"]
     assert everything == [
         "mle",
