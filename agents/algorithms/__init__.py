@@ -40,40 +40,25 @@ from agents.algorithms.mle import MLE, Untuned
 from agents.algorithms.ppo import PPO
 from agents.algorithms.sequencematch import SequenceMatch
 
-register_algorithm("mle", MLE, overrides={"backspace": False})
-register_algorithm("bc", BC)
-register_algorithm(
-    "bc_executed",
-    BC,
-    overrides={"labels": "executed"},
-    label="BC (executed actions: noise as targets, the paper's)",
-    short_label="BC (executed)",
-)
-register_algorithm("sequencematch", SequenceMatch)
-register_algorithm(
-    "sequencematch_eta0",
-    SequenceMatch,
-    overrides={"eta": 0.0},
-    label="SequenceMatch at eta 0 (BC with the level penalty)",
-    short_label="SequenceMatch at eta 0",
-)
-register_algorithm(
-    "sequencematch_no_bkspc",
-    SequenceMatch,
-    overrides={"backspace": False},
-    label="SequenceMatch, no backspace",
-    short_label="SequenceMatch, no backspace",
-)
-register_algorithm("ppo", PPO)
-register_algorithm("untuned", Untuned, overrides={"backspace": False})
-register_algorithm("dagger", DAgger)
-register_algorithm(
-    "dagger_demos",
-    DAgger,
-    overrides={"dagger_demo_share": 1.0},
-    label="DAgger's control: BC on oracle-relabelled demonstrations",
-    short_label="DAgger control",
-)
+# name, class, the settings the name fixes, label and short label (the class's when empty).
+_REGISTRY: tuple[tuple[str, type[Algorithm], dict[str, object], str, str], ...] = (
+    ("mle", MLE, {"backspace": False}, "", ""),
+    ("bc", BC, {}, "", ""),
+    ("bc_executed", BC, {"labels": "executed"},
+     "BC (executed actions: noise as targets, the paper's)", "BC (executed)"),
+    ("sequencematch", SequenceMatch, {}, "", ""),
+    ("sequencematch_eta0", SequenceMatch, {"eta": 0.0},
+     "SequenceMatch at eta 0 (BC with the level penalty)", "SequenceMatch at eta 0"),
+    ("sequencematch_no_bkspc", SequenceMatch, {"backspace": False},
+     "SequenceMatch, no backspace", "SequenceMatch, no backspace"),
+    ("ppo", PPO, {}, "", ""),
+    ("untuned", Untuned, {"backspace": False}, "", ""),
+    ("dagger", DAgger, {}, "", ""),
+    ("dagger_demos", DAgger, {"dagger_demo_share": 1.0},
+     "DAgger's control: BC on oracle-relabelled demonstrations", "DAgger control"),
+)  # fmt: skip
+for _name, _cls, _overrides, _label, _short in _REGISTRY:
+    register_algorithm(_name, _cls, overrides=_overrides, label=_label, short_label=_short)
 
 __all__ = [
     "ALGORITHMS",

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, cast
 
 from agents.collate import collate
+from agents.generate import ActionHook, generate
 from agents.objectives import ObjectiveBatch
 from seqenv.trajectory import LabelKind
 
@@ -170,6 +171,38 @@ class Algorithm:
         None: the update reads demonstrations only. Called after the data batch is drawn.
         """
         return None
+
+    # -- rollouts, for an algorithm that has them -------------------------------------------
+    def training_prompts(self, count: int) -> list[list[int]]:
+        """The prompts of ``count`` random training demonstrations (the run's data stream)."""
+        trainer = self.trainer
+        index = trainer.data_rng.integers(0, len(trainer.demonstrations), size=count)
+        return [trainer.demonstrations[int(i)].prompt.tolist() for i in index]
+
+    def sample_episodes(
+        self, prompts: list[list[int]], max_steps: int, action_hook: ActionHook | None = None
+    ) -> list[Trajectory]:
+        """Episodes of the current policy from ``prompts``, drawn from the run's rollout stream.
+
+        KV-cache generation at the rollout temperature, in the run's disturbance; ``action_hook``
+        may replace the policy's actions before they run (DAgger's expert).
+        """
+        trainer = self.trainer
+        trainer.policy.eval()
+        out = generate(
+            trainer.policy,
+            prompts,
+            max_length=trainer.max_length,
+            max_steps=max_steps,
+            temperature=self.config.temperature,
+            generator=trainer.rollout_generator,
+            allow_backspace=self.config.backspace,
+            disturbance=trainer.disturbance,
+            noise_fn=trainer.noise_fn,
+            action_hook=action_hook,
+        )
+        trainer.policy.train()
+        return out.trajectories
 
     def batch(self, data: list[Trajectory], model: list[Trajectory] | None) -> ObjectiveBatch:
         """One micro-batch as the loss reads it: the trajectories collated with their labels."""

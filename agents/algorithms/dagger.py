@@ -40,7 +40,6 @@ import torch
 from agents.algorithms.base import Algorithm, DataKind, Run
 from agents.buffer import ReplayBuffer
 from agents.collate import collate
-from agents.generate import generate
 from agents.objectives import BCLoss, Objective, ObjectiveBatch, OracleCrossEntropyLoss
 from seqenv.expert import require_oracle, trajectory_expert_probs
 from seqenv.mdp import SequenceMDP
@@ -147,27 +146,14 @@ class DAgger(Algorithm):
 
     def rollouts(self, step: int, count: int) -> list[Trajectory]:
         """``count`` episodes from training prompts, the oracle mixed in at beta of ``step``."""
-        trainer = self.trainer
-        index = trainer.data_rng.integers(0, len(trainer.demonstrations), size=count)
-        prompts = [trainer.demonstrations[int(i)].prompt.tolist() for i in index]
         beta = self.beta(step)
-        trainer.policy.eval()
-        out = generate(
-            trainer.policy,
-            prompts,
-            max_length=trainer.max_length,
-            max_steps=trainer.max_steps,
-            temperature=self.config.temperature,
-            generator=trainer.rollout_generator,
-            disturbance=trainer.disturbance,
-            noise_fn=trainer.noise_fn,
-            action_hook=(lambda mdp, actions: self.mix_in_expert(mdp, actions, beta))
-            if beta > 0
-            else None,
+        episodes = self.sample_episodes(
+            self.training_prompts(count),
+            self.trainer.max_steps,
+            (lambda mdp, actions: self.mix_in_expert(mdp, actions, beta)) if beta > 0 else None,
         )
-        trainer.policy.train()
-        self.rollout_steps += sum(t.num_steps for t in out.trajectories)
-        return out.trajectories
+        self.rollout_steps += sum(t.num_steps for t in episodes)
+        return episodes
 
     def mix_in_expert(self, mdp: SequenceMDP, actions: torch.Tensor, beta: float) -> torch.Tensor:
         """``actions``, each live row's replaced with probability ``beta`` by the oracle's.

@@ -25,7 +25,6 @@ import numpy as np
 
 from agents.algorithms.base import Algorithm, Run
 from agents.buffer import ReplayBuffer
-from agents.generate import generate
 from agents.objectives import BCLoss, Mixture, Objective, SequenceMatchLoss
 
 if TYPE_CHECKING:
@@ -113,30 +112,10 @@ class SequenceMatch(Algorithm):
             self.refresh_buffer()
         return self.draw_model_batch()
 
-    def rollouts(self, prompts: list[list[int]]) -> list[Trajectory]:
-        """Trajectories of the current policy from ``prompts``, in the training disturbance."""
-        trainer = self.trainer
-        trainer.policy.eval()
-        out = generate(
-            trainer.policy,
-            prompts,
-            max_length=trainer.max_length,
-            max_steps=self.rollout_max_steps,
-            temperature=self.config.temperature,
-            generator=trainer.rollout_generator,
-            allow_backspace=self.config.backspace,
-            disturbance=trainer.disturbance,
-            noise_fn=trainer.noise_fn,
-        )
-        trainer.policy.train()
-        return out.trajectories
-
     def refresh_buffer(self) -> None:
         """Add ``rollouts`` trajectories from the prompts of random demonstrations."""
-        trainer = self.trainer
-        index = trainer.data_rng.integers(0, len(trainer.demonstrations), size=self.config.rollouts)
-        prompts = [trainer.demonstrations[int(i)].prompt.tolist() for i in index]
-        self.buffer.add(self.rollouts(prompts))
+        prompts = self.training_prompts(self.config.rollouts)
+        self.buffer.add(self.sample_episodes(prompts, self.rollout_max_steps))
         self._model_pool.clear()  # batches drawn before the refresh would miss the new rollouts
 
     def draw_model_batch(self) -> list[Trajectory]:
