@@ -138,3 +138,17 @@ def assert_model_contract(model: Any, num_actions: int, atol: float = 1e-5) -> N
         torch.testing.assert_close(model.forward_batch(batch), whole[:1], atol=atol, rtol=1e-5)
     limit = model.max_positions
     assert limit is None or (isinstance(limit, int) and limit >= T)
+
+
+QUIET_CPU_RUN: dict[str, Any] = {
+    "eval_interval": 0, "logdir": None, "save": None, "progress": False, "device": "cpu",
+    "lr_warmup": 1, "layers": 1, "width": 32, "heads": 2, "batch_size": 8,
+}  # fmt: skip
+"""A tiny run's common settings: one small layer, no logs, no checkpoints, the CPU."""
+
+
+def tiny_run(**settings: Any) -> Any:
+    """A :class:`~agents.training.config.TrainConfig` of :data:`QUIET_CPU_RUN` and ``settings``."""
+    from agents.training.config import TrainConfig
+
+    return TrainConfig(**{**QUIET_CPU_RUN, **settings})

@@ -12,20 +12,18 @@ from agents.algorithms.dagger import DAgger
 from agents.training.config import TrainConfig
 from agents.training.trainer import Trainer
 from seqenv.expert import trajectory_expert_probs
+from tests.agents.conftest import tiny_run
 
 SMALL_DYCK = '{"num_types": 1, "max_depth": 3, "min_brackets": 0, "max_brackets": 6}'
 
 
 def _config(**settings: Any) -> TrainConfig:
-    base: dict[str, Any] = {
-        "agent": "dagger", "task": "dyck", "task_args": SMALL_DYCK, "max_length": 10,
-        "steps": 8, "batch_size": 8, "layers": 1, "width": 32, "heads": 2,
-        "num_demonstrations": 128, "eval_interval": 0, "eval_episodes": 8, "lr": 0.01,
-        "lr_warmup": 1, "logdir": None, "progress": False, "device": "cpu",
-        "dagger_warmup": 2, "dagger_rollouts": 4, "dagger_round": 1, "dagger_buffer_size": 10,
+    dagger = {
+        "agent": "dagger", "task": "dyck", "task_args": SMALL_DYCK, "max_length": 10, "steps": 8,
+        "num_demonstrations": 128, "eval_episodes": 8, "lr": 0.01, "dagger_warmup": 2,
+        "dagger_rollouts": 4, "dagger_round": 1, "dagger_buffer_size": 10,
     }  # fmt: skip
-    base.update(settings)
-    return TrainConfig(**base)
+    return tiny_run(**{**dagger, **settings})
 
 
 def _dagger(trainer: Trainer) -> DAgger:

@@ -16,18 +16,16 @@ from agents.algorithms.sequencematch import SequenceMatch, rollout_step_cap
 from agents.training.config import TrainConfig
 from agents.training.trainer import Trainer
 from seqenv.trajectory import Trajectory
+from tests.agents.conftest import tiny_run
 
 
 def _config(**settings: Any) -> TrainConfig:
-    base: dict[str, Any] = {
+    sequencematch = {
         "agent": "sequencematch", "task": "arithmetic", "steps": 6, "sm_warmup": 2,
-        "k_sample": 2, "rollouts": 8, "buffer_size": 32, "batch_size": 8, "layers": 1,
-        "width": 32, "heads": 2, "num_demonstrations": 64, "eval_interval": 0,
-        "eval_episodes": 2, "log_interval": 3, "logdir": None, "save": None,
-        "progress": False, "device": "cpu", "lr_warmup": 1,
+        "k_sample": 2, "rollouts": 8, "buffer_size": 32, "num_demonstrations": 64,
+        "eval_episodes": 2, "log_interval": 3,
     }  # fmt: skip
-    base.update(settings)
-    return TrainConfig(**base)
+    return tiny_run(**{**sequencematch, **settings})
 
 
 def _sm(trainer: Trainer) -> SequenceMatch:
