@@ -52,7 +52,7 @@ with _ctrl_c_exits():
 
     from agents.algorithms import describe_algorithms, resolve_algorithm
     from agents.evaluation.checkpoint import MAX_SEQUENCES
-    from agents.experiments.compare import CompareConfig
+    from agents.experiments.compare_config import CompareConfig
     from agents.outputs import OutputError, check_file, write_json, writes_to_stdout
     from agents.training.config import RunError, TrainConfig
 
@@ -372,8 +372,9 @@ def export(config: ExportConfig) -> None:
 
 def compare(config: CompareConfig) -> None:
     """Run the comparison, print the table and say where the outputs are."""
-    from agents.experiments.compare import check_out, run_compare
+    from agents.experiments.compare import run_compare
     from agents.experiments.report import table, verdicts
+    from agents.experiments.storage import check_out
 
     if config.threads is not None and config.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0: torch's default), got {config.threads}")

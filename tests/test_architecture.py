@@ -110,6 +110,43 @@ def test_the_cycle_finder_finds_cycles() -> None:
     assert _find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def _private_imports(module: str, path: Path, modules: dict[str, Path]) -> list[str]:
+    """The names starting with ``_`` that ``module`` (at ``path``) imports from a project module."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        base = node.module or ""
+        if node.level:
+            anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+            base = ".".join([*anchor, base] if base else anchor)
+        if _resolve(base, modules) is None:
+            continue  # not the project's
+        found += [
+            f"{base}.{alias.name}"
+            for alias in node.names
+            if alias.name.startswith("_") and not alias.name.startswith("__")
+        ]
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(_modules()))
+def test_no_private_name_crosses_modules(module: str) -> None:
+    """A module imports only the public names of another (``_name`` is its module's own)."""
+    modules = _modules()
+    assert not _private_imports(module, modules[module], modules)
+
+
+def test_the_private_import_finder_finds_them(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text("from agents.experiments.report import _x, y\nfrom torch import _z\n")
+    assert _private_imports("m", source, {"agents.experiments.report": source}) == [
+        "agents.experiments.report._x"
+    ]
+
+
 @pytest.mark.parametrize("module", [m for m in _modules() if m.startswith("seqenv")])
 def test_seqenv_imports_nothing_from_agents(module: str) -> None:
     graph = import_graph()

@@ -11,7 +11,7 @@ import pytest
 
 from agents.cli import main
 from agents.experiments import summary
-from agents.experiments.compare import CompareConfig, load_config, train_config
+from agents.experiments.compare_config import CompareConfig, load_config, train_config
 
 
 def test_compare_quick_writes_every_output(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
