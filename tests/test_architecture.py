@@ -1,8 +1,10 @@
-"""The layering rules of DESIGN: imports point upstream only, with no circles.
+"""The layering rules: a stated layer order, imports that point down it only, no circles.
 
-Every import statement counts, also those inside functions and under ``TYPE_CHECKING``: a late
-import that hides a circle is still a circle. An edge joins two modules of the project; the
-implicit import of a package's ``__init__`` is not an edge (every submodule has it).
+:data:`LAYERS` is the order, lowest first: each package or top-level module imports only those
+below it (and itself). Every import statement counts, also those inside functions and under
+``TYPE_CHECKING``: a late import that hides a circle is still a circle. An edge joins two modules
+of the project; the implicit import of a package's ``__init__`` is not an edge (every submodule
+has it). A module imports no private (``_name``) name of another.
 """
 
 from __future__ import annotations
@@ -15,6 +17,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("seqenv", "agents")
+
+LAYERS: tuple[str, ...] = (
+    "seqenv",  # the MDP: no learning code
+    "agents.collate",
+    "agents.data",
+    "agents.buffer",
+    "agents.outputs",
+    "agents.models",
+    "agents.generate",
+    "agents.objectives",
+    "agents.config",  # TrainConfig: what algorithms and the trainer both read
+    "agents.evaluation",
+    "agents.algorithms",
+    "agents.training",
+    "agents.agent",
+    "agents.experiments",
+    "agents.commands",  # the bodies of eval, generate and export
+    "agents.cli",
+    "agents",  # the package's __init__: the public names
+)
+"""The layer order, lowest first: a package or top-level module of ``agents``, or ``seqenv``."""
 
 
 def _module_name(path: Path) -> str:
@@ -98,6 +121,34 @@ def test_the_graph_sees_imports() -> None:
     assert "agents.collate" in graph["agents.objectives"]
     assert "seqenv.rules" in graph["seqenv.mdp"]
     assert "agents.evaluation.evaluate" in graph["agents.training.trainer"]
+    assert "agents.config" in graph["agents.algorithms.ppo"]
+
+
+def layer(module: str) -> str:
+    """The layer of ``module``: the longest entry of :data:`LAYERS` that is it or holds it.
+
+    The ``agents`` entry is the package's ``__init__`` alone: a new module of ``agents`` must be
+    placed in the order.
+    """
+    holders = [
+        entry
+        for entry in LAYERS
+        if module == entry or (entry != "agents" and module.startswith(entry + "."))
+    ]
+    assert holders, f"{module} is in no layer: add it to LAYERS"
+    return max(holders, key=len)
+
+
+@pytest.mark.parametrize("module", sorted(_modules()))
+def test_imports_follow_the_layers(module: str) -> None:
+    """A module imports only modules of its own layer or of the layers below it."""
+    rank = LAYERS.index(layer(module))
+    upward = sorted(m for m in import_graph()[module] if LAYERS.index(layer(m)) > rank)
+    assert not upward, f"{module} ({layer(module)}) imports a higher layer: {upward}"
+
+
+def test_the_layers_are_each_used() -> None:
+    assert {layer(module) for module in _modules()} == set(LAYERS)
 
 
 def test_no_import_cycles() -> None:

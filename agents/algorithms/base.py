@@ -9,7 +9,7 @@ An :class:`Algorithm` says what the trainer cannot know by itself:
 - **the loss of one batch** (:meth:`Algorithm.loss`), a ``(policy, ObjectiveBatch) ->
   LossOutput`` callable of :mod:`agents.objectives`;
 - **its settings** (:attr:`Algorithm.settings`: the fields of
-  :class:`~agents.training.config.TrainConfig` it reads, beyond those every run has; a user's
+  :class:`~agents.config.TrainConfig` it reads, beyond those every run has; a user's
   algorithm declares its own as a dataclass, :attr:`Algorithm.Settings`, given on the command
   line as ``--agent-args JSON``);
 - **its labels** for reports (:attr:`Algorithm.label`, :attr:`Algorithm.short_label`).
@@ -40,9 +40,9 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from agents.config import TrainConfig
     from agents.models.interface import PolicyModel
     from agents.objectives import Objective
-    from agents.training.config import TrainConfig
     from seqenv.disturbance import Disturbance, NoiseFn
     from seqenv.tasks import Task
     from seqenv.trajectory import Trajectory

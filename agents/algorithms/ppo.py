@@ -18,10 +18,10 @@ from torch import nn
 
 from agents.algorithms.base import Algorithm
 from agents.collate import TrajectoryBatch
+from agents.config import TrainConfig
 from agents.evaluation.evaluate import divergence_estimate, evaluate
 from agents.models.interface import PolicyModel
 from agents.objectives import SequenceMatchLoss
-from agents.training.config import TrainConfig
 from seqenv.rules import step_budget
 from seqenv.tasks import Task
 

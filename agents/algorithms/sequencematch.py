@@ -29,7 +29,7 @@ from agents.generate import generate
 from agents.objectives import BCLoss, Mixture, Objective, SequenceMatchLoss
 
 if TYPE_CHECKING:
-    from agents.training.config import TrainConfig
+    from agents.config import TrainConfig
     from seqenv.trajectory import Trajectory
 
 

@@ -55,6 +55,7 @@ from typing import Any
 import torch
 
 from agents.algorithms import resolve_algorithm
+from agents.config import resolve_device
 from agents.evaluation.evaluate import human_text_metrics
 from agents.experiments.compare_config import CompareConfig, comparison_task, load_config
 from agents.experiments.pool import run_parallel, sigterm_as_interrupt
@@ -73,7 +74,6 @@ from agents.experiments.storage import (
 )
 from agents.experiments.summary import aggregate, check_targets, convergence, differences
 from agents.outputs import claimed, record
-from agents.training.config import resolve_device
 
 PLOT_INTERVAL = 60.0
 """Seconds between redraws of the plots while runs finish (results.json and report.md are

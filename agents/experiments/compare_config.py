@@ -3,7 +3,7 @@
 A comparison is driven by a config: the embedded default (one-digit arithmetic, MLE, BC and
 SequenceMatch, about 10 minutes on 2 cores) or a JSON file, named (``configs/NAME.json`` shipped in
 this package) or given by path. Keys: ``task``, ``task_args``, ``seeds``, ``train`` (fields of
-:class:`agents.training.config.TrainConfig` common to all agents), ``agents`` (per-agent overrides;
+:class:`agents.config.TrainConfig` common to all agents), ``agents`` (per-agent overrides;
 ``ppo`` takes ``timesteps``, ``n_steps``, ``width``...), ``eval`` (``episodes``, ``exact``: the
 exact-divergence settings for a small dyck, ``mauve``), ``sweep`` (optional: ``param``,
 ``values``, ``agents``), ``quick`` (overrides applied with ``--quick``), ``needs_model`` (the
@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, cast
 
 from agents.algorithms import ALGORITHMS, resolve_algorithm
+from agents.config import TrainConfig
 from agents.experiments.storage import run_key
 from agents.outputs import safe_name
-from agents.training.config import TrainConfig
 from seqenv.disturbance import Disturbance
 from seqenv.tasks import Task, make_task
 

@@ -10,12 +10,12 @@ from typing import Any, cast
 import torch
 
 from agents.algorithms import resolve_algorithm
+from agents.config import TrainConfig, resolve_device
 from agents.evaluation.evaluate import evaluate, exact_metrics
 from agents.evaluation.occupancy import GrammarTask
 from agents.experiments.compare_config import comparison_disturbance, comparison_task, train_config
 from agents.experiments.storage import RunSpec
 from agents.training.checkpoint import POINTER
-from agents.training.config import TrainConfig, resolve_device
 from agents.training.trainer import Trainer
 from seqenv.rules import step_budget
 from seqenv.tasks import Task

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agents.config import ADDED_SETTINGS
 from agents.experiments.report import output_names, strict_json
 from agents.outputs import (
     LOCK,
@@ -30,7 +31,6 @@ from agents.outputs import (
     safe_name,
     write_json,
 )
-from agents.training.config import ADDED_SETTINGS
 
 RUN_FORMAT = 1
 

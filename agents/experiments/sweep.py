@@ -20,13 +20,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from agents.config import TrainConfig
 from agents.evaluation.evaluate import TASK_METRICS
 from agents.experiments.compare_config import CompareConfig, load_config
 from agents.experiments.report import stat_cell, strict_json
 from agents.experiments.single_run import run_one
 from agents.experiments.storage import run_key, stored_or_run, write_json_atomic
 from agents.experiments.summary import aggregate
-from agents.training.config import TrainConfig
 from seqenv.tasks import make_task
 
 # Parameter -> values; the base config's own value is among them. `kappa` is c * alpha, the one

@@ -18,10 +18,10 @@ from agents.algorithms import (
     resolve_algorithm,
 )
 from agents.cli import main
+from agents.config import TrainConfig
 from agents.experiments.compare import run_compare
 from agents.experiments.compare_config import CompareConfig
 from agents.outputs import safe_name
-from agents.training.config import TrainConfig
 from agents.training.trainer import Trainer
 
 USER = "tests.agents.label_smoothing:LabelSmoothingBC"

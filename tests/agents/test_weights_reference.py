@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.training.config import TrainConfig
+from agents.config import TrainConfig
 from agents.training.trainer import Trainer
 
 REFERENCE = Path(__file__).parent.parent / "data" / "weights_reference.npz"
