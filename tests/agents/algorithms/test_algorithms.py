@@ -30,7 +30,7 @@ TINY: dict[str, Any] = {
     "num_demonstrations": 64, "eval_interval": 0, "eval_episodes": 4, "lr_warmup": 1,
     "logdir": None, "progress": False, "device": "cpu",
 }  # fmt: skip
-TRAINING = Path(__file__).resolve().parents[2] / "agents" / "training"
+TRAINING = Path(__file__).resolve().parents[3] / "agents" / "training"
 
 
 def test_registry_names_presets_and_labels() -> None:
