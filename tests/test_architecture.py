@@ -147,6 +147,17 @@ def test_imports_follow_the_layers(module: str) -> None:
     assert not upward, f"{module} ({layer(module)}) imports a higher layer: {upward}"
 
 
+def test_the_readme_shows_the_layers() -> None:
+    """The README's layout section shows :data:`LAYERS` (``agents.`` left out)."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.index("\nseqenv < ") + 1
+    chain = text[start : text.index("```", start)].split("<")
+    shown = [name.strip() for name in chain]
+    assert shown == [
+        {"agents": "__init__"}.get(entry, entry.removeprefix("agents.")) for entry in LAYERS
+    ]
+
+
 def test_the_layers_are_each_used() -> None:
     assert {layer(module) for module in _modules()} == set(LAYERS)
 
