@@ -40,25 +40,20 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # SequenceMatch's level penalty, so SequenceMatch - BC is the term's own effect and the
     # eta-0 ablation is no longer needed to tell them apart.
     "default_agents": ["mle", "bc", "sequencematch", "dagger"],
+    # Only where this budget differs from TrainConfig's defaults (the rest are TrainConfig's, and
+    # every run's config records them: library_defaults).
     "train": {
         "steps": 1600,
         "batch_size": 64,
-        "layers": 2,
         "width": 64,
         "heads": 2,
         "lr": 3e-3,
         "lr_warmup": 20,
         "num_demonstrations": 5000,
-        "eval_interval": 200,
         "eval_episodes": 100,
-        "log_interval": 20,
-        "noise": 0.1,
         "sm_warmup": 600,
         "dagger_warmup": 600,
-        "k_sample": 10,
-        "rollouts": 64,
         "buffer_size": 256,
-        "eta": 0.3,
     },
     "agents": {"ppo": {"timesteps": 2000, "n_steps": 256, "width": 64, "layers": 1}},
     "eval": {"episodes": 200},

@@ -44,9 +44,16 @@ NOT_RUN_KEYS = frozenset(
 def runs_config(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a comparison's config that decides each run's result.
 
-    As JSON reads it back: what a resumed comparison must share with the runs it keeps.
+    As JSON reads it back: what a resumed comparison must share with the runs it keeps. A
+    ``train`` setting at the library's default is left out: it trains as its absence does (a
+    config that states it and one that does not give the same runs).
     """
-    kept = {k: v for k, v in config.items() if k not in NOT_RUN_KEYS}
+    kept = json.loads(json.dumps({k: v for k, v in config.items() if k not in NOT_RUN_KEYS}))
+    defaults = kept.get("library_defaults", {})
+    if isinstance(kept.get("train"), dict):
+        kept["train"] = {
+            k: v for k, v in kept["train"].items() if not (k in defaults and v == defaults[k])
+        }
     if "library_defaults" in kept:  # a setting added since, at the value it had before: no change
         kept["library_defaults"] = {
             k: v

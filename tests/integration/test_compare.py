@@ -11,7 +11,14 @@ import pytest
 
 from agents.cli import main
 from agents.experiments import summary
-from agents.experiments.compare_config import CompareConfig, load_config, train_config
+from agents.experiments.compare_config import (
+    DEFAULT_CONFIG,
+    CompareConfig,
+    library_defaults,
+    load_config,
+    train_config,
+)
+from agents.experiments.storage import runs_config
 
 
 def test_compare_quick_writes_every_output(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -119,3 +126,17 @@ def test_convergence_reads_each_agents_last_quarter() -> None:
     assert (flat["mle"]["flat_seeds"], flat["mle"]["seeds"]) == (2, 2)
     assert not flat["bc"]["flat"] and flat["bc"]["change"] == pytest.approx(0.4)
     assert summary.convergence(runs, {"task": "text"}) == {}  # MAUVE's noise is not binomial
+
+
+def test_the_default_config_repeats_no_library_default() -> None:
+    defaults = library_defaults()
+    for block in (DEFAULT_CONFIG["train"], DEFAULT_CONFIG["quick"]["train"]):
+        assert not {k for k, v in block.items() if k in defaults and v == defaults[k]}
+
+
+def test_a_stated_default_is_the_same_run_as_its_absence() -> None:
+    config = load_config(CompareConfig())
+    stated = {**config, "train": {**config["train"], "noise": library_defaults()["noise"]}}
+    assert "noise" not in config["train"] and runs_config(stated) == runs_config(config)
+    changed = {**config, "train": {**config["train"], "noise": 0.3}}
+    assert runs_config(changed) != runs_config(config)
