@@ -120,6 +120,9 @@ class Algorithm:
     own_loop: ClassVar[bool] = False
     """True: it trains with a loop of its own (PPO's), never through the trainer; a comparison
     calls its ``train_own_loop(config, task, seed, out, device) -> (policy, curves)``."""
+    loop_settings: ClassVar[dict[str, Any]] = {}
+    """An own-loop algorithm's settings and their defaults, which a comparison config's
+    ``agents.<name>`` block overrides."""
 
     def __init__(self, trainer: Run) -> None:
         self.trainer = trainer

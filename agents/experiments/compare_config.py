@@ -55,7 +55,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "dagger_warmup": 600,
         "buffer_size": 256,
     },
-    "agents": {"ppo": {"timesteps": 2000, "n_steps": 256, "width": 64, "layers": 1}},
+    "agents": {"ppo": {"timesteps": 2000}},  # and PPO's own defaults (PPO.loop_settings)
     "eval": {"episodes": 200},
     "quick": {
         "seeds": 2,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agents.algorithms import ALGORITHMS
 from agents.config import ADDED_SETTINGS
 from agents.experiments.report import output_names, strict_json
 from agents.outputs import (
@@ -45,14 +46,19 @@ def runs_config(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a comparison's config that decides each run's result.
 
     As JSON reads it back: what a resumed comparison must share with the runs it keeps. A
-    ``train`` setting at the library's default is left out: it trains as its absence does (a
-    config that states it and one that does not give the same runs).
+    ``train`` setting at the library's default is left out, and so is an own-loop algorithm's
+    setting at its default (:attr:`~agents.algorithms.base.Algorithm.loop_settings`): each
+    trains as its absence does (a config that states it and one that does not give the same runs).
     """
     kept = json.loads(json.dumps({k: v for k, v in config.items() if k not in NOT_RUN_KEYS}))
     defaults = kept.get("library_defaults", {})
     if isinstance(kept.get("train"), dict):
         kept["train"] = {
             k: v for k, v in kept["train"].items() if not (k in defaults and v == defaults[k])
+        }
+    if isinstance(kept.get("agents"), dict):
+        kept["agents"] = {
+            name: _without_loop_defaults(name, block) for name, block in kept["agents"].items()
         }
     if "library_defaults" in kept:  # a setting added since, at the value it had before: no change
         kept["library_defaults"] = {
@@ -61,6 +67,15 @@ def runs_config(config: dict[str, Any]) -> dict[str, Any]:
             if not (k in ADDED_SETTINGS and v == ADDED_SETTINGS[k])
         }
     return json.loads(json.dumps(kept))
+
+
+def _without_loop_defaults(agent: str, block: Any) -> Any:
+    """A config's ``agents.<agent>`` block less the own-loop settings at their defaults."""
+    spec = ALGORITHMS.get(agent)
+    if spec is None or not spec.cls.own_loop or not isinstance(block, dict):
+        return block
+    own = json.loads(json.dumps(spec.cls.loop_settings))
+    return {k: v for k, v in block.items() if not (k in own and v == own[k])}
 
 
 def stored_or_run(

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from agents.algorithms import ALGORITHMS
 from agents.cli import main
 from agents.experiments import summary
 from agents.experiments.compare_config import (
@@ -132,6 +133,10 @@ def test_the_default_config_repeats_no_library_default() -> None:
     defaults = library_defaults()
     for block in (DEFAULT_CONFIG["train"], DEFAULT_CONFIG["quick"]["train"]):
         assert not {k for k, v in block.items() if k in defaults and v == defaults[k]}
+    for block in (DEFAULT_CONFIG["agents"], DEFAULT_CONFIG["quick"]["agents"]):
+        for agent, settings in block.items():
+            own = ALGORITHMS[agent].cls.loop_settings
+            assert not {k for k, v in settings.items() if k in own and v == own[k]}, agent
 
 
 def test_a_stated_default_is_the_same_run_as_its_absence() -> None:
@@ -140,3 +145,5 @@ def test_a_stated_default_is_the_same_run_as_its_absence() -> None:
     assert "noise" not in config["train"] and runs_config(stated) == runs_config(config)
     changed = {**config, "train": {**config["train"], "noise": 0.3}}
     assert runs_config(changed) != runs_config(config)
+    ppo = {**config, "agents": {"ppo": {**config["agents"]["ppo"], "n_steps": 256}}}
+    assert runs_config(ppo) == runs_config(config)  # PPO's own default
