@@ -20,18 +20,18 @@ Every metric is measured twice: in the clean environment, and under the training
 (``disturbed/<metric>``: can the agent repair errors it did not choose?).
 
 Every agent is trained with N seeds, then evaluated on held-out prompts with the task's metrics
-(:func:`agents.evaluation.evaluate.evaluate`); results are aggregated as mean and 95% interval
-over seeds (a percentile bootstrap over seeds, and over each seed's evaluation episodes where a
-run gives them: :mod:`agents.experiments.summary`). Outputs under ``--out``: ``results.json``,
-``report.md``, PNG plots, TensorBoard runs, and one file per finished run,
-``runs/<agent>-s<seed>.json`` (``sweep/runs/...`` for the sweep), written when the run ends:
-``{"format": 1, "config": ..., "row": ...}`` where ``config`` is what decides the run's result
-(the config without :data:`NOT_RUN_KEYS`, with the library's training defaults under
-``library_defaults``) and ``row`` the run's row of results.json. A stopped comparison resumes
-from these files (a run with ``train.save_interval`` also from its last
-checkpoint, ``checkpoints/<run>``); results.json and report.md are rebuilt after every run.
-The folder is seqmatch's (:mod:`agents.outputs`): a marker, ``seqmatch-comparison``, a manifest of
-what the comparison wrote there (all that ``--overwrite`` removes), and a lock held while a
+(:func:`agents.evaluation.evaluate.evaluate`); results are aggregated as mean and 95% interval over
+seeds (a percentile bootstrap over seeds, and over each seed's evaluation episodes where a run gives
+them: :mod:`agents.experiments.summary`). Outputs under ``--out``: ``results.json``, ``report.md``,
+PNG plots, TensorBoard runs, and one file per finished run, ``runs/<agent>-s<seed>.json``
+(``sweep/runs/...`` for the sweep), written when the run ends: ``{"format": 1, "config": ..., "row":
+...}`` where ``config`` is what decides the run's result
+(:func:`agents.experiments.storage.runs_config`: the config without the keys that change no run,
+with the library's training defaults under ``library_defaults``) and ``row`` the run's row of
+results.json. A stopped comparison resumes from these files (a run with ``train.save_interval`` also
+from its last checkpoint, ``checkpoints/<run>``); results.json and report.md are rebuilt after every
+run. The folder is seqmatch's (:mod:`agents.outputs`): a marker, ``seqmatch-comparison``, a manifest
+of what the comparison wrote there (all that ``--overwrite`` removes), and a lock held while a
 comparison runs, so that a second one fails at once.
 
 The comparison's config is :mod:`agents.experiments.compare_config`'s; one run is

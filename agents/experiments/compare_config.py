@@ -3,14 +3,14 @@
 A comparison is driven by a config: the embedded default (one-digit arithmetic, MLE, BC and
 SequenceMatch, about 10 minutes on 2 cores) or a JSON file, named (``configs/NAME.json`` shipped in
 this package) or given by path. Keys: ``task``, ``task_args``, ``seeds``, ``train`` (fields of
-:class:`agents.config.TrainConfig` common to all agents), ``agents`` (per-agent overrides;
-``ppo`` takes ``timesteps``, ``n_steps``, ``width``...), ``eval`` (``episodes``, ``exact``: the
-exact-divergence settings for a small dyck, ``mauve``), ``sweep`` (optional: ``param``,
-``values``, ``agents``), ``quick`` (overrides applied with ``--quick``), ``needs_model`` (the
-pretrained LM a config is written for, which ``--model`` must give), ``default_agents`` (the
-agents run without ``--agents``), ``description`` (what the config is for) and ``targets``
-(claims answered in the report by :func:`agents.experiments.summary.check_targets`); the last
-three are not part of what a resumed run must match.
+:class:`agents.config.TrainConfig` common to all agents), ``agents`` (per-agent overrides; ``ppo``
+takes ``timesteps``, ``n_steps``, ``width``...: ``PPO.loop_settings``), ``eval`` (``episodes``,
+``exact``: the exact-divergence settings for a small dyck, ``mauve``), ``sweep`` (optional:
+``param``, ``values``, ``agents``), ``quick`` (overrides applied with ``--quick``), ``needs_model``
+(the pretrained LM a config is written for, which ``--model`` must give), ``default_agents`` (the
+agents run without ``--agents``), ``description`` (what the config is for) and ``targets`` (claims
+answered in the report by :func:`agents.experiments.summary.check_targets`); the last three are not
+part of what a resumed run must match.
 """
 
 from __future__ import annotations
