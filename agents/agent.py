@@ -15,7 +15,7 @@ Imitation agents learn from the task's demonstrations, not from reward: the envi
 them the task, the buffer size and the step budget. A timestep is one action of a demonstration
 trained on (the unit SB3 counts in is an environment step; an imitation update consumes
 ``batch_size`` demonstrations at once). Hyperparameters are the fields of
-:class:`agents.training.config.TrainConfig`; for SequenceMatch ``alpha`` is the soft-Q
+:class:`agents.config.TrainConfig`; for SequenceMatch ``alpha`` is the soft-Q
 temperature (Q = alpha * logits), apart from the rollouts' sampling ``temperature``.
 """
 
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from agents.algorithms import resolve_algorithm
+from agents.config import TrainConfig, saved_settings
 from agents.models.interface import mask_logits
 from agents.training.checkpoint import CheckpointError, read_metadata
-from agents.training.config import TrainConfig, saved_settings
 from agents.training.trainer import Trainer
 from seqenv.env import SequenceGenEnv
 from seqenv.tasks import make_task
@@ -55,7 +55,7 @@ class ImitationAgent:
             observations and actions use the model's ids.
         data: your demonstrations (JSONL, text file or a `datasets` folder) instead of the
             task's.
-        **hyperparameters: any other field of :class:`agents.training.config.TrainConfig`
+        **hyperparameters: any other field of :class:`agents.config.TrainConfig`
             (``lora_r``, ``lora_alpha``, ``gradient_checkpointing``, ...).
     """
 

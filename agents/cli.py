@@ -51,10 +51,10 @@ with _ctrl_c_exits():
     import tyro
 
     from agents.algorithms import describe_algorithms, resolve_algorithm
-    from agents.evaluation.checkpoint import MAX_SEQUENCES
-    from agents.experiments.compare import CompareConfig
+    from agents.commands import MAX_SEQUENCES
+    from agents.config import RunError, TrainConfig
+    from agents.experiments.compare_config import CompareConfig
     from agents.outputs import OutputError, check_file, write_json, writes_to_stdout
-    from agents.training.config import RunError, TrainConfig
 
 # Exceptions that mean "the input was bad" or "the run cannot go on for a reason the user can
 # act on", as opposed to a bug (KeyError, TypeError, ...: those show their traceback).
@@ -214,7 +214,7 @@ class EvalConfig:
 
 def evaluate(config: EvalConfig) -> None:
     """Evaluate a checkpoint: print its metrics, optionally write them as JSON."""
-    from agents.evaluation.checkpoint import evaluate_checkpoint
+    from agents.commands import evaluate_checkpoint
     from agents.outputs import resolved
 
     if config.episodes > MAX_SEQUENCES:
@@ -277,7 +277,7 @@ class GenerateConfig:
 
 def generate_text(config: GenerateConfig) -> None:
     """Continue a prompt with a checkpoint's policy and print each sample."""
-    from agents.evaluation.checkpoint import generate_from_checkpoint
+    from agents.commands import generate_from_checkpoint
 
     if config.num > MAX_SEQUENCES:
         raise ValueError(f"--num must be <= {MAX_SEQUENCES}, got {config.num}")
@@ -317,8 +317,8 @@ def _check_generation_memory(checkpoint: str, num_sequences: int, device: str) -
 
     A checkpoint whose sizes cannot be read passes here: loading it reports what is wrong.
     """
+    from agents.config import resolve_device
     from agents.training.checkpoint import CheckpointError, read_metadata
-    from agents.training.config import resolve_device
     from agents.training.memory import check_memory, policy_bytes
     from seqenv.vocab import vocab_from_json
 
@@ -363,7 +363,7 @@ class ExportConfig:
 
 def export(config: ExportConfig) -> None:
     """Export a pretrained-LM checkpoint as a plain transformers folder."""
-    from agents.evaluation.checkpoint import check_export_target, export_checkpoint
+    from agents.commands import check_export_target, export_checkpoint
 
     check_export_target(config.out, config.checkpoint, config.overwrite)  # before any loading
     _quiet_libraries()  # the merged model's "Writing model shards" bar
@@ -372,8 +372,9 @@ def export(config: ExportConfig) -> None:
 
 def compare(config: CompareConfig) -> None:
     """Run the comparison, print the table and say where the outputs are."""
-    from agents.experiments.compare import check_out, run_compare
+    from agents.experiments.compare import run_compare
     from agents.experiments.report import table, verdicts
+    from agents.experiments.storage import check_out
 
     if config.threads is not None and config.threads < 0:
         raise ValueError(f"--threads must be >= 0 (0: torch's default), got {config.threads}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from seqenv.trajectory import DemonstrationError, _records
+from seqenv.trajectory import DemonstrationError, iter_records
 from seqenv.vocab import Vocab, VocabularyError
 
 
@@ -42,7 +42,7 @@ def load_prompt_records(path: str | Path, vocab: Vocab, max_length: int) -> list
     if path.is_file() and path.suffix not in (".jsonl", ".json"):
         raise DemonstrationError(f"{path}: evaluation records are JSONL (.jsonl) or a folder")
     records = []
-    for where, record in _records(path, "auto"):
+    for where, record in iter_records(path, "auto"):
         prompt, completion = record.get("prompt"), record.get("completion")
         if not isinstance(prompt, str):
             raise DemonstrationError(f"{where}: expected a string `prompt`, got {sorted(record)}")

@@ -531,7 +531,7 @@ class SequenceMatchLoss(Loss):
     ) -> SequenceMatchLoss:
         """The loss a run's settings describe (the one place it is built from them).
 
-        ``settings``: a :class:`~agents.training.config.TrainConfig`, or any object with
+        ``settings``: a :class:`~agents.config.TrainConfig`, or any object with
         ``divergence``, ``c``, ``alpha``, ``gamma`` and ``value_source``; ``value_source`` given
         here replaces the settings' (every agent's divergence probe reads data and model samples
         together).

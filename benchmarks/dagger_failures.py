@@ -28,7 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents.experiments.compare import CompareConfig, comparison_task, load_config, train_config
+from agents.experiments.compare_config import (
+    CompareConfig,
+    comparison_task,
+    load_config,
+    train_config,
+)
 from agents.generate import generate
 from agents.training.trainer import Trainer
 from seqenv.tasks import Task

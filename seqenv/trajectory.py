@@ -531,7 +531,7 @@ def augment(
 Format = Literal["auto", "text", "jsonl", "hf"]
 
 
-def _records(path: Path, fmt: Format) -> Iterator[tuple[str, dict]]:
+def iter_records(path: Path, fmt: Format) -> Iterator[tuple[str, dict]]:
     """Yield (where, record) pairs; a record has `prompt`+`completion` or `text`."""
     sniff = False
     if fmt == "auto":
@@ -648,7 +648,7 @@ def load_demonstrations(
     if not path.exists():
         raise DemonstrationError(f"{path}: no such file or folder")
     trajectories = []
-    for where, record in _records(path, fmt):
+    for where, record in iter_records(path, fmt):
         try:
             if "prompt" in record and "completion" in record:
                 prompt, completion = record["prompt"], record["completion"]

@@ -9,7 +9,7 @@ An :class:`Algorithm` says what the trainer cannot know by itself:
 - **the loss of one batch** (:meth:`Algorithm.loss`), a ``(policy, ObjectiveBatch) ->
   LossOutput`` callable of :mod:`agents.objectives`;
 - **its settings** (:attr:`Algorithm.settings`: the fields of
-  :class:`~agents.training.config.TrainConfig` it reads, beyond those every run has; a user's
+  :class:`~agents.config.TrainConfig` it reads, beyond those every run has; a user's
   algorithm declares its own as a dataclass, :attr:`Algorithm.Settings`, given on the command
   line as ``--agent-args JSON``);
 - **its labels** for reports (:attr:`Algorithm.label`, :attr:`Algorithm.short_label`).
@@ -41,9 +41,9 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from agents.config import TrainConfig
     from agents.models.interface import PolicyModel
     from agents.objectives import Objective
-    from agents.training.config import TrainConfig
     from seqenv.disturbance import Disturbance, NoiseFn
     from seqenv.tasks import Task
     from seqenv.trajectory import Trajectory
@@ -121,6 +121,9 @@ class Algorithm:
     own_loop: ClassVar[bool] = False
     """True: it trains with a loop of its own (PPO's), never through the trainer; a comparison
     calls its ``train_own_loop(config, task, seed, out, device) -> (policy, curves)``."""
+    loop_settings: ClassVar[dict[str, Any]] = {}
+    """An own-loop algorithm's settings and their defaults, which a comparison config's
+    ``agents.<name>`` block overrides."""
 
     def __init__(self, trainer: Run) -> None:
         self.trainer = trainer

@@ -46,7 +46,7 @@ from seqenv.mdp import SequenceMDP
 from seqenv.tasks import Task, oracle_task_names
 
 if TYPE_CHECKING:
-    from agents.training.config import TrainConfig
+    from agents.config import TrainConfig
     from seqenv.trajectory import Trajectory
 
 

@@ -18,10 +18,10 @@ from torch import nn
 
 from agents.algorithms.base import Algorithm
 from agents.collate import TrajectoryBatch
+from agents.config import TrainConfig
 from agents.evaluation.evaluate import divergence_estimate, evaluate
 from agents.models.interface import PolicyModel
 from agents.objectives import SequenceMatchLoss
-from agents.training.config import TrainConfig
 from seqenv.rules import step_budget
 from seqenv.tasks import Task
 
@@ -32,6 +32,16 @@ class PPO(Algorithm):
     label = "PPO (task reward)"
     short_label = "PPO"
     own_loop: ClassVar[bool] = True
+    loop_settings: ClassVar[dict[str, Any]] = {
+        "timesteps": 8000,
+        "n_steps": 256,
+        "batch_size": 64,
+        "width": 64,
+        "layers": 1,
+        "heads": 2,
+        "lr": 3e-4,
+        "ent_coef": 0.01,
+    }
 
     @classmethod
     def unavailable(cls, task: str, pretrained: bool) -> str | None:
@@ -105,25 +115,15 @@ def train_ppo(
 ) -> tuple[PPOPolicyModel, list[dict[str, float]]]:
     """PPO with the transformer features extractor on the task reward."""
     import gymnasium as gym
-    from stable_baselines3 import PPO
+    import stable_baselines3
 
     import seqenv
     from agents.models.sb3 import SequenceFeaturesExtractor
 
-    settings = {
-        "timesteps": 8000,
-        "n_steps": 256,
-        "batch_size": 64,
-        "width": 64,
-        "layers": 1,
-        "heads": 2,
-        "lr": 3e-4,
-        "ent_coef": 0.01,
-        **config.get("agents", {}).get("ppo", {}),
-    }
+    settings = {**PPO.loop_settings, **config.get("agents", {}).get("ppo", {})}
     max_length = config["train"].get("max_length") or task.default_max_length
     env = gym.make(seqenv.ENV_ID, task=task, max_length=max_length)
-    model = PPO(
+    model = stable_baselines3.PPO(
         "MlpPolicy",
         env,
         n_steps=settings["n_steps"],

@@ -28,7 +28,7 @@ from agents.buffer import ReplayBuffer
 from agents.objectives import BCLoss, Mixture, Objective, SequenceMatchLoss
 
 if TYPE_CHECKING:
-    from agents.training.config import TrainConfig
+    from agents.config import TrainConfig
     from seqenv.trajectory import Trajectory
 
 

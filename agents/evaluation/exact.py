@@ -52,12 +52,12 @@ from agents.evaluation.occupancy import (
     Occupancy,
     PolicyProbs,
     StateSpace,
-    _scipy_sparse,
     chain_occupancy,
     data_policy_probs,
     disturbance_kernel,
     divergences,
     policy_chain,
+    scipy_sparse,
     visits,
 )
 
@@ -75,7 +75,7 @@ def expert_chain(task: GrammarTask, space: StateSpace, kernel: DisturbanceKernel
     Raises:
         ValueError: if the expert's start state has no grammar action.
     """
-    sp, _ = _scipy_sparse()
+    sp, _ = scipy_sparse()
     special = space.special
     A = special.num_actions
     bkspc = special.backspace_id

@@ -368,7 +368,7 @@ class Chain:
     transitions: Any  # a scipy.sparse matrix; scipy is imported lazily
 
 
-def _scipy_sparse() -> tuple[Any, Any]:
+def scipy_sparse() -> tuple[Any, Any]:
     """scipy.sparse and spsolve, imported on first use (scipy is an optional dependency)."""
     try:
         import scipy.sparse as sp
@@ -404,7 +404,7 @@ def policy_chain(
             the policy never reaches.
         kernel: the disturbance; None for the clean MDP.
     """
-    sp, _ = _scipy_sparse()
+    sp, _ = scipy_sparse()
     probs = _check_probs(space, probs)
     N = space.num_states
     executed = probs if kernel is None else kernel.executed_probs(probs)
@@ -424,7 +424,7 @@ def visits(chain: Chain, gamma: float) -> np.ndarray:
     Raises:
         ValueError: if the solution is not finite (a policy that can loop for ever at γ = 1).
     """
-    sp, spsolve = _scipy_sparse()
+    sp, spsolve = scipy_sparse()
     M = len(chain.text)
     system = (sp.identity(M, format="csc") - gamma * chain.transitions.T).tocsc()
     start = np.zeros(M)

@@ -41,12 +41,12 @@ import torch
 
 from agents.algorithms import SequenceMatch
 from agents.collate import collate
+from agents.config import TrainConfig
 from agents.experiments.timing import interleaved_fastest
 from agents.generate import generate
 from agents.models.policy import TransformerPolicy
 from agents.objectives import MLELoss, ObjectiveBatch
 from agents.outputs import write_json
-from agents.training.config import TrainConfig
 from agents.training.trainer import Trainer
 from seqenv.disturbance import Disturbance
 from seqenv.rules import step_budget

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agents.collate import RefeedMask, TrajectoryBatch, collate
-from agents.experiments.bench_policy import Shape, _LogitBias, _special, _trajectories
+from agents.experiments.bench_policy import LogitBias, Shape, bench_trajectories, special_ids
 from agents.experiments.timing import interleaved_fastest
 from agents.generate import generate
 from agents.models.policy import TransformerConfig, TransformerPolicy
@@ -109,8 +109,8 @@ def _autocast(shape: Shape, device: str) -> AbstractContextManager[Any]:
 
 
 def _batch(shape: Shape, device: str) -> TrajectoryBatch:
-    special = _special(shape.num_tokens)
-    trajectories = _trajectories(shape, special, np.random.default_rng(0))
+    special = special_ids(shape.num_tokens)
+    trajectories = bench_trajectories(shape, special, np.random.default_rng(0))
     return collate(trajectories, pad_to_multiple=shape.rows).to(device)
 
 
@@ -126,7 +126,7 @@ def _time_train_steps(
 def stage_train(shape: Shape, device: str) -> dict[str, float]:
     """The MLE step on the masked pass (FlexAttention): tokens/s, BlockMask cost, MFU."""
     torch.manual_seed(0)
-    special = _special(shape.num_tokens)
+    special = special_ids(shape.num_tokens)
     policy = TransformerPolicy(special, shape.config).to(device).train()
     policy.config.attention_backend = "flex" if shape.flex else "sdpa"
     model: nn.Module = torch.compile(policy) if shape.compile else policy  # type: ignore[assignment]
@@ -220,14 +220,14 @@ def _prompts(shape: Shape, device: str) -> torch.Tensor:
 def stage_generate(shape: Shape, device: str) -> dict[str, float]:
     """Rollback generation (bf16 weights on CUDA): actions per second, backspaces included."""
     torch.manual_seed(0)
-    special = _special(shape.num_tokens)
+    special = special_ids(shape.num_tokens)
     policy = TransformerPolicy(special, shape.config).to(device).eval()
     if shape.bf16:
         policy = policy.to(torch.bfloat16)
     bias = torch.zeros(special.num_actions, device=device)
     bias[special.eos_id] = -1e4  # every row runs the whole budget
     bias[special.backspace_id] = shape.backspace_bias
-    model = _LogitBias(policy, bias).eval()
+    model = LogitBias(policy, bias).eval()
     prompts = _prompts(shape, device).tolist()
     counts: dict[str, int] = {}
 

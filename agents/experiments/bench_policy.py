@@ -95,7 +95,8 @@ def _shape(quick: bool, device: str) -> Shape:
     )
 
 
-def _special(num_tokens: int) -> SpecialIds:
+def special_ids(num_tokens: int) -> SpecialIds:
+    """The special ids of a vocabulary of ``num_tokens`` tokens (<bkspc> and <eos> after them)."""
     return SpecialIds(
         num_actions=num_tokens + 2,
         eos_id=num_tokens,
@@ -104,7 +105,9 @@ def _special(num_tokens: int) -> SpecialIds:
     )
 
 
-def _trajectories(shape: Shape, special: SpecialIds, rng: np.random.Generator) -> list[Trajectory]:
+def bench_trajectories(
+    shape: Shape, special: SpecialIds, rng: np.random.Generator
+) -> list[Trajectory]:
     """Random text with noise augmentation: each fits in ``shape.rows`` re-feed rows."""
     noise = random_noise(special)
     # rows = prompt + n tokens + 2 rows per noise insertion (the noise token and the re-feed)
@@ -177,7 +180,7 @@ def _measure_train(
     return figures
 
 
-class _LogitBias(nn.Module):
+class LogitBias(nn.Module):
     """The policy with a constant logit bias: no <eos>, some <bkspc> (generation workload)."""
 
     def __init__(self, inner: TransformerPolicy, bias: torch.Tensor) -> None:
@@ -188,6 +191,7 @@ class _LogitBias(nn.Module):
 
     @property
     def max_positions(self) -> int | None:
+        """The inner policy's."""
         return self.inner.max_positions
 
     def forward(
@@ -196,23 +200,27 @@ class _LogitBias(nn.Module):
         position_ids: torch.Tensor,
         attention: RefeedMask | None = None,
     ) -> torch.Tensor:
+        """The inner policy's logits plus the bias."""
         return self.inner(input_ids, position_ids, attention) + self.logit_bias
 
     def forward_batch(self, batch: TrajectoryBatch) -> torch.Tensor:
+        """The inner policy's logits of a batch plus the bias."""
         return self.inner.forward_batch(batch) + self.logit_bias
 
     def init_cache(self, batch_size: int, capacity: int) -> Any:
+        """The inner policy's cache."""
         return self.inner.init_cache(batch_size, capacity)
 
     def decode(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Any
     ) -> torch.Tensor:
+        """One decoding step of the inner policy plus the bias."""
         return self.inner.decode(input_ids, position_ids, cache) + self.logit_bias
 
 
 @torch.no_grad()
 def _plain_generate(
-    model: _LogitBias, prompts: torch.Tensor, new_tokens: int, generator: torch.Generator
+    model: LogitBias, prompts: torch.Tensor, new_tokens: int, generator: torch.Generator
 ) -> torch.Tensor:
     """The baseline: append-only KV-cache sampling of ordinary tokens, no MDP, no backspace."""
     B, P = prompts.shape
@@ -238,7 +246,7 @@ def _measure_generate(
     bias = torch.zeros(special.num_actions, device=device)
     bias[special.eos_id] = -1e4  # every row runs the whole budget: equal work on every side
     bias[special.backspace_id] = shape.backspace_bias
-    model = _LogitBias(policy, bias).eval()
+    model = LogitBias(policy, bias).eval()
     prompts = torch.randint(
         0,
         shape.num_tokens,
@@ -307,7 +315,7 @@ def _measure_hf_train(quick: bool, device: str, sync: Callable[[], None]) -> dic
         train_iters=3 if quick else 10, gen_batch=1, prompt_length=16, new_tokens=1,
         backspace_bias=0.0,
     )  # fmt: skip
-    trajectories = _trajectories(shape, policy.special, np.random.default_rng(0))
+    trajectories = bench_trajectories(shape, policy.special, np.random.default_rng(0))
     batch = collate(trajectories, pad_to_multiple=shape.rows).to(device)
     B, T = batch.input_ids.shape
     causal_positions = torch.arange(T, device=device).expand(B, T)
@@ -364,7 +372,7 @@ def measure(
 def _measure(quick: bool, device: str, shape: Shape | None) -> dict[str, float]:
     shape = _shape(quick, device) if shape is None else shape
     torch.manual_seed(0)
-    special = _special(shape.num_tokens)
+    special = special_ids(shape.num_tokens)
     policy = TransformerPolicy(special, shape.config).to(device)
     is_cuda = device.startswith("cuda")
 
@@ -375,7 +383,7 @@ def _measure(quick: bool, device: str, shape: Shape | None) -> dict[str, float]:
     autocast: AbstractContextManager[Any] = (
         torch.autocast(device_type="cuda", dtype=torch.bfloat16) if shape.bf16 else nullcontext()
     )
-    trajectories = _trajectories(shape, special, np.random.default_rng(0))
+    trajectories = bench_trajectories(shape, special, np.random.default_rng(0))
     batch = collate(trajectories, pad_to_multiple=shape.rows).to(device)
     model: nn.Module = torch.compile(policy) if shape.compile else policy  # type: ignore[assignment]
     figures = _measure_train(model, policy.train(), batch, shape, device, autocast, sync)

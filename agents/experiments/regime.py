@@ -28,15 +28,10 @@ import numpy as np
 
 from agents.evaluation.evaluate import METRICS, headline
 from agents.evaluation.stats import FLAT_CHANGE, last_quarter_move
-from agents.experiments.compare import (
-    CompareConfig,
-    _merge,
-    load_config,
-    run_one,
-    stored_or_run,
-    write_json_atomic,
-)
-from agents.experiments.report import _cell, _clean
+from agents.experiments.compare_config import CompareConfig, load_config, merge
+from agents.experiments.report import stat_cell, strict_json
+from agents.experiments.single_run import run_one
+from agents.experiments.storage import stored_or_run, write_json_atomic
 from agents.experiments.summary import aggregate
 from seqenv.tasks import make_task
 
@@ -146,7 +141,7 @@ def write_report(task: str, summary: list[dict[str, Any]], meta: dict[str, Any],
     ]
     for s in summary:
         p = s["point"]
-        cells = [_cell(s["metrics"].get(c)) for c in columns]
+        cells = [stat_cell(s["metrics"].get(c)) for c in columns]
         change = s["last_quarter_change"]
         lines.append(
             f"| {p['length']} | {p['model']} | {p['num_demonstrations']} | "
@@ -237,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for point in grid:
-        config = _merge(base, {"task_args": point["task_args"], "train": point["train"]})
+        config = merge(base, {"task_args": point["task_args"], "train": point["train"]})
         task = make_task(config["task"], **config["task_args"])
         for seed in meta["seeds"]:
             path = out / "runs" / f"{point['name']}-s{seed}.json"
@@ -253,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         meta["wall_seconds"] = time.perf_counter() - started
         meta["compute_seconds"] = sum(r["train_seconds"] + r["eval_seconds"] for r in rows)
         summary = summarise(args.task, rows, meta["eval_episodes"])
-        write_json_atomic(out / "results.json", _clean({"meta": meta, "points": summary}))
+        write_json_atomic(out / "results.json", strict_json({"meta": meta, "points": summary}))
         write_report(args.task, summary, meta, out)
     print((out / "report.md").read_text())
     return 0

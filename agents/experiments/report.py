@@ -55,18 +55,19 @@ def _higher_is_better(metric: str) -> bool:
     return bool(known and known.higher_is_better)
 
 
-def _clean(value: Any) -> Any:
+def strict_json(value: Any) -> Any:
     """JSON without NaN or infinity (they are not JSON): such values become null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: strict_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
+        return [strict_json(v) for v in value]
     return value
 
 
-def _cell(stats: dict[str, Any] | None) -> str:
+def stat_cell(stats: dict[str, Any] | None) -> str:
+    """A table cell: the mean and its 95% interval to three decimals (a dash for none)."""
     if not stats:
         return "–"
     mean, (lo, hi) = stats["mean"], stats["ci95"]
@@ -97,7 +98,7 @@ def table(results: dict[str, Any], metrics: list[str] | None = None) -> str:
     arrows = [f"{m} {_arrow(m.removeprefix('disturbed/'))}".rstrip() for m in metrics]
     lines = ["| agent | " + " | ".join(arrows) + " |", "|---" * (len(metrics) + 1) + "|"]
     for agent, stats in results["agents"].items():
-        cells = [_cell(stats.get(m)) for m in metrics]
+        cells = [stat_cell(stats.get(m)) for m in metrics]
         lines.append(f"| {agent_label(agent)} | " + " | ".join(cells) + " |")
     for name, values in results.get("reference", {}).items():
         cells = [f"{values[m]:.3f}" if m in values else "–" for m in metrics]
@@ -380,7 +381,7 @@ def report(results: dict[str, Any]) -> str:
         lines.append("|---" * (len(headline) + 2) + "|")
         for agent, by_value in sweep["by_value"].items():
             for value, stats in by_value.items():
-                cells = [_cell(stats.get(m)) for m in headline]
+                cells = [stat_cell(stats.get(m)) for m in headline]
                 lines.append(f"| {agent_label(agent)} | {value} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [
@@ -531,8 +532,8 @@ def write_outputs(results: dict[str, Any], out: Path, with_plots: bool = True) -
     """
     out.mkdir(parents=True, exist_ok=True)
     if owner(out) == "comparison":
-        record(out, *output_names(_clean(results)))
-    write_file(out / "results.json", json.dumps(_clean(results), indent=1) + "\n")
-    write_file(out / "report.md", report(_clean(results)))
+        record(out, *output_names(strict_json(results)))
+    write_file(out / "results.json", json.dumps(strict_json(results), indent=1) + "\n")
+    write_file(out / "report.md", report(strict_json(results)))
     if with_plots:
-        plots(_clean(results), out)
+        plots(strict_json(results), out)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from agents.config import TrainConfig
 from agents.evaluation.evaluate import headline, metric_spec
 from agents.evaluation.stats import (
     NUM_RESAMPLES,
@@ -22,7 +23,6 @@ from agents.evaluation.stats import (
     hierarchical_bootstrap_ci95,
     last_quarter_move,
 )
-from agents.training.config import TrainConfig
 
 DIFFERENCES = (
     ("sequencematch", "mle"),

@@ -20,18 +20,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from agents.config import TrainConfig
 from agents.evaluation.evaluate import TASK_METRICS
-from agents.experiments.compare import (
-    CompareConfig,
-    load_config,
-    run_key,
-    run_one,
-    stored_or_run,
-    write_json_atomic,
-)
-from agents.experiments.report import _cell, _clean
+from agents.experiments.compare_config import CompareConfig, load_config
+from agents.experiments.report import stat_cell, strict_json
+from agents.experiments.single_run import run_one
+from agents.experiments.storage import run_key, stored_or_run, write_json_atomic
 from agents.experiments.summary import aggregate
-from agents.training.config import TrainConfig
 from seqenv.tasks import make_task
 
 # Parameter -> values; the base config's own value is among them. `kappa` is c * alpha, the one
@@ -139,7 +134,7 @@ def write_report(results: dict, out: Path) -> str:
             "|---" * (len(present) + 1) + "|",
         ]
         for value, stats in data["by_value"].items():
-            cells = [_cell(stats.get(m)) for m in present]
+            cells = [stat_cell(stats.get(m)) for m in present]
             lines.append(f"| {value} | " + " | ".join(cells) + " |")
         lines.append("")
     text = "\n".join(lines)
@@ -194,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append({**row, "value": value})
         results["params"][param] = {"runs": runs, "by_value": aggregate(runs, key="value")}
         results["wall_seconds"] = time.perf_counter() - started
-        write_json_atomic(args.out / "results.json", _clean(results))
+        write_json_atomic(args.out / "results.json", strict_json(results))
         write_report(results, args.out)
     print(write_report(results, args.out))
     return 0

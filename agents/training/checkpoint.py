@@ -522,8 +522,8 @@ def load_policy(path: str | Path, device: str = "cpu") -> tuple[Any, dict[str, A
 
     Reads only the checkpoint (and, for LoRA adapters, their base model): never a task's data.
     """
+    from agents.config import resolve_device
     from agents.models.policy import TransformerConfig, TransformerPolicy
-    from agents.training.config import resolve_device
     from agents.training.memory import check_memory, policy_bytes
     from seqenv.vocab import vocab_from_json
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from agents.training.config import RunError, TrainConfig
+from agents.config import RunError, TrainConfig
 from seqenv.devices import memory_shortfall
 
 

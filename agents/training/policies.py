@@ -1,6 +1,6 @@
 """How a run's policy is built and seen: our transformer or a pretrained LM, and its batch pass.
 
-:func:`build_policy` makes the network a :class:`~agents.training.config.TrainConfig` asks for;
+:func:`build_policy` makes the network a :class:`~agents.config.TrainConfig` asks for;
 :class:`PolicyView` is what the objectives see of it, its whole masked pass routed through the
 (possibly DDP-wrapped, possibly compiled) :class:`BatchForward` module.
 """
@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from torch import nn
 
 from agents.collate import TrajectoryBatch
+from agents.config import TrainConfig
 from agents.models.policy import TransformerConfig, TransformerPolicy
-from agents.training.config import TrainConfig
 from seqenv.vocab import SpecialIds, Vocab
 
 if TYPE_CHECKING:

@@ -19,8 +19,8 @@ from seqenv.trajectory import Trajectory, disturbed_demonstrations
 
 if TYPE_CHECKING:
     from agents.algorithms.base import TrainablePolicy
+    from agents.config import TrainConfig
     from agents.objectives import SequenceMatchLoss
-    from agents.training.config import TrainConfig
     from seqenv.disturbance import Disturbance, NoiseFn
     from seqenv.tasks import Task
     from seqenv.vocab import Vocab

@@ -6,20 +6,20 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from agents.config import saved_settings
 from agents.training.checkpoint import (
     CheckpointError,
     load_training_state,
     load_weights,
     model_metadata,
 )
-from agents.training.config import saved_settings
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
     from agents.algorithms.base import Algorithm
-    from agents.training.config import TrainConfig
+    from agents.config import TrainConfig
     from seqenv.tasks import Task
     from seqenv.trajectory import Trajectory
     from seqenv.vocab import Vocab

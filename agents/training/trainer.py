@@ -44,6 +44,7 @@ from torch import nn
 from tqdm import tqdm
 
 from agents.algorithms import resolve_algorithm
+from agents.config import RunError, TrainConfig, resolve_device
 from agents.evaluation.evaluate import headline
 from agents.objectives import LossOutput, SequenceMatchLoss, gradient_shares
 from agents.outputs import check_folder, first_missing
@@ -58,7 +59,6 @@ from agents.training.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from agents.training.config import RunError, TrainConfig, resolve_device
 from agents.training.logger import Logger
 from agents.training.memory import check_host_memory, check_memory, training_bytes
 from agents.training.policies import BatchForward, PolicyView, build_policy, model_vocabulary

@@ -14,9 +14,9 @@ import torch
 
 import seqenv
 from agents import BC, MLE, SequenceMatch
+from agents.config import TrainConfig
 from agents.models.sb3 import SequenceFeaturesExtractor
 from agents.training.checkpoint import CheckpointError, resolve_checkpoint
-from agents.training.config import TrainConfig
 from agents.training.trainer import Trainer
 
 TINY = {

@@ -250,7 +250,7 @@ def test_dropping_done_rows_from_the_cache_changes_nothing(
     """Generation decodes only live rows once enough are done; the output is the same as
     decoding every row to the end (episodes, and logits to float tolerance)."""
     from agents import generate as generation
-    from tests.agents.test_hf import make_policy
+    from tests.agents.models.test_hf import make_policy
 
     model: Any = policy if kind == "ours" else make_policy(kind, "eager", backspace_scale=1.5)
     prompts = [[1], [2, 3], [4, 5, 1], [3]] * 6

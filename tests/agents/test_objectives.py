@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from agents.collate import TrajectoryBatch, collate
+from agents.config import TrainConfig
 from agents.models.policy import TransformerPolicy
 from agents.objectives import (
     DIVERGENCES,
@@ -23,7 +24,6 @@ from agents.objectives import (
     gradient_shares,
     phi,
 )
-from agents.training.config import TrainConfig
 from seqenv.trajectory import Trajectory, augment, random_noise
 from seqenv.vocab import CharVocab, SpecialIds
 

@@ -1,9 +1,10 @@
 """The masked pass on the GPU in bf16: its logits and gradients equal a pass per state.
 
-The CPU tests (tests/agents/test_policy.py) check these equalities in float32 to 1e-5. Here the
-subject runs under bf16 autocast (FlexAttention, SDPA with the dense mask, and the compiled
-model) and the reference is a float32 pass per state (TF32 off), so the tolerances are those of
-bf16 (8 bits of mantissa, relative rounding 2**-9 per operation, accumulated over 2 layers):
+The CPU tests (tests/agents/models/test_policy.py) check these equalities in float32 to 1e-5.
+Here the subject runs under bf16 autocast (FlexAttention, SDPA with the dense mask, and the
+compiled model) and the reference is a float32 pass per state (TF32 off), so the tolerances are
+those of bf16 (8 bits of mantissa, relative rounding 2**-9 per operation, accumulated over 2
+layers):
 
 - logits: max error <= LOGITS_RTOL of the largest reference logit;
 - gradients: ||g - g_ref|| <= GRADS_RTOL ||g_ref||, over all parameters together.

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from agents.collate import collate
-from agents.training.config import TrainConfig
+from agents.config import TrainConfig
 from agents.training.logger import Logger
 from agents.training.trainer import Trainer
 from tests.gpu.helpers import requires_cuda

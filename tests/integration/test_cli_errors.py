@@ -133,7 +133,7 @@ def _empty_model(root: Path) -> None:
 
 
 def _tiny_model(root: Path) -> Path:
-    from tests.agents.test_pretrained import save_tiny_model
+    from tests.agents.models.test_pretrained import save_tiny_model
 
     return save_tiny_model(root / "model", "gpt2")
 

@@ -9,9 +9,17 @@ from typing import Any
 
 import pytest
 
+from agents.algorithms import ALGORITHMS
 from agents.cli import main
 from agents.experiments import summary
-from agents.experiments.compare import CompareConfig, load_config, train_config
+from agents.experiments.compare_config import (
+    DEFAULT_CONFIG,
+    CompareConfig,
+    library_defaults,
+    load_config,
+    train_config,
+)
+from agents.experiments.storage import runs_config
 
 
 def test_compare_quick_writes_every_output(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -119,3 +127,23 @@ def test_convergence_reads_each_agents_last_quarter() -> None:
     assert (flat["mle"]["flat_seeds"], flat["mle"]["seeds"]) == (2, 2)
     assert not flat["bc"]["flat"] and flat["bc"]["change"] == pytest.approx(0.4)
     assert summary.convergence(runs, {"task": "text"}) == {}  # MAUVE's noise is not binomial
+
+
+def test_the_default_config_repeats_no_library_default() -> None:
+    defaults = library_defaults()
+    for block in (DEFAULT_CONFIG["train"], DEFAULT_CONFIG["quick"]["train"]):
+        assert not {k for k, v in block.items() if k in defaults and v == defaults[k]}
+    for block in (DEFAULT_CONFIG["agents"], DEFAULT_CONFIG["quick"]["agents"]):
+        for agent, settings in block.items():
+            own = ALGORITHMS[agent].cls.loop_settings
+            assert not {k for k, v in settings.items() if k in own and v == own[k]}, agent
+
+
+def test_a_stated_default_is_the_same_run_as_its_absence() -> None:
+    config = load_config(CompareConfig())
+    stated = {**config, "train": {**config["train"], "noise": library_defaults()["noise"]}}
+    assert "noise" not in config["train"] and runs_config(stated) == runs_config(config)
+    changed = {**config, "train": {**config["train"], "noise": 0.3}}
+    assert runs_config(changed) != runs_config(config)
+    ppo = {**config, "agents": {"ppo": {**config["agents"]["ppo"], "n_steps": 256}}}
+    assert runs_config(ppo) == runs_config(config)  # PPO's own default

@@ -16,8 +16,10 @@ import pytest
 
 from agents import outputs
 from agents.cli import main
-from agents.experiments import compare
-from agents.experiments.compare import CompareConfig, RunSpec, run_compare
+from agents.experiments import compare_config, single_run, storage
+from agents.experiments.compare import run_compare
+from agents.experiments.compare_config import CompareConfig
+from agents.experiments.storage import RunSpec
 
 AGENTS = "mle,bc,sequencematch"
 
@@ -61,7 +63,7 @@ class FakeRunOne:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeRunOne:
     runner = FakeRunOne()
-    monkeypatch.setattr(compare, "run_one", runner)
+    monkeypatch.setattr(single_run, "run_one", runner)
     return runner
 
 
@@ -75,7 +77,7 @@ def test_runs_are_written_as_they_finish_and_resume_skips_them(
 ) -> None:
     out = tmp_path / "cmp"
     stopping = FakeRunOne(fail_at=4)
-    monkeypatch.setattr(compare, "run_one", stopping)
+    monkeypatch.setattr(single_run, "run_one", stopping)
     with pytest.raises(KeyboardInterrupt):
         run_compare(options(out))
     files = sorted(p.name for p in (out / "runs").glob("*.json"))
@@ -84,14 +86,14 @@ def test_runs_are_written_as_they_finish_and_resume_skips_them(
     record = json.loads((out / "runs" / "bc-s0.json").read_text())
     assert record["format"] == 1 and record["row"]["agent"] == "bc"
     assert record["row"]["metrics"]["mean_backtrack_length"] is None  # strict JSON: no NaN
-    assert record["config"] == compare.runs_config(compare.load_config(options(out)))
+    assert record["config"] == storage.runs_config(compare_config.load_config(options(out)))
     partial = json.loads((out / "results.json").read_text())  # rebuilt after each run
     assert not partial["complete"] and partial["runs_done"] == 4 and partial["runs_total"] == 9
     assert "Partial: 4 of 9 runs finished" in (out / "report.md").read_text()
     assert "[compare] 4/9 done: bc seed 0 (2 s)" in capsys.readouterr().err
 
     resumed = FakeRunOne()
-    monkeypatch.setattr(compare, "run_one", resumed)
+    monkeypatch.setattr(single_run, "run_one", resumed)
     results = run_compare(options(out, resume=True))
     assert sorted(resumed.calls) == [("bc", 1), ("bc", 2)] + [
         ("sequencematch", s) for s in range(3)
@@ -104,7 +106,7 @@ def test_runs_are_written_as_they_finish_and_resume_skips_them(
     )
 
     again = FakeRunOne()  # everything finished: the outputs are rebuilt, nothing retrained
-    monkeypatch.setattr(compare, "run_one", again)
+    monkeypatch.setattr(single_run, "run_one", again)
     earlier = json.loads((out / "results.json").read_text())
     earlier["wall_seconds"] = 1000.0  # as if the earlier sessions had taken that long
     (out / "results.json").write_text(json.dumps(earlier))
@@ -138,7 +140,7 @@ def test_a_folder_of_another_config_is_refused_unless_overwrite(
     assert main([*argv, "--overwrite"]) == 0
     assert len(fake.calls) == 6
     record = json.loads((out / "runs" / "mle-s0.json").read_text())
-    assert record["config"]["train"]["steps"] == compare.DEFAULT_CONFIG["train"]["steps"]
+    assert record["config"]["train"]["steps"] == compare_config.DEFAULT_CONFIG["train"]["steps"]
 
 
 def test_runs_from_other_library_defaults_are_not_resumed(
@@ -149,8 +151,8 @@ def test_runs_from_other_library_defaults_are_not_resumed(
     run_compare(options(out, agents="mle"))
     record = json.loads((out / "runs" / "mle-s0.json").read_text())
     assert record["config"]["library_defaults"]["level_penalty"] == 0.01
-    changed = {**compare.library_defaults(), "level_penalty": 0.5}
-    monkeypatch.setattr(compare, "library_defaults", lambda: changed)
+    changed = {**compare_config.library_defaults(), "level_penalty": 0.5}
+    monkeypatch.setattr(compare_config, "library_defaults", lambda: changed)
     with pytest.raises(FileExistsError, match="runs of a different config"):
         run_compare(options(out, agents="mle"))
     run_compare(options(out, agents="mle", overwrite=True))
@@ -190,7 +192,7 @@ def test_a_comparison_from_before_the_marker_resumes_and_is_marked(
     out = tmp_path / "cmp"
     stopped = FakeRunOne(fail_at=2)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(compare, "run_one", stopped)
+        patch.setattr(single_run, "run_one", stopped)
         with pytest.raises(KeyboardInterrupt):
             run_compare(options(out, agents="mle"))
     for name in ("seqmatch-comparison", outputs.MANIFEST, outputs.LOCK):
@@ -227,9 +229,9 @@ def test_a_stopped_runs_tensorboard_folder_is_cleared_before_its_rerun(
 
 def test_atomic_write_leaves_the_old_file_on_failure(tmp_path: Path) -> None:
     path = tmp_path / "runs" / "mle-s0.json"
-    compare.write_json_atomic(path, {"a": 1})
+    storage.write_json_atomic(path, {"a": 1})
     with pytest.raises(TypeError):
-        compare.write_json_atomic(path, {"a": object()})
+        storage.write_json_atomic(path, {"a": object()})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in path.parent.iterdir()] == ["mle-s0.json"]
 
@@ -272,7 +274,7 @@ def test_curves_are_grouped_by_agent_and_the_report_shows_differences(
 
 
 def test_sweep_runs_have_their_own_files_and_resume(tmp_path: Path, fake: FakeRunOne) -> None:
-    config = {**compare.DEFAULT_CONFIG, "name": "with-sweep"}
+    config = {**compare_config.DEFAULT_CONFIG, "name": "with-sweep"}
     config["sweep"] = {"param": "eta", "values": [0.1, 0.5], "agents": ["sequencematch"]}
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(config))
@@ -320,7 +322,7 @@ def test_two_jobs_give_the_runs_of_one_job(tmp_path: Path) -> None:
 
 
 def test_targets_are_answered_in_the_report(tmp_path: Path, fake: FakeRunOne) -> None:
-    config = {**compare.DEFAULT_CONFIG, "name": "with-targets"}
+    config = {**compare_config.DEFAULT_CONFIG, "name": "with-targets"}
     config["targets"] = [
         {"text": "SM at least MLE + 0.4", "metric": "accuracy", "agent": "sequencematch",
          "other": "mle", "relation": ">=", "offset": 0.4},
@@ -355,10 +357,10 @@ def test_a_run_stopped_mid_way_resumes_from_its_last_save(
     uninterrupted run does, its learning curve whole."""
     config_file = tmp_path / "saving.json"
     config = {
-        **compare.DEFAULT_CONFIG,
+        **compare_config.DEFAULT_CONFIG,
         "name": "saving",
         "seeds": 1,
-        "train": {**compare.DEFAULT_CONFIG["train"], "save_interval": 4},
+        "train": {**compare_config.DEFAULT_CONFIG["train"], "save_interval": 4},
     }
     config_file.write_text(json.dumps(config))
     settings: dict[str, Any] = {
@@ -371,10 +373,10 @@ def test_a_run_stopped_mid_way_resumes_from_its_last_save(
     whole = run_compare(CompareConfig(out=str(tmp_path / "whole"), **settings))
 
     out = tmp_path / "stopped"
-    loaded = compare.load_config(CompareConfig(out=str(out), **settings))
-    first = compare.train_config(loaded, "mle", 0, out, "cpu", False)
-    compare._save_and_resume(first, out)
-    trainer = compare.Trainer(first, task=compare.comparison_task(loaded))
+    loaded = compare_config.load_config(CompareConfig(out=str(out), **settings))
+    first = compare_config.train_config(loaded, "mle", 0, out, "cpu", False)
+    single_run.save_and_resume(first, out)
+    trainer = single_run.Trainer(first, task=compare_config.comparison_task(loaded))
     step = trainer.train_step
 
     def killed_after_update_9(logger: Any) -> None:  # the save at update 8 is the last
@@ -403,7 +405,7 @@ def test_sigterm_stops_like_ctrl_c_and_keeps_the_finished_runs(
             os.kill(os.getpid(), signal.SIGTERM)
         return runner(*args, **kw)
 
-    monkeypatch.setattr(compare, "run_one", terminated_on_the_third_run)
+    monkeypatch.setattr(single_run, "run_one", terminated_on_the_third_run)
     with pytest.raises(KeyboardInterrupt, match="signal"):
         run_compare(options(tmp_path / "cmp"))
     assert len(list((tmp_path / "cmp" / "runs").glob("*.json"))) == 2
@@ -414,8 +416,8 @@ def test_sigterm_stops_like_ctrl_c_and_keeps_the_finished_runs(
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 def test_a_worker_exits_when_its_parent_is_killed(tmp_path: Path) -> None:
     child = (
-        "import sys, time; from agents.experiments.compare import _exit_with_parent; "
-        "_exit_with_parent(int(sys.argv[1])); time.sleep(120)"
+        "import sys, time; from agents.experiments.pool import exit_with_parent; "
+        "exit_with_parent(int(sys.argv[1])); time.sleep(120)"
     )
     parent = (
         "import os, subprocess, sys, time; "

@@ -41,7 +41,7 @@ raise SystemExit(main(sys.argv[2:]))
 COMPARE_AT_A_GATE = """
 import sys, time
 from pathlib import Path
-from agents.experiments import compare
+from agents.experiments import single_run
 gate = Path(sys.argv[1])
 def run_one(config, task, agent, seed, out, *args, **kwargs):
     gate.with_suffix(".reached").touch()
@@ -49,7 +49,7 @@ def run_one(config, task, agent, seed, out, *args, **kwargs):
         time.sleep(0.05)
     return {"agent": agent, "seed": seed, "metrics": {"accuracy": 0.5}, "episode_values": {},
             "curves": [], "train_seconds": 0.0, "eval_seconds": 0.0}
-compare.run_one = run_one
+single_run.run_one = run_one
 from agents.cli import main
 raise SystemExit(main(sys.argv[2:]))
 """
@@ -175,8 +175,8 @@ def test_an_orphaned_worker_writes_nothing_after_its_parent_is_gone(tmp_path: Pa
     """The worker dies with its parent (the kernel kills it), not at its next watch (2 s)."""
     heartbeat = tmp_path / "heartbeat"
     worker = (
-        "import sys, time, pathlib; from agents.experiments.compare import _exit_with_parent; "
-        "_exit_with_parent(int(sys.argv[1])); beat = pathlib.Path(sys.argv[2]); n = 0\n"
+        "import sys, time, pathlib; from agents.experiments.pool import exit_with_parent; "
+        "exit_with_parent(int(sys.argv[1])); beat = pathlib.Path(sys.argv[2]); n = 0\n"
         "while True:\n    n += 1; beat.write_text(str(n)); time.sleep(0.01)"
     )
     parent = (

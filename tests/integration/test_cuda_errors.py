@@ -12,7 +12,7 @@ import torch
 
 from agents.agent import MLE, SequenceMatch
 from agents.cli import main
-from agents.training.config import resolve_device
+from agents.config import resolve_device
 from tests.integration.conftest import TINY, tiny_checkpoint
 
 NO_CUDA = "no CUDA device is available"

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from agents.cli import main
 from agents.outputs import listed, owner
 from agents.training.checkpoint import resolve_checkpoint
-from tests.agents.test_pretrained import save_tiny_model
+from tests.agents.models.test_pretrained import save_tiny_model
 from tests.integration.conftest import check_ok, run_cli
 
 ARITHMETIC = [

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from agents import outputs
+from agents.config import parse_task_args
 from agents.data import load_prompt_records
 from agents.evaluation.episodes import backspace_stats
 from agents.evaluation.evaluate import default_greedy, evaluate
 from agents.generate import generate
 from agents.training.checkpoint import TMP_PREFIX, CheckpointError, load_policy, read_metadata
-from agents.training.config import parse_task_args
 from seqenv.tasks import Example, Split, Task, make_task
 from seqenv.vocab import PretrainedVocab, Vocab, VocabularyError, vocab_from_json
 

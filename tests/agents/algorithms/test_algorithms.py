@@ -18,9 +18,10 @@ from agents.algorithms import (
     resolve_algorithm,
 )
 from agents.cli import main
-from agents.experiments.compare import CompareConfig, run_compare
+from agents.config import TrainConfig
+from agents.experiments.compare import run_compare
+from agents.experiments.compare_config import CompareConfig
 from agents.outputs import safe_name
-from agents.training.config import TrainConfig
 from agents.training.trainer import Trainer
 
 USER = "tests.agents.label_smoothing:LabelSmoothingBC"
@@ -29,7 +30,7 @@ TINY: dict[str, Any] = {
     "num_demonstrations": 64, "eval_interval": 0, "eval_episodes": 4, "lr_warmup": 1,
     "logdir": None, "progress": False, "device": "cpu",
 }  # fmt: skip
-TRAINING = Path(__file__).resolve().parents[2] / "agents" / "training"
+TRAINING = Path(__file__).resolve().parents[3] / "agents" / "training"
 
 
 def test_registry_names_presets_and_labels() -> None:

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from agents.algorithms import SequenceMatch
+from agents.config import TrainConfig
 from agents.objectives import BCLoss, MLELoss
-from agents.training.config import TrainConfig
 from agents.training.logger import Logger
 from agents.training.trainer import Trainer
 

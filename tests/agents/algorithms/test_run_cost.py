@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from agents.algorithms.sequencematch import SequenceMatch, rollout_step_cap
-from agents.training.config import TrainConfig
+from agents.config import TrainConfig
 from agents.training.trainer import Trainer
 from seqenv.trajectory import Trajectory
 from tests.agents.conftest import tiny_run

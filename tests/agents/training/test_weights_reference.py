@@ -5,7 +5,7 @@ it computes. These runs cover every path the move touched: MLE, BC (intended and
 labels), and SequenceMatch through its warm start, rollouts, replay buffer, length-bucketed
 model batches and mixture, with the level penalty. The reference
 (``tests/data/weights_reference.npz``) was written by ``python -m
-tests.agents.test_weights_reference`` on the code before the move; a float tolerance, not a
+tests.agents.training.test_weights_reference`` on the code before the move; a float tolerance, not a
 checksum, since float results differ across CPUs in the last bits.
 """
 
@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from agents.training.config import TrainConfig
+from agents.config import TrainConfig
 from agents.training.trainer import Trainer
 
-REFERENCE = Path(__file__).parent.parent / "data" / "weights_reference.npz"
+REFERENCE = Path(__file__).parents[2] / "data" / "weights_reference.npz"
 
 TINY: dict[str, Any] = {
     "task": "dyck",

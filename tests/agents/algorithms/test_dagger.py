@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from agents.algorithms.dagger import DAgger
-from agents.training.config import TrainConfig
+from agents.config import TrainConfig
 from agents.training.trainer import Trainer
 from seqenv.expert import trajectory_expert_probs
 from tests.agents.conftest import tiny_run
