@@ -148,7 +148,7 @@ QUIET_CPU_RUN: dict[str, Any] = {
 
 
 def tiny_run(**settings: Any) -> Any:
-    """A :class:`~agents.training.config.TrainConfig` of :data:`QUIET_CPU_RUN` and ``settings``."""
-    from agents.training.config import TrainConfig
+    """A :class:`~agents.config.TrainConfig` of :data:`QUIET_CPU_RUN` and ``settings``."""
+    from agents.config import TrainConfig
 
     return TrainConfig(**{**QUIET_CPU_RUN, **settings})
