@@ -41,6 +41,7 @@ The comparison's config is :mod:`agents.experiments.compare_config`'s; one run i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -205,6 +206,41 @@ def _run_parallel(
     run_parallel(run_in_worker, tasks, options.jobs, lambda done: finish(*done))
 
 
+def named_model(config: dict[str, Any], command: str) -> tuple[dict[str, Any], str]:
+    """``config`` and ``command`` with a pretrained model named by its file and sha256.
+
+    The path a model had on one machine says nothing on another; its file name and content
+    hash say which model it was. Without ``train.model`` both come back unchanged.
+    """
+    path = config.get("train", {}).get("model")
+    if not path:
+        return config, command
+    identity = model_identity(path)
+    train = {**config["train"], "model": identity}
+    return {**config, "train": train}, command.replace(str(path), identity["file"])
+
+
+_IDENTITIES: dict[tuple[str, int, int], dict[str, str]] = {}
+
+
+def model_identity(path: str) -> dict[str, str]:
+    """``{"file", "sha256"}`` of a model file, or of a model folder's files (in name order)."""
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    stats = [f.stat() for f in files]
+    key = (str(root.resolve()), sum(s.st_size for s in stats), max(s.st_mtime_ns for s in stats))
+    if key not in _IDENTITIES:  # a report is rebuilt after every run: hash each model once
+        digest = hashlib.sha256()
+        for f in files:
+            if root.is_dir():
+                digest.update(str(f.relative_to(root)).encode() + b"\0")
+            with f.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        _IDENTITIES[key] = {"file": root.name, "sha256": digest.hexdigest()}
+    return _IDENTITIES[key]
+
+
 def build_results(
     config: dict[str, Any],
     options: CompareConfig,
@@ -231,11 +267,15 @@ def build_results(
     finished = {s: read_run(s.path)["row"] for s in specs if s.path.exists()}
     runs = [row for s, row in finished.items() if not s.overrides]
     sweep_runs = [row for s, row in finished.items() if s.overrides]
+    shown, command = named_model(
+        {k: v for k, v in config.items() if k != "quick"},
+        "seqmatch compare "
+        + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["compare"] else sys.argv[1:]),
+    )
     results: dict[str, Any] = {
         "task": config["task"],
-        "config": {k: v for k, v in config.items() if k != "quick"},
-        "command": "seqmatch compare "
-        + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["compare"] else sys.argv[1:]),
+        "config": shown,
+        "command": command,
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
