@@ -45,15 +45,8 @@ class Disturbance:
     kind: DisturbanceKind = "random"
 
     def __post_init__(self) -> None:
-        if isinstance(self.p, bool) or not isinstance(self.p, int | float | np.floating):
-            raise ValueError(f"disturbance p must be a number in [0, 1], got {self.p!r}")
-        if not 0.0 <= float(self.p) <= 1.0:
-            raise ValueError(f"disturbance p must be in [0, 1], got {self.p}")
+        check_disturbance(self.p, self.kind)
         object.__setattr__(self, "p", float(self.p))
-        if self.kind not in DISTURBANCE_KINDS:
-            raise ValueError(
-                f"disturbance kind must be one of {', '.join(DISTURBANCE_KINDS)}, got {self.kind!r}"
-            )
 
     @property
     def active(self) -> bool:
@@ -78,11 +71,24 @@ def resolve_disturbance(
             )
         return disturbance
     kind = "random" if disturbance_type is None else disturbance_type
-    if kind not in DISTURBANCE_KINDS:
-        raise ValueError(
-            f"disturbance_type must be one of {', '.join(DISTURBANCE_KINDS)}, got {kind!r}"
-        )
     return Disturbance(0.0 if disturbance is None else disturbance, kind)  # type: ignore[arg-type]
+
+
+def check_disturbance(disturbance: object, disturbance_type: object) -> None:
+    """Raise ValueError (one line) unless p is a number in [0, 1] and the type a known kind.
+
+    The one check of a disturbance, wherever it is given: the environment's ``disturbance`` and
+    ``disturbance_type``, :class:`Disturbance`, TrainConfig and the command line.
+    """
+    if isinstance(disturbance, bool) or not isinstance(disturbance, int | float | np.floating):
+        raise ValueError(f"disturbance must be a number in [0, 1], got {disturbance!r}")
+    if not 0.0 <= float(disturbance) <= 1.0:
+        raise ValueError(f"disturbance must be in [0, 1], got {disturbance}")
+    if disturbance_type not in DISTURBANCE_KINDS:
+        raise ValueError(
+            f"disturbance_type must be one of {', '.join(DISTURBANCE_KINDS)}, "
+            f"got {disturbance_type!r}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,6 +166,7 @@ __all__ = [
     "Disturbance",
     "DisturbanceKind",
     "NoiseFn",
+    "check_disturbance",
     "counter_hash",
     "draw_below",
     "ground_truth_token",

@@ -19,6 +19,7 @@ from typing import Any
 
 from agents.algorithms import ALGORITHMS
 from agents.config import ADDED_SETTINGS
+from agents.deprecated import renamed_config
 from agents.experiments.report import output_names, strict_json
 from agents.outputs import (
     LOCK,
@@ -51,6 +52,7 @@ def runs_config(config: dict[str, Any]) -> dict[str, Any]:
     trains as its absence does (a config that states it and one that does not give the same runs).
     """
     kept = json.loads(json.dumps({k: v for k, v in config.items() if k not in NOT_RUN_KEYS}))
+    kept = renamed_config(kept)  # a run written before a rename holds the old names
     defaults = kept.get("library_defaults", {})
     if isinstance(kept.get("train"), dict):
         kept["train"] = {

@@ -71,7 +71,7 @@ def test_disturbance_validates_its_fields() -> None:
         Disturbance(1.5)
     with pytest.raises(ValueError, match="must be a number"):
         Disturbance(True)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="kind must be one of random, ground_truth"):
+    with pytest.raises(ValueError, match="disturbance_type must be one of random, ground_truth"):
         Disturbance(0.1, "typo")  # type: ignore[arg-type]
     assert resolve_disturbance(0.2, "ground_truth") == Disturbance(0.2, "ground_truth")
     assert resolve_disturbance(None) == Disturbance(0.0)
