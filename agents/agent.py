@@ -92,8 +92,8 @@ class ImitationAgent:
         self.env = env
         hyperparameters = renamed_settings(hyperparameters, type(self).__name__)
         if base.disturbance.active:  # train in the environment's own disturbance
-            hyperparameters.setdefault("disturbance", base.disturbance.p)
-            hyperparameters.setdefault("disturbance_type", base.disturbance.kind)
+            hyperparameters.setdefault("disturbance", base.disturbance.disturbance)
+            hyperparameters.setdefault("disturbance_type", base.disturbance.disturbance_type)
         spec = resolve_algorithm(self.agent_name)
         config = TrainConfig(
             agent=self.agent_name,

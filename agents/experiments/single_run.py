@@ -39,7 +39,7 @@ def run_one(
     disturbance = comparison_disturbance(config)
     exact = evaluation.get("exact")
     if exact is not None:
-        exact = {"p": disturbance.p if disturbance else 0.0, **exact}
+        exact = {"p": disturbance.disturbance if disturbance else 0.0, **exact}
     warm_start: dict[str, Any] = {}
     labelled_states = 0  # states an expert labelled that the updates read (none for PPO)
     algorithm = resolve_algorithm(agent).cls

@@ -165,7 +165,7 @@ def test_the_facade_trains_in_the_environment_s_disturbance() -> None:
     agent = BC(env, **TINY)
     config = agent.trainer.config
     assert (config.disturbance, config.disturbance_type) == (0.2, "ground_truth")
-    assert agent.trainer.disturbance is not None and agent.trainer.disturbance.p == 0.2
+    assert agent.trainer.disturbance is not None and agent.trainer.disturbance.disturbance == 0.2
     assert BC(env, disturbance=0.05, **TINY).trainer.config.disturbance == 0.05
 
 

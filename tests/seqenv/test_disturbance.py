@@ -65,7 +65,12 @@ def test_counter_hash_is_splitmix64() -> None:
 
 
 def test_disturbance_validates_its_fields() -> None:
-    assert Disturbance(1).p == 1.0 and not Disturbance(0.0).active and Disturbance(0.5).active
+    assert Disturbance(1).disturbance == 1.0 and Disturbance(0.5, "ground_truth").active
+    assert not Disturbance(0.0).active
+    with pytest.warns(FutureWarning, match="use .disturbance_type"):
+        assert Disturbance(0.5, "ground_truth").kind == "ground_truth"
+    with pytest.warns(FutureWarning, match="use .disturbance"):
+        assert Disturbance(0.5).p == 0.5
     assert Disturbance(1.0).threshold == 2**32
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         Disturbance(1.5)
