@@ -16,6 +16,9 @@ from typing import Any
 RENAMED_SETTINGS: dict[str, str] = {"noise": "disturbance", "noise_type": "disturbance_type"}
 """Old name -> new name, of TrainConfig fields and so of config keys and flags."""
 
+OLD_NAMES: dict[str, str] = {new: old for old, new in RENAMED_SETTINGS.items()}
+"""New name -> old name: where a run file of a sweep over a renamed setting was written."""
+
 RENAMED_FLAGS: dict[str, str] = {
     f"--{old.replace('_', '-')}": f"--{new.replace('_', '-')}"
     for old, new in RENAMED_SETTINGS.items()

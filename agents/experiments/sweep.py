@@ -26,7 +26,7 @@ from agents.evaluation.evaluate import TASK_METRICS
 from agents.experiments.compare_config import CompareConfig, load_config
 from agents.experiments.report import stat_cell, strict_json
 from agents.experiments.single_run import run_one
-from agents.experiments.storage import run_key, stored_or_run, write_json_atomic
+from agents.experiments.storage import run_path, stored_or_run, write_json_atomic
 from agents.experiments.summary import aggregate
 from seqenv.tasks import make_task
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             # The base value's run is the same run for every parameter: one key, trained once.
             override = {} if is_base else _override(config, param, value)
             for seed in range(args.seeds):
-                path = args.out / "runs" / f"{run_key(args.agent, seed, override)}.json"
+                path = run_path(args.out / "runs", args.agent, seed, override)
                 train = partial(
                     run_one, config, task, args.agent, seed, args.out, "auto", False, **override
                 )

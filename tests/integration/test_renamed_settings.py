@@ -143,3 +143,31 @@ def test_one_validation_wherever_a_disturbance_is_given() -> None:
     ):
         with pytest.raises(ValueError, match=f"^disturbance_type must be one of {kinds}, got"):
             make()
+
+
+def test_a_sweep_over_the_old_name_resumes_from_its_run_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = FakeRunOne()
+    monkeypatch.setattr(single_run, "run_one", fake)
+    config = {**compare_config.DEFAULT_CONFIG, "name": "with-sweep"}
+    config["sweep"] = {"param": "noise", "values": [0.05, 0.2], "agents": ["bc"]}
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(config))
+    out = tmp_path / "cmp"
+    options = CompareConfig(
+        out=str(out), quick=True, agents="mle", seeds=1, progress=False, config=str(path)
+    )
+    run_compare(options)
+    assert "sweep.param: noise is deprecated, use disturbance" in capsys.readouterr().err
+    runs = out / "sweep" / "runs"
+    for new in runs.glob("*.json"):  # as the code before the rename named them
+        new.rename(new.with_name(new.name.replace("-disturbance=", "-noise=")))
+    assert sorted(p.name for p in runs.glob("*.json")) == [
+        "bc-s0-noise=0.05.json",
+        "bc-s0-noise=0.2.json",
+    ]
+    calls = len(fake.calls)
+    results = run_compare(options)
+    assert len(fake.calls) == calls  # nothing retrained
+    assert set(results["sweep"]["by_value"]["bc"]) == {"0.05", "0.2"}
