@@ -33,6 +33,7 @@ import torch
 
 from agents.algorithms import resolve_algorithm
 from agents.config import TrainConfig, saved_settings
+from agents.deprecated import renamed_settings
 from agents.models.interface import mask_logits
 from agents.training.checkpoint import CheckpointError, read_metadata
 from agents.training.trainer import Trainer
@@ -89,9 +90,10 @@ class ImitationAgent:
                 )
                 env = base
         self.env = env
+        hyperparameters = renamed_settings(hyperparameters, type(self).__name__)
         if base.disturbance.active:  # train in the environment's own disturbance
-            hyperparameters.setdefault("noise", base.disturbance.p)
-            hyperparameters.setdefault("noise_type", base.disturbance.kind)
+            hyperparameters.setdefault("disturbance", base.disturbance.disturbance)
+            hyperparameters.setdefault("disturbance_type", base.disturbance.disturbance_type)
         spec = resolve_algorithm(self.agent_name)
         config = TrainConfig(
             agent=self.agent_name,

@@ -53,8 +53,10 @@ with _ctrl_c_exits():
     from agents.algorithms import describe_algorithms, resolve_algorithm
     from agents.commands import MAX_SEQUENCES
     from agents.config import RunError, TrainConfig
+    from agents.deprecated import renamed_flags
     from agents.experiments.compare_config import CompareConfig
     from agents.outputs import OutputError, check_file, write_json, writes_to_stdout
+    from seqenv.disturbance import Disturbance, DisturbanceKind
 
 # Exceptions that mean "the input was bad" or "the run cannot go on for a reason the user can
 # act on", as opposed to a bug (KeyError, TypeError, ...: those show their traceback).
@@ -80,9 +82,11 @@ class ShowConfig:
     """Task: arithmetic, dyck, text, a registered name or module:Class."""
     seed: int = 0
     """Seed of the prompt and of the disturbance."""
-    noise: float = 0.3
+    disturbance: float = 0.3
     """Disturbance p: the environment replaces a token action by a noise token with this
     chance; the expert then backspaces it and tries again."""
+    disturbance_type: DisturbanceKind = "random"
+    """random (uniform tokens) or ground_truth (the task's plausible mistakes)."""
 
 
 def show(config: ShowConfig) -> None:
@@ -92,9 +96,8 @@ def show(config: ShowConfig) -> None:
     import seqenv
     from seqenv.env import SequenceGenEnv
 
-    if not 0.0 <= config.noise <= 1.0:
-        raise ValueError(f"--noise must be in [0, 1], got {config.noise}")
-    env = gym.make(seqenv.ENV_ID, task=config.task, disturbance=config.noise)
+    disturbance = Disturbance(config.disturbance, config.disturbance_type)  # checks both
+    env = gym.make(seqenv.ENV_ID, task=config.task, disturbance=disturbance)
     base = env.unwrapped
     assert isinstance(base, SequenceGenEnv)
     vocab = base.vocab
@@ -499,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         given = f"unknown command {args[0]!r}" if args else "no command given"
         print(f"seqmatch: error: {given}; commands: {names}", file=sys.stderr)
         return 2
-    name, rest = args[0], args[1:]
+    name, rest = args[0], renamed_flags(args[1:], args[0])
     config_type, run, _ = COMMANDS[name]
     try:
         config = _parse(config_type, rest, f"seqmatch {name}", debug)

@@ -10,11 +10,12 @@ from typing import Any
 
 import torch
 
+from agents.deprecated import renamed_settings
 from agents.models.policy import Positions
 from agents.objectives import Divergence, SequenceMatchLoss, ValueSource
 from agents.outputs import check_name, safe_name
 from seqenv.devices import check_device
-from seqenv.disturbance import DisturbanceKind
+from seqenv.disturbance import DisturbanceKind, check_disturbance
 from seqenv.trajectory import LabelKind
 
 
@@ -81,11 +82,11 @@ class TrainConfig:
 
     # --- Disturbance (docs/method.md §5); bc and sequencematch only ---
 
-    noise: float = 0.1
+    disturbance: float = 0.1
     """Disturbance p: the environment replaces a token action by a noise token with this
     chance, in the demonstrations (the expert then backspaces it), the rollouts and the
     disturbed evaluation."""
-    noise_type: DisturbanceKind = "random"
+    disturbance_type: DisturbanceKind = "random"
     """random (uniform tokens) or ground_truth (the task's plausible mistakes)."""
     labels: LabelKind = "intended"
     """Actions learned from: intended (what the agent chose; noise is never a target) or
@@ -323,8 +324,6 @@ class TrainConfig:
             raise ValueError(
                 f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}"
             )
-        if not 0.0 <= self.noise <= 1.0:
-            raise ValueError(f"--noise must be in [0, 1], got {self.noise}")
         for name in ("dagger_beta", "dagger_demo_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(
@@ -361,10 +360,7 @@ class TrainConfig:
         resolve_device(self.device)
         if self.labels not in ("intended", "executed"):
             raise ValueError(f"--labels must be intended or executed, got {self.labels!r}")
-        if self.noise_type not in ("random", "ground_truth"):
-            raise ValueError(
-                f"--noise-type must be random or ground_truth, got {self.noise_type!r}"
-            )
+        check_disturbance(self.disturbance, self.disturbance_type)
         if self.model is not None:
             if self.lora_r < 0:
                 raise ValueError(f"--lora-r must be >= 0, got {self.lora_r}")
@@ -421,8 +417,8 @@ ADDED_SETTINGS: dict[str, Any] = {
 
 
 def saved_settings(saved: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's stored config with the settings added since it was written filled in."""
-    return {**ADDED_SETTINGS, **saved}
+    """A checkpoint's stored config: settings added since filled in, renamed ones renamed."""
+    return {**ADDED_SETTINGS, **renamed_settings(saved)}
 
 
 def parse_task_args(task_args: str) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """Disturbance: the environment replaces a token action by a noise token (docs/method.md §5).
 
-With probability ``p`` an ordinary token action is replaced, before it runs, by a noise token that
-differs from it, as the Arcade Learning Environment's sticky actions or DART's injected noise.
-``<eos>`` and ``<bkspc>`` are never replaced, nor is an append that fills the buffer (nothing could
-delete it). The noise is ``random`` (uniform over the other ordinary tokens) or ``ground_truth``
-(the task's plausible mistake, :meth:`seqenv.tasks.Task.ground_truth_noise`).
+With probability p (``disturbance``) an ordinary token action is replaced, before it runs, by a
+noise token that differs from it, as the Arcade Learning Environment's sticky actions or DART's
+injected noise. ``<eos>`` and ``<bkspc>`` are never replaced, nor is an append that fills the
+buffer (nothing could delete it). The noise (``disturbance_type``) is ``random`` (uniform over
+the other ordinary tokens) or ``ground_truth`` (the task's plausible mistake,
+:meth:`seqenv.tasks.Task.ground_truth_noise`).
 
 Randomness is counter-based: each row holds a key, drawn from its seeded generator at reset, and
 the draw of step ``t`` is a hash of (key, t). So a batched MDP needs no generator per row and
@@ -13,6 +14,7 @@ per step, and a row of the vector env sees the same disturbances as a single env
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -34,36 +36,47 @@ KEY_BOUND = 2**63
 class Disturbance:
     """How the environment disturbs token actions.
 
+    The names are the environment's and TrainConfig's: ``disturbance`` is p, the chance, and
+    ``disturbance_type`` the kind of noise.
+
     Attributes:
-        p: probability that an eligible token action (an ordinary token whose append does not
-            fill the buffer) is replaced by a noise token; 0 leaves the dynamics unchanged.
-        kind: ``"random"`` (uniform over the other ordinary tokens) or ``"ground_truth"`` (the
-            task's noise function, redrawn until it differs from the intended token).
+        disturbance: p, the probability that an eligible token action (an ordinary token whose
+            append does not fill the buffer) is replaced by a noise token; 0 leaves the dynamics
+            unchanged.
+        disturbance_type: ``"random"`` (uniform over the other ordinary tokens) or
+            ``"ground_truth"`` (the task's noise function, redrawn until it differs from the
+            intended token).
     """
 
-    p: float
-    kind: DisturbanceKind = "random"
+    disturbance: float
+    disturbance_type: DisturbanceKind = "random"
 
     def __post_init__(self) -> None:
-        if isinstance(self.p, bool) or not isinstance(self.p, int | float | np.floating):
-            raise ValueError(f"disturbance p must be a number in [0, 1], got {self.p!r}")
-        if not 0.0 <= float(self.p) <= 1.0:
-            raise ValueError(f"disturbance p must be in [0, 1], got {self.p}")
-        object.__setattr__(self, "p", float(self.p))
-        if self.kind not in DISTURBANCE_KINDS:
-            raise ValueError(
-                f"disturbance kind must be one of {', '.join(DISTURBANCE_KINDS)}, got {self.kind!r}"
-            )
+        check_disturbance(self.disturbance, self.disturbance_type)
+        object.__setattr__(self, "disturbance", float(self.disturbance))
+
+    @property
+    def p(self) -> float:
+        """Deprecated (one release): ``disturbance``."""
+        warnings.warn("Disturbance.p is deprecated, use .disturbance", FutureWarning, stacklevel=2)
+        return self.disturbance
+
+    @property
+    def kind(self) -> DisturbanceKind:
+        """Deprecated (one release): ``disturbance_type``."""
+        message = "Disturbance.kind is deprecated, use .disturbance_type"
+        warnings.warn(message, FutureWarning, stacklevel=2)
+        return self.disturbance_type
 
     @property
     def active(self) -> bool:
         """True when some action can be disturbed (p > 0)."""
-        return self.p > 0.0
+        return self.disturbance > 0.0
 
     @property
     def threshold(self) -> int:
-        """``p`` scaled to 2**32: a step is disturbed when the top 32 bits of its hash are below."""
-        return min(round(self.p * 2**32), 2**32)
+        """The chance scaled to 2**32: a step is disturbed when its hash's top 32 bits are below."""
+        return min(round(self.disturbance * 2**32), 2**32)
 
 
 def resolve_disturbance(
@@ -71,18 +84,31 @@ def resolve_disturbance(
 ) -> Disturbance:
     """A :class:`Disturbance` from the environment's ``disturbance`` and ``disturbance_type``."""
     if isinstance(disturbance, Disturbance):
-        if disturbance_type is not None and disturbance_type != disturbance.kind:
+        if disturbance_type is not None and disturbance_type != disturbance.disturbance_type:
             raise ValueError(
-                f"disturbance_type={disturbance_type!r} contradicts the Disturbance's kind "
-                f"{disturbance.kind!r}"
+                f"disturbance_type={disturbance_type!r} contradicts the Disturbance's "
+                f"{disturbance.disturbance_type!r}"
             )
         return disturbance
     kind = "random" if disturbance_type is None else disturbance_type
-    if kind not in DISTURBANCE_KINDS:
-        raise ValueError(
-            f"disturbance_type must be one of {', '.join(DISTURBANCE_KINDS)}, got {kind!r}"
-        )
     return Disturbance(0.0 if disturbance is None else disturbance, kind)  # type: ignore[arg-type]
+
+
+def check_disturbance(disturbance: object, disturbance_type: object) -> None:
+    """Raise ValueError (one line) unless p is a number in [0, 1] and the type a known kind.
+
+    The one check of a disturbance, wherever it is given: the environment's ``disturbance`` and
+    ``disturbance_type``, :class:`Disturbance`, TrainConfig and the command line.
+    """
+    if isinstance(disturbance, bool) or not isinstance(disturbance, int | float | np.floating):
+        raise ValueError(f"disturbance must be a number in [0, 1], got {disturbance!r}")
+    if not 0.0 <= float(disturbance) <= 1.0:
+        raise ValueError(f"disturbance must be in [0, 1], got {disturbance}")
+    if disturbance_type not in DISTURBANCE_KINDS:
+        raise ValueError(
+            f"disturbance_type must be one of {', '.join(DISTURBANCE_KINDS)}, "
+            f"got {disturbance_type!r}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,6 +186,7 @@ __all__ = [
     "Disturbance",
     "DisturbanceKind",
     "NoiseFn",
+    "check_disturbance",
     "counter_hash",
     "draw_below",
     "ground_truth_token",

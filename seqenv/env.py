@@ -48,7 +48,7 @@ def resolve_max_length(max_length: int | None, task: Task) -> int:
 
 def noise_of(disturbance: Disturbance, task: Task) -> NoiseFn | None:
     """The noise function a disturbance of this kind needs: the task's, for ground_truth."""
-    return task.ground_truth_noise if disturbance.kind == "ground_truth" else None
+    return task.ground_truth_noise if disturbance.disturbance_type == "ground_truth" else None
 
 
 def check_options(options: Any, known: tuple[str, ...]) -> dict[str, Any]:

@@ -181,7 +181,7 @@ class SequenceMDP:
         if self.disturbance.active:
             if len(token_ids) < 2:
                 raise ValueError("a disturbance needs at least two ordinary tokens to draw noise")
-            if self.disturbance.kind == "ground_truth" and noise_fn is None:
+            if self.disturbance.disturbance_type == "ground_truth" and noise_fn is None:
                 raise ValueError("a ground_truth disturbance needs noise_fn (the task's noise)")
 
     @property
@@ -332,7 +332,7 @@ class SequenceMDP:
         draw = draw_below(bits, len(self._token_ids) - 1)  # (B,) in [0, T - 1)
         draw += (draw >= self._token_index[intended]).long()
         noise = self._token_ids[draw]
-        if self.disturbance.kind == "ground_truth":
+        if self.disturbance.disturbance_type == "ground_truth":
             noise = self._ground_truth_noise(intended, disturbed, noise)
         return torch.where(disturbed, noise, intended)
 

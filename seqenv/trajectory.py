@@ -363,7 +363,7 @@ def disturbed_demonstrations(
     budget = step_budget(max_length, max_steps)
     if check:
         replay(clean, max_length=max_length, max_steps=budget)
-    if disturbance.kind == "ground_truth" and disturbance.active and noise_fn is None:
+    if disturbance.disturbance_type == "ground_truth" and disturbance.active and noise_fn is None:
         raise ValueError("a ground_truth disturbance needs noise_fn (the task's noise)")
     if keys is None:
         rng = np.random.default_rng() if rng is None else rng
@@ -401,7 +401,7 @@ def disturbed_demonstrations(
             ):
                 draw = draws[row][step]
                 ran = tokens[draw + (draw >= token_index[chosen])]
-                if disturbance.kind == "ground_truth":
+                if disturbance.disturbance_type == "ground_truth":
                     assert noise_fn is not None
                     ran = ground_truth_token(
                         noise_fn, int(keys[row]), step, state[:start], state[start:], chosen, ran,

@@ -27,6 +27,7 @@ LAYERS: tuple[str, ...] = (
     "agents.models",
     "agents.generate",
     "agents.objectives",
+    "agents.deprecated",  # old setting names, still read for one release
     "agents.config",  # TrainConfig: what algorithms and the trainer both read
     "agents.evaluation",
     "agents.algorithms",

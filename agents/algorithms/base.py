@@ -134,7 +134,7 @@ class Algorithm:
     @classmethod
     def uses_disturbance(cls, config: TrainConfig) -> bool:
         """Whether a run of ``config`` learns (and rolls out) in the disturbed environment."""
-        return cls.learns_from == "disturbed" and config.backspace and config.noise > 0
+        return cls.learns_from == "disturbed" and config.backspace and config.disturbance > 0
 
     @classmethod
     def warm_start_steps(cls, config: TrainConfig) -> int:

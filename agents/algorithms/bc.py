@@ -17,7 +17,7 @@ class BC(Algorithm):
 
     label = "BC (intended actions, disturbed data)"
     short_label = "BC"
-    settings = ("noise", "noise_type", "labels", "noise_targets", "level_penalty")
+    settings = ("disturbance", "disturbance_type", "labels", "noise_targets", "level_penalty")
 
     def __init__(self, trainer: Run) -> None:
         super().__init__(trainer)

@@ -8,7 +8,7 @@ update:
 1. **roll out**: at the start of each round of ``dagger_round`` updates, ``dagger_rollouts`` x
    ``dagger_round`` episodes of the current policy on training prompts (the
    demonstrations' prompts: the same questions BC has, never fresh ones), in the training
-   disturbance (``--noise 0``: the clean environment). At each step, with probability
+   disturbance (``--disturbance 0``: the clean environment). At each step, with probability
    beta_i = ``dagger_beta`` x ``dagger_beta_decay``^i, the oracle's action (drawn from its
    distribution) is taken instead of the learner's: the generation's action hook;
 2. **aggregate**: the episodes go into a bounded FIFO buffer (``dagger_buffer_size``);
@@ -58,8 +58,9 @@ class DAgger(Algorithm):
     learns_from: ClassVar[DataKind] = "disturbed"
     needs_rollouts = True
     settings = (
-        "noise", "noise_type", "level_penalty", "dagger_warmup", "dagger_beta", "dagger_beta_decay",
-        "dagger_rollouts", "dagger_round", "dagger_buffer_size", "dagger_demo_share", "temperature",
+        "disturbance", "disturbance_type", "level_penalty", "dagger_warmup", "dagger_beta",
+        "dagger_beta_decay", "dagger_rollouts", "dagger_round", "dagger_buffer_size",
+        "dagger_demo_share", "temperature",
     )  # fmt: skip
 
     def __init__(self, trainer: Run) -> None:

@@ -39,8 +39,8 @@ class SequenceMatch(Algorithm):
     short_label = "SequenceMatch"
     needs_rollouts = True
     settings = (
-        "noise", "noise_type", "labels", "noise_targets", "divergence", "c", "alpha", "gamma",
-        "eta", "level_penalty", "value_source", "sm_warmup", "k_sample", "rollouts",
+        "disturbance", "disturbance_type", "labels", "noise_targets", "divergence", "c", "alpha",
+        "gamma", "eta", "level_penalty", "value_source", "sm_warmup", "k_sample", "rollouts",
         "buffer_size", "temperature", "model_batch_size", "model_batch_buckets",
         "rollout_length_factor", "rollout_length_quantile",
     )  # fmt: skip

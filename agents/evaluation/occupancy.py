@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from agents.models.interface import PolicyModel, mask_logits
+from seqenv.disturbance import check_disturbance
 from seqenv.rules import allowed_actions
 from seqenv.tasks.base import Example, Split
 from seqenv.vocab import SpecialIds, Vocab
@@ -240,8 +241,7 @@ class DisturbanceKernel:
     noise: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.p <= 1.0:
-            raise ValueError(f"disturbance p must be in [0, 1], got {self.p}")
+        check_disturbance(self.p, "random" if self.noise is None else "ground_truth")
 
     @property
     def tokens(self) -> np.ndarray:

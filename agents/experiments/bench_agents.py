@@ -68,7 +68,7 @@ def _update_batches(
     B = config.batch_size
     demos = task.demonstrations("train", 8 * B, max_length, seed=0)
     noisy = disturbed_demonstrations(
-        demos[:B], Disturbance(config.noise), max_length, max_steps, rng=rng
+        demos[:B], Disturbance(config.disturbance), max_length, max_steps, rng=rng
     )
     policy.eval()
     rollouts: list[Trajectory] = generate(

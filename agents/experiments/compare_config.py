@@ -25,6 +25,7 @@ from typing import Any, cast
 
 from agents.algorithms import ALGORITHMS, resolve_algorithm
 from agents.config import TrainConfig
+from agents.deprecated import renamed_config
 from agents.experiments.storage import run_key
 from agents.outputs import safe_name
 from seqenv.disturbance import Disturbance
@@ -167,6 +168,7 @@ def load_config(options: CompareConfig) -> dict[str, Any]:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err.msg})") from None
         config.setdefault("name", path.name.removesuffix(".json"))
+    config = renamed_config(config, f"config {config.get('name', 'default')!r}")
     if options.task is not None and options.task != config["task"]:
         raise ValueError(
             f"config {config.get('name')!r} is for task {config['task']!r}, not {options.task!r}"
@@ -291,6 +293,6 @@ def comparison_task(config: dict[str, Any]) -> Task:
 def comparison_disturbance(config: dict[str, Any]) -> Disturbance | None:
     """The training disturbance of a comparison (its ``train`` block), or None."""
     train = config.get("train", {})
-    p = float(train.get("noise", TrainConfig.noise))
-    kind = train.get("noise_type", TrainConfig.noise_type)
+    p = float(train.get("disturbance", TrainConfig.disturbance))
+    kind = train.get("disturbance_type", TrainConfig.disturbance_type)
     return Disturbance(p, kind) if p > 0 else None

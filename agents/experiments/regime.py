@@ -127,8 +127,8 @@ def write_report(task: str, summary: list[dict[str, Any]], meta: dict[str, Any],
         "",
         f"Command: `{meta['command']}`  ",
         f"Base config `{meta['base']}`, MLE only, seeds {meta['seeds']}, disturbance p = "
-        f"{meta['noise']} for the `disturbed/` column; {meta['compute_seconds'] / 60:.1f} min of "
-        f"training and evaluation on {meta['machine']}.",
+        f"{meta['disturbance']} for the `disturbed/` column; "
+        f"{meta['compute_seconds'] / 60:.1f} min of training and evaluation on {meta['machine']}.",
         "",
         "Mean over seeds [95% interval: bootstrap over seeds, then evaluation episodes]. "
         f"`change`: the largest move of the {head} eval curve ({meta['eval_episodes']} episodes "
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m agents.experiments.regime " + " ".join(argv or sys.argv[1:]),
         "base": base["name"],
         "seeds": [SCAN_SEED + i for i in range(args.seeds)],
-        "noise": base["train"].get("noise"),
+        "disturbance": base["train"].get("disturbance"),
         "eval_episodes": int(base["train"].get("eval_episodes", 100)),
         "machine": f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
         "wall_seconds": 0.0,

@@ -17,6 +17,7 @@ from agents.experiments.compare_config import comparison_disturbance, comparison
 from agents.experiments.storage import RunSpec
 from agents.training.checkpoint import POINTER
 from agents.training.trainer import Trainer
+from seqenv.env import noise_of
 from seqenv.rules import step_budget
 from seqenv.tasks import Task
 
@@ -38,7 +39,7 @@ def run_one(
     disturbance = comparison_disturbance(config)
     exact = evaluation.get("exact")
     if exact is not None:
-        exact = {"p": disturbance.p if disturbance else 0.0, **exact}
+        exact = {"p": disturbance.disturbance if disturbance else 0.0, **exact}
     warm_start: dict[str, Any] = {}
     labelled_states = 0  # states an expert labelled that the updates read (none for PPO)
     algorithm = resolve_algorithm(agent).cls
@@ -97,7 +98,7 @@ def run_one(
     metrics = dict(clean.metrics)
     episode_values = dict(clean.episode_values)
     if disturbance is not None:
-        noise_fn = task.ground_truth_noise if disturbance.kind == "ground_truth" else None
+        noise_fn = noise_of(disturbance, task)
         disturbed = evaluate(policy, task, **settings, disturbance=disturbance, noise_fn=noise_fn)
         metrics.update({f"disturbed/{k}": v for k, v in disturbed.metrics.items()})
         episode_values.update({f"disturbed/{k}": v for k, v in disturbed.episode_values.items()})

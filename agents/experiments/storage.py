@@ -19,6 +19,7 @@ from typing import Any
 
 from agents.algorithms import ALGORITHMS
 from agents.config import ADDED_SETTINGS
+from agents.deprecated import OLD_NAMES, renamed_config
 from agents.experiments.report import output_names, strict_json
 from agents.outputs import (
     LOCK,
@@ -51,6 +52,7 @@ def runs_config(config: dict[str, Any]) -> dict[str, Any]:
     trains as its absence does (a config that states it and one that does not give the same runs).
     """
     kept = json.loads(json.dumps({k: v for k, v in config.items() if k not in NOT_RUN_KEYS}))
+    kept = renamed_config(kept)  # a run written before a rename holds the old names
     defaults = kept.get("library_defaults", {})
     if isinstance(kept.get("train"), dict):
         kept["train"] = {
@@ -112,6 +114,17 @@ def run_key(agent: str, seed: int, overrides: dict[str, Any] | None = None) -> s
     """
     extra = "".join(f"-{k}={v}" for k, v in sorted((overrides or {}).items()))
     return safe_name(f"{agent}-s{seed}{extra}")
+
+
+def run_path(folder: Path, agent: str, seed: int, overrides: dict[str, Any]) -> Path:
+    """The file of one run in ``folder``; that of its key before a rename if only that exists.
+
+    A sweep over a renamed setting (``noise``) wrote ``<agent>-s<seed>-noise=<value>.json``.
+    """
+    path = folder / f"{run_key(agent, seed, overrides)}.json"
+    old = {OLD_NAMES.get(k, k): v for k, v in overrides.items()}
+    legacy = folder / f"{run_key(agent, seed, old)}.json"
+    return legacy if legacy != path and legacy.is_file() and not path.is_file() else path
 
 
 def write_json_atomic(path: Path, content: Any) -> None:
@@ -289,7 +302,7 @@ class RunSpec:
     @property
     def path(self) -> Path:
         """The run's result file under ``out/runs``."""
-        return self.out / "runs" / f"{run_key(self.agent, self.seed, dict(self.overrides))}.json"
+        return run_path(self.out / "runs", self.agent, self.seed, dict(self.overrides))
 
     def describe(self) -> str:
         """The run in words: agent, seed and any overrides."""

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from agents.config import TrainConfig
+from agents.deprecated import RENAMED_SETTINGS, warn_renamed
 from agents.evaluation.evaluate import TASK_METRICS
 from agents.experiments.compare_config import CompareConfig, load_config
 from agents.experiments.report import stat_cell, strict_json
 from agents.experiments.single_run import run_one
-from agents.experiments.storage import run_key, stored_or_run, write_json_atomic
+from agents.experiments.storage import run_path, stored_or_run, write_json_atomic
 from agents.experiments.summary import aggregate
 from seqenv.tasks import make_task
 
@@ -34,9 +35,9 @@ from seqenv.tasks import make_task
 GRID: dict[str, list] = {
     "eta": [0.01, 0.1, 0.3, 0.5, 1.0],
     "kappa": [0.0025, 0.025],
-    "noise": [0.05, 0.1, 0.2],
+    "disturbance": [0.05, 0.1, 0.2],
     "c": [0.05, 0.25, 1.0],
-    "noise_type": ["random", "ground_truth"],
+    "disturbance_type": ["random", "ground_truth"],
     "gamma": [0.9, 0.998],
     "sm_warmup": [200, 400, 600],
     "k_sample": [5, 10, 50],
@@ -120,7 +121,7 @@ def write_report(results: dict, out: Path) -> str:
         f"# SequenceMatch sensitivity: {results['task']}",
         "",
         f"Base config `{base.get('name')}` (eta {base['train'].get('eta')}, c "
-        f"{base['train'].get('c', 0.25)}, noise {base['train'].get('noise')}), agent "
+        f"{base['train'].get('c', 0.25)}, disturbance {base['train'].get('disturbance')}), agent "
         f"`{results['agent']}`, one parameter at a time; wall time "
         f"{results.get('wall_seconds', 0) / 60:.1f} min.",
         "",
@@ -140,6 +141,17 @@ def write_report(results: dict, out: Path) -> str:
     text = "\n".join(lines)
     (out / "report.md").write_text(text)
     return text
+
+
+def renamed_params(params: str) -> list[str]:
+    """``--params`` as a list, an old name (``noise``) replaced by its new one with a warning."""
+    out = []
+    for param in (p.strip() for p in params.split(",") if p.strip()):
+        if param in RENAMED_SETTINGS:
+            warn_renamed(param, RENAMED_SETTINGS[param], "sweep --params")
+            param = RENAMED_SETTINGS[param]
+        out.append(param)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results: dict = {"task": config["task"], "base": config, "agent": args.agent, "params": {}}
-    for param in [p.strip() for p in args.params.split(",") if p.strip()]:
+    for param in renamed_params(args.params):
         runs = []
         base_value = _base_value(config, param)
         for value in GRID[param]:
@@ -177,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             # The base value's run is the same run for every parameter: one key, trained once.
             override = {} if is_base else _override(config, param, value)
             for seed in range(args.seeds):
-                path = args.out / "runs" / f"{run_key(args.agent, seed, override)}.json"
+                path = run_path(args.out / "runs", args.agent, seed, override)
                 train = partial(
                     run_one, config, task, args.agent, seed, args.out, "auto", False, **override
                 )

@@ -142,7 +142,7 @@ class Trainer:
         # The environment's disturbance (docs/method.md §5): demonstrations, rollouts and the
         # disturbed evaluation share it, for an algorithm that learns from it.
         self.disturbance = (
-            Disturbance(config.noise, config.noise_type)
+            Disturbance(config.disturbance, config.disturbance_type)
             if self.spec.cls.uses_disturbance(config)
             else None
         )

@@ -158,14 +158,15 @@ def test_features_read_the_last_live_token() -> None:
 
 
 def test_the_facade_trains_in_the_environment_s_disturbance() -> None:
-    """An env made with a disturbance sets the run's noise (unless the caller names one)."""
+    """An env made with a disturbance sets the run's (unless the caller names one)."""
     from agents import BC
 
     env = gym.make(seqenv.ENV_ID, task="dyck", disturbance=0.2, disturbance_type="ground_truth")
     agent = BC(env, **TINY)
-    assert (agent.trainer.config.noise, agent.trainer.config.noise_type) == (0.2, "ground_truth")
-    assert agent.trainer.disturbance is not None and agent.trainer.disturbance.p == 0.2
-    assert BC(env, noise=0.05, **TINY).trainer.config.noise == 0.05
+    config = agent.trainer.config
+    assert (config.disturbance, config.disturbance_type) == (0.2, "ground_truth")
+    assert agent.trainer.disturbance is not None and agent.trainer.disturbance.disturbance == 0.2
+    assert BC(env, disturbance=0.05, **TINY).trainer.config.disturbance == 0.05
 
 
 def test_ppo_policy_scores_each_state_of_a_refeed_batch() -> None:

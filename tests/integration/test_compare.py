@@ -141,9 +141,10 @@ def test_the_default_config_repeats_no_library_default() -> None:
 
 def test_a_stated_default_is_the_same_run_as_its_absence() -> None:
     config = load_config(CompareConfig())
-    stated = {**config, "train": {**config["train"], "noise": library_defaults()["noise"]}}
-    assert "noise" not in config["train"] and runs_config(stated) == runs_config(config)
-    changed = {**config, "train": {**config["train"], "noise": 0.3}}
+    p = library_defaults()["disturbance"]
+    stated = {**config, "train": {**config["train"], "disturbance": p}}
+    assert "disturbance" not in config["train"] and runs_config(stated) == runs_config(config)
+    changed = {**config, "train": {**config["train"], "disturbance": 0.3}}
     assert runs_config(changed) != runs_config(config)
     ppo = {**config, "agents": {"ppo": {**config["agents"]["ppo"], "n_steps": 256}}}
     assert runs_config(ppo) == runs_config(config)  # PPO's own default

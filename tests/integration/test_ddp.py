@@ -81,7 +81,7 @@ def _compare(root: Path, agent_args: list[str], batch: int, ddp_extra: list[str]
 
 def test_ddp_two_ranks_match_one_process_bc(tmp_path: Path) -> None:
     """BC: noise-augmented data, each rank augmenting its own slice of the global batch."""
-    _compare(tmp_path, ["--agent", "bc", "--noise", "0.2"], batch=4, ddp_extra=[])
+    _compare(tmp_path, ["--agent", "bc", "--disturbance", "0.2"], batch=4, ddp_extra=[])
 
 
 @pytest.mark.slow

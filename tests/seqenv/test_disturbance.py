@@ -65,13 +65,18 @@ def test_counter_hash_is_splitmix64() -> None:
 
 
 def test_disturbance_validates_its_fields() -> None:
-    assert Disturbance(1).p == 1.0 and not Disturbance(0.0).active and Disturbance(0.5).active
+    assert Disturbance(1).disturbance == 1.0 and Disturbance(0.5, "ground_truth").active
+    assert not Disturbance(0.0).active
+    with pytest.warns(FutureWarning, match="use .disturbance_type"):
+        assert Disturbance(0.5, "ground_truth").kind == "ground_truth"
+    with pytest.warns(FutureWarning, match="use .disturbance"):
+        assert Disturbance(0.5).p == 0.5
     assert Disturbance(1.0).threshold == 2**32
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         Disturbance(1.5)
     with pytest.raises(ValueError, match="must be a number"):
         Disturbance(True)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="kind must be one of random, ground_truth"):
+    with pytest.raises(ValueError, match="disturbance_type must be one of random, ground_truth"):
         Disturbance(0.1, "typo")  # type: ignore[arg-type]
     assert resolve_disturbance(0.2, "ground_truth") == Disturbance(0.2, "ground_truth")
     assert resolve_disturbance(None) == Disturbance(0.0)

@@ -287,7 +287,7 @@ def test_import_seqenv_exposes_the_checker() -> None:
         ({"max_steps": 0.5}, "max_steps must be an integer, got 0.5"),
         ({"max_steps": False}, "max_steps must be an integer"),
         ({"max_steps": 0}, "max_steps must be >= 1"),
-        ({"disturbance": 1.5}, r"disturbance p must be in \[0, 1\]"),
+        ({"disturbance": 1.5}, r"disturbance must be in \[0, 1\]"),
         ({"disturbance": 0.1, "disturbance_type": "gaussian"}, "disturbance_type must be one of"),
     ],
 )

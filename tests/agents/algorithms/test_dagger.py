@@ -49,7 +49,7 @@ def test_buffer_grows_by_the_rollouts_and_stays_bounded() -> None:
 def test_demonstrations_are_relabelled_by_the_oracle() -> None:
     """After the warm start every episode of a batch carries the oracle's distribution at each
     state it visited, demonstrations (with random noise) as well as rollouts."""
-    trainer = Trainer(_config(noise=0.3, dagger_demo_share=0.5))
+    trainer = Trainer(_config(disturbance=0.3, dagger_demo_share=0.5))
     dagger = _dagger(trainer)
     trainer.step = 2
     data = trainer._data_batch()
