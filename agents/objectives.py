@@ -451,6 +451,22 @@ class BCLoss(Loss):
         _check_normaliser(self.normaliser_length)
         _check_level_penalty(self.level_penalty)
 
+    @classmethod
+    def from_settings(
+        cls, settings: Any, *, normaliser_length: int | None = None, allow_backspace: bool = True
+    ) -> BCLoss:
+        """BC as a run's settings describe it (the one place it is built from them).
+
+        ``settings``: a :class:`~agents.config.TrainConfig`, or any object with
+        ``noise_targets`` and ``level_penalty`` (a z-loss: TrainConfig.level_penalty says why).
+        """
+        return cls(
+            noise_targets=settings.noise_targets,
+            level_penalty=settings.level_penalty,
+            normaliser_length=normaliser_length,
+            allow_backspace=allow_backspace,
+        )
+
     def from_values(self, data: StepValues, model: StepValues | None) -> LossOutput:
         """The loss on the data batch's step values; ``model`` is not read."""
         targets = data.valid if self.noise_targets else data.valid & ~data.undone

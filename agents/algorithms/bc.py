@@ -21,11 +21,8 @@ class BC(Algorithm):
 
     def __init__(self, trainer: Run) -> None:
         super().__init__(trainer)
-        self.objective = BCLoss(
-            noise_targets=self.config.noise_targets,
-            level_penalty=self.config.level_penalty,  # a z-loss: see TrainConfig.level_penalty
-            normaliser_length=trainer.max_steps,
-            allow_backspace=self.config.backspace,
+        self.objective = BCLoss.from_settings(
+            self.config, normaliser_length=trainer.max_steps, allow_backspace=self.config.backspace
         )
 
     def loss(self, step: int) -> Objective:

@@ -31,7 +31,6 @@ same number of expert-labelled states, no rollouts).
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -43,7 +42,7 @@ from agents.collate import collate
 from agents.objectives import BCLoss, Objective, ObjectiveBatch, OracleCrossEntropyLoss
 from seqenv.expert import require_oracle, trajectory_expert_probs
 from seqenv.mdp import SequenceMDP
-from seqenv.tasks import Task, oracle_task_names
+from seqenv.tasks import Task, oracle_task_names, task_has_oracle
 
 if TYPE_CHECKING:
     from agents.config import TrainConfig
@@ -68,11 +67,7 @@ class DAgger(Algorithm):
         require_oracle(trainer.task)  # e.g. arithmetic on a pretrained model's tokenizer
         config = self.config
         L = trainer.max_steps
-        self.warm_objective = BCLoss(  # the bc agent's loss
-            noise_targets=config.noise_targets,
-            level_penalty=config.level_penalty,
-            normaliser_length=L,
-        )
+        self.warm_objective = BCLoss.from_settings(config, normaliser_length=L)  # the bc agent's
         self.objective = OracleCrossEntropyLoss(normaliser_length=L)
         self.buffer = ReplayBuffer(config.dagger_buffer_size)
         # The expert's draws in the rollouts: a stream of their own, kept in checkpoints.
@@ -91,7 +86,7 @@ class DAgger(Algorithm):
         """Only on a task with an oracle, on its own vocabulary."""
         if pretrained:
             return "needs the task's oracle, which a pretrained model's tokenizer does not have"
-        if not _task_has_oracle(task):
+        if not task_has_oracle(task):
             return (
                 f"needs a task with an expert oracle; task {task!r} has none (tasks with one: "
                 f"{', '.join(oracle_task_names())})"
@@ -234,19 +229,3 @@ class DAgger(Algorithm):
         self.expert_rng.bit_generator.state = saved["expert_rng"]
         self.expert_steps = int(saved["expert_steps"])
         self.rollout_steps = int(saved["rollout_steps"])
-
-
-def _task_has_oracle(task: str) -> bool:
-    """Whether the task named ``task`` (a registered name or ``module:Class``) has an oracle."""
-    if ":" not in task:
-        return task in oracle_task_names()
-    module_name, _, attribute = task.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attribute, None)
-    except ImportError:
-        return False  # the task itself reports that, when it is built
-    return (
-        isinstance(factory, type)
-        and issubclass(factory, Task)
-        and factory.expert_policy is not Task.expert_policy
-    )

@@ -67,11 +67,8 @@ class SequenceMatch(Algorithm):
 
         One normaliser for every term (docs/method.md §3), so that eta weighs like with like.
         """
-        warm = BCLoss(
-            noise_targets=config.noise_targets,
-            level_penalty=config.level_penalty,  # pins the logits' level, which chi^2 reads
-            normaliser_length=normaliser_length,
-            allow_backspace=allow_backspace,
+        warm = BCLoss.from_settings(  # its level penalty pins the logits' level, which chi^2 reads
+            config, normaliser_length=normaliser_length, allow_backspace=allow_backspace
         )
         sm = SequenceMatchLoss.from_settings(
             config, normaliser_length=normaliser_length, allow_backspace=allow_backspace

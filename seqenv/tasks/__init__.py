@@ -50,16 +50,31 @@ def register_task(name: str, factory: TaskFactory, *, overwrite: bool = False) -
     _registered[name] = factory
 
 
-def oracle_task_names() -> list[str]:
-    """The built-in and registered tasks whose class implements :meth:`Task.expert_policy`."""
-    factories = {**_builtin(), **_registered}
-    return sorted(
-        name
-        for name, factory in factories.items()
-        if isinstance(factory, type)
+def _implements_oracle(factory: TaskFactory) -> bool:
+    """Whether ``factory`` is a :class:`Task` class that implements :meth:`Task.expert_policy`."""
+    return (
+        isinstance(factory, type)
         and issubclass(factory, Task)
         and factory.expert_policy is not Task.expert_policy
     )
+
+
+def oracle_task_names() -> list[str]:
+    """The built-in and registered tasks whose class implements :meth:`Task.expert_policy`."""
+    factories = {**_builtin(), **_registered}
+    return sorted(name for name, factory in factories.items() if _implements_oracle(factory))
+
+
+def task_has_oracle(name: str) -> bool:
+    """Whether the task ``name`` (registered or ``module:Class``) implements the oracle.
+
+    Known without building the task; False for a name that does not resolve (building it says
+    why).
+    """
+    try:
+        return _implements_oracle(_factory(name))
+    except UnknownTaskError:
+        return False
 
 
 def _import_factory(spec: str) -> TaskFactory:
@@ -78,6 +93,22 @@ def _import_factory(spec: str) -> TaskFactory:
     return factory
 
 
+def _factory(name: str) -> TaskFactory:
+    """The factory of a registered task name or of ``module:Class``.
+
+    Raises:
+        UnknownTaskError: for a name that is neither.
+    """
+    if ":" in name:
+        return _import_factory(name)
+    factories = {**_builtin(), **_registered}
+    if name not in factories:
+        raise UnknownTaskError(
+            f"unknown task {name!r}; known tasks: {', '.join(sorted(factories))} (or module:Class)"
+        )
+    return factories[name]
+
+
 def make_task(name: str, vocab: Vocab | None = None, **kwargs: Any) -> Task:
     """Build a task by name (or ``module:Class``); keyword arguments go to its constructor.
 
@@ -85,16 +116,7 @@ def make_task(name: str, vocab: Vocab | None = None, **kwargs: Any) -> Task:
     its own; the arithmetic and text tasks accept one. Dyck does not: it needs one token per
     bracket, and subword tokenizers merge brackets.
     """
-    if ":" in name:
-        factory = _import_factory(name)
-    else:
-        factories = {**_builtin(), **_registered}
-        if name not in factories:
-            raise UnknownTaskError(
-                f"unknown task {name!r}; known tasks: {', '.join(sorted(factories))} "
-                "(or module:Class)"
-            )
-        factory = factories[name]
+    factory = _factory(name)
     if vocab is not None:
         if name == "dyck":
             raise ValueError(
@@ -122,4 +144,5 @@ __all__ = [
     "make_task",
     "oracle_task_names",
     "register_task",
+    "task_has_oracle",
 ]
