@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from agents.algorithms import resolve_algorithm
 from agents.config import RunError, TrainConfig
 from seqenv.devices import memory_shortfall
 
@@ -23,8 +24,6 @@ def training_bytes(config: TrainConfig, num_actions: int, max_length: int, max_s
     """
     width, layers = config.width, config.layers
     params = _parameters(width, layers, num_actions + 4, max_length)
-    from agents.algorithms import resolve_algorithm  # the registry's PPO adapter imports config
-
     model_rows = resolve_algorithm(config.agent).cls.model_rows(config)
     rows = (config.batch_size + model_rows) // config.grad_accum
     T = max_length + max_steps
@@ -61,8 +60,6 @@ def check_host_memory(config: TrainConfig, max_length: int, world_size: int = 1)
         what = f"{config.num_demonstrations} demonstrations"
         check_memory(demonstration_bytes(config, max_length), cpu, what,
                      "use fewer --num-demonstrations")  # fmt: skip
-    from agents.algorithms import resolve_algorithm  # the registry's PPO adapter imports config
-
     if resolve_algorithm(config.agent).cls.model_rows(config):  # a pool of model batches
         rows = config.model_batch_buckets * config.resolved_model_batch_size * world_size
         what = f"--model-batch-buckets {config.model_batch_buckets} model batches"
