@@ -208,16 +208,16 @@ class Algorithm:
         return out.trajectories
 
     def batch(self, data: list[Trajectory], model: list[Trajectory] | None) -> ObjectiveBatch:
-        """One micro-batch as the loss reads it: the trajectories collated with their labels."""
+        """One micro-batch as the loss reads it: the trajectories collated with their labels.
+
+        Its ``data`` batch holds the states an expert labelled (the trainer counts them); its
+        ``model`` batch the rollouts no expert labelled.
+        """
         labels = cast(LabelKind, self.config.labels)
         return ObjectiveBatch(
             data=collate(data, labels=labels),
             model=collate(model, labels=labels) if model is not None else None,
         )
-
-    def labelled_states(self, data: list[Trajectory], model: list[Trajectory] | None) -> int:
-        """States an expert labelled that this update read (this rank's): the demonstrations'."""
-        return sum(t.num_steps for t in data)
 
     def metrics(self) -> dict[str, float]:
         """What to log of the algorithm after each update (``train/<key>``)."""

@@ -24,9 +24,10 @@ Relabelling matters with random noise: the demonstrator deletes noise that happe
 answers to one state, so every state DAgger trains on carries the oracle's label.
 
 Every trajectory an update reads was labelled by the oracle, so the number of labelled states it
-consumes is counted (``train/labelled_states``) for the fair comparison with BC: the control
-``dagger_demos`` is this run with ``dagger_demo_share = 1`` (relabelled demonstrations only, the
-same number of expert-labelled states, no rollouts).
+consumes is counted (the trainer's ``num_labelled_states``: the steps of every data batch it
+reads) for the fair comparison with BC: the control ``dagger_demos`` is this run with
+``dagger_demo_share = 1`` (relabelled demonstrations only, as many episodes per update, no
+rollouts).
 """
 
 from __future__ import annotations
@@ -189,23 +190,13 @@ class DAgger(Algorithm):
             targets[b, : len(probs)] = probs
         return ObjectiveBatch(data=batch, data_targets=torch.from_numpy(targets))
 
-    def labelled_states(self, data: list[Trajectory], model: list[Trajectory] | None) -> int:
-        """The demonstrations the batch used, and the buffer episodes: every one oracle-labelled."""
-        if self.in_warm_start(self.trainer.step):
-            return super().labelled_states(data, model)
-        micro = self.config.batch_size // self.config.grad_accum
-        used = [
-            t
-            for k in range(self.config.grad_accum)
-            for t in data[k * micro : k * micro + self.demos_per_part(micro)]
-        ]
-        return sum(t.num_steps for t in used) + sum(t.num_steps for t in model or [])
-
     def metrics(self) -> dict[str, float]:
-        """beta_i, the buffer's fill, and the share of rollout steps the oracle took so far."""
-        step = self.trainer.step
+        """beta_i of the update just made, the buffer's fill, the oracle's share of rollout steps.
+
+        Called after the update, when the trainer's step has moved on.
+        """
         return {
-            "dagger_beta": self.beta(step),
+            "dagger_beta": self.beta(self.trainer.step - 1),
             "dagger_buffer": float(len(self.buffer)),
             "dagger_expert_share": self.expert_steps / max(1, self.rollout_steps),
         }

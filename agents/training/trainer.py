@@ -247,12 +247,15 @@ class Trainer:
         every = config.grad_share_interval
         sampled = every > 0 and ((self.step + 1) % every == 0 or self.step + 1 == config.steps)
         measure_shares = sampled and not self.distributed and not config.compile
+        labelled = 0  # the steps of the data batches read: states an expert labelled
         for k in range(config.grad_accum):
             part = slice(k * micro, (k + 1) * micro)
             model_part = slice(k * model_micro, (k + 1) * model_micro)
-            batch = self.algorithm.batch(
+            built = self.algorithm.batch(
                 data[part], model[model_part] if model is not None else None
-            ).to(self.device)
+            )
+            labelled += int(built.data.step_mask.sum())  # on the host, before the copy
+            batch = built.to(self.device)
             last = k == config.grad_accum - 1
             ddp = self.batch_forward
             sync: AbstractContextManager[Any] = contextlib.nullcontext()
@@ -284,7 +287,7 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.num_timesteps += sum(t.num_steps for t in data) * self.world_size
-        self.num_labelled_states += self.algorithm.labelled_states(data, model) * self.world_size
+        self.num_labelled_states += labelled * self.world_size
         for name, figure in self.algorithm.metrics().items():
             logger.record(f"train/{name}", figure)
 
