@@ -23,9 +23,13 @@ Shapes: B rows, T positions, N new positions of a decoding call, S cache slots r
 
 from __future__ import annotations
 
+import functools
+import importlib
 import inspect
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -489,16 +493,42 @@ def _from_pretrained(path: Path, **kwargs: Any) -> tuple[Any, Any]:
     folder, extra = _model_source(path)
     config = _load_config(folder, extra)
     tokenizer = _load_tokenizer(folder, extra)
-    model = _loading(
-        _weights_file(folder, extra),
-        AutoModelForCausalLM.from_pretrained,
-        folder,
-        config=config,
-        local_files_only=True,
-        **extra,
-        **kwargs,
-    )
+    with _gguf_bar_follows_switch(gguf=bool(extra)):
+        model = _loading(
+            _weights_file(folder, extra),
+            AutoModelForCausalLM.from_pretrained,
+            folder,
+            config=config,
+            local_files_only=True,
+            **extra,
+            **kwargs,
+        )
     return model, tokenizer
+
+
+@contextmanager
+def _gguf_bar_follows_switch(gguf: bool) -> Iterator[None]:
+    """Within: the GGUF loader's bar is off when transformers' progress bars are (--no-progress).
+
+    Its "Converting and de-quantizing GGUF tensors" bar calls tqdm itself, past
+    ``transformers.utils.logging.disable_progress_bar``. Should the loader stop calling tqdm by
+    that name, nothing is changed.
+    """
+    from transformers.utils import logging as hf_logging
+
+    if not gguf or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    loader = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    bar = getattr(loader, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    loader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        loader.tqdm = bar
 
 
 def _load_config(folder: Path, extra: dict[str, Any]) -> Any:

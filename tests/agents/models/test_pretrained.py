@@ -256,3 +256,30 @@ def test_pretrained_vocab_encodes_without_special_tokens(model_dir: Path) -> Non
     ids = vocab.encode("the cat")
     assert vocab.eos_id not in ids
     assert vocab.decode([*ids, vocab.backspace_id, vocab.eos_id]) == "the cat<bkspc>"
+
+
+@pytest.mark.parametrize("bars_on", [True, False])
+def test_the_gguf_loaders_bar_follows_transformers_switch(bars_on: bool) -> None:
+    """transformers' GGUF loader calls tqdm itself; with its bars switched off (--no-progress)
+    that bar is off too while a GGUF file loads, and the loader is left as it was after."""
+    import importlib
+    import io
+
+    from transformers.utils import logging as hf_logging
+
+    from agents.models.hf import _gguf_bar_follows_switch
+
+    loader = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    was_on, original = hf_logging.is_progress_bar_enabled(), loader.tqdm
+    (hf_logging.enable_progress_bar if bars_on else hf_logging.disable_progress_bar)()
+    try:
+        with _gguf_bar_follows_switch(gguf=True):
+            bar = loader.tqdm(range(2), file=io.StringIO())
+            shown = not bar.disable
+            bar.close()
+            assert shown is bars_on
+        with _gguf_bar_follows_switch(gguf=False):
+            assert loader.tqdm is original
+    finally:
+        (hf_logging.enable_progress_bar if was_on else hf_logging.disable_progress_bar)()
+    assert loader.tqdm is original
