@@ -524,11 +524,11 @@ def _gguf_bar_follows_switch(gguf: bool) -> Iterator[None]:
     if bar is None:
         yield
         return
-    loader.tqdm = functools.partial(bar, disable=True)
+    setattr(loader, "tqdm", functools.partial(bar, disable=True))  # noqa: B010
     try:
         yield
     finally:
-        loader.tqdm = bar
+        setattr(loader, "tqdm", bar)  # noqa: B010
 
 
 def _load_config(folder: Path, extra: dict[str, Any]) -> Any:
