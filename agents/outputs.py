@@ -21,10 +21,11 @@ Files (:func:`check_file` before the work, :func:`write_file` after it):
   anything in them), and a file that the folder's manifest lists.
 
 Folders (:func:`check_folder`, :func:`claimed`): a checkpoint (``--save``), a comparison
-(``compare --out``) and an export (``export --out``) belong to seqmatch once it has made them::
+(``compare --out``), an export (``export --out``) and a scan (the ``--out`` of the regime scan
+and the sensitivity sweep) belong to seqmatch once it has made them::
 
     FOLDER/
-      seqmatch-checkpoint       the marker (or seqmatch-comparison, seqmatch-export): JSON, format
+      seqmatch-checkpoint       the marker (or seqmatch-comparison, -export, -scan): JSON, format
       seqmatch-manifest.json    {"format": 1, "written": [...]}: the paths, relative to FOLDER,
                                 that seqmatch wrote (recorded before each is written)
       seqmatch.lock             {"pid", "command", "started"} of the process holding the lock
@@ -66,6 +67,7 @@ MARKERS = {
     "checkpoint": "seqmatch-checkpoint",
     "comparison": "seqmatch-comparison",
     "export": "seqmatch-export",
+    "scan": "seqmatch-scan",
 }
 """The marker file of each kind of folder seqmatch owns."""
 POINTER = "latest"

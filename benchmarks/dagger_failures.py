@@ -35,6 +35,7 @@ from agents.experiments.compare_config import (
     train_config,
 )
 from agents.generate import generate
+from agents.outputs import check_file, write_file
 from agents.training.trainer import Trainer
 from seqenv.tasks import Task
 from seqenv.trajectory import Trajectory
@@ -128,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/dyck_hard_dagger"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    path = args.out / f"{args.agent}_failures.json"
+    check_file(path, "--out")  # before the training: a bad --out fails first, in one line
     config = load_config(CompareConfig(config=args.config))
     task = comparison_task(config)
     rows = []
@@ -143,9 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             row.update(measure(trainer, prompts, factor * trainer.max_steps, seed))
             rows.append(row)
             print(json.dumps(row), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{args.agent}_failures.json"
-    path.write_text(json.dumps({"config": args.config, "rows": rows}, indent=1) + "\n")
+    write_file(path, json.dumps({"config": args.config, "rows": rows}, indent=1) + "\n")
     print(f"wrote {path}")
     return 0
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from agents.experiments.report import save_figure
+from agents.outputs import write_file
 from seqenv.tasks import make_task
 
 METRICS = (
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if title == "clean":
             text = [f"# The kappa trade-off on dyck_hard (data's mean length {reference:.2f})", ""]
         text += lines
-    (args.results / "kappa.md").write_text("\n".join(text) + "\n")
+    write_file(args.results / "kappa.md", "\n".join(text) + "\n")
 
     import matplotlib
 
@@ -105,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_title(name)
     fig.suptitle("SequenceMatch at eta 1 on dyck_hard (clean evaluation, 3 seeds)")
     fig.tight_layout()
-    fig.savefig(args.results / "kappa.png", dpi=100)
-    print((args.results / "kappa.md").read_text())
+    save_figure(fig, args.results / "kappa.png")
+    print("\n".join(text))
     return 0
 
 

@@ -21,6 +21,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from agents.outputs import check_file, write_file
+
 BOUNDS: dict[str, float] = {
     "exact_target_chi2": 0.01,  # chi^2-mixture to the target, gamma 0.9
     "exact_target_live_chi2": 0.01,  # the same on live pairs, gamma 0.998
@@ -185,10 +187,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", default=None, help="default: RESULTS/acceptance.md")
     options = parser.parse_args(argv)
+    out = Path(options.out) if options.out else Path(options.results) / "acceptance.md"
+    inputs = [("--results", Path(options.results) / "results.json")]
+    if options.kappa:
+        inputs.append(("--kappa", Path(options.kappa) / "results.json"))
+    check_file(out, "--out", inputs)  # before reading: a bad --out fails first, in one line
     results = read_results(Path(options.results), "--results")
     kappa = read_results(Path(options.kappa), "--kappa") if options.kappa else None
-    out = Path(options.out) if options.out else Path(options.results) / "acceptance.md"
-    out.write_text(acceptance(results, kappa))
+    write_file(out, acceptance(results, kappa))
     print(f"wrote {out}")
     return 0
 

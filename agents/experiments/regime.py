@@ -29,10 +29,11 @@ import numpy as np
 from agents.evaluation.evaluate import METRICS, headline
 from agents.evaluation.stats import FLAT_CHANGE, last_quarter_move
 from agents.experiments.compare_config import CompareConfig, load_config, merge
-from agents.experiments.report import stat_cell, strict_json
+from agents.experiments.report import save_figure, stat_cell, strict_json
 from agents.experiments.single_run import run_one
-from agents.experiments.storage import stored_or_run, write_json_atomic
+from agents.experiments.storage import claimed_scan, stored_or_run, write_json_atomic
 from agents.experiments.summary import aggregate
+from agents.outputs import record, write_file
 from seqenv.tasks import make_task
 
 SCAN_SEED = 100
@@ -60,6 +61,11 @@ SCANS: dict[str, dict[str, Any]] = {
         },
     },
 }
+
+RESULTS_KEYS = frozenset({"meta", "points"})
+"""The keys of a scan's results.json: how a scan folder from before the marker is recognised."""
+OUTPUTS = ("results.json", "report.md", "scan.png", "runs")
+"""What a scan writes in its ``--out`` (its manifest lists them)."""
 
 
 def points(task: str, demonstrations: list[int] | None = None) -> list[dict[str, Any]]:
@@ -151,7 +157,7 @@ def write_report(task: str, summary: list[dict[str, Any]], meta: dict[str, Any],
         )
     lines += ["", "![scan](scan.png)", ""]
     text = "\n".join(lines)
-    (out / "report.md").write_text(text)
+    write_file(out / "report.md", text)
     _plot(task, summary, out / "scan.png")
     return text
 
@@ -187,8 +193,7 @@ def _plot(task: str, summary: list[dict[str, Any]], path: Path) -> None:
                       "better)")  # fmt: skip
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,37 +224,38 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown points {sorted(unknown)}; known: {[p['name'] for p in grid]}")
         grid = [p for p in grid if p["name"] in wanted]
-    out.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "command": "python -m agents.experiments.regime " + " ".join(argv or sys.argv[1:]),
-        "base": base["name"],
-        "seeds": [SCAN_SEED + i for i in range(args.seeds)],
-        "disturbance": base["train"].get("disturbance"),
-        "eval_episodes": int(base["train"].get("eval_episodes", 100)),
-        "machine": f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
-        "wall_seconds": 0.0,
-    }
-    started = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    for point in grid:
-        config = merge(base, {"task_args": point["task_args"], "train": point["train"]})
-        task = make_task(config["task"], **config["task_args"])
-        for seed in meta["seeds"]:
-            path = out / "runs" / f"{point['name']}-s{seed}.json"
-            # TensorBoard runs go under runs/<point>/, apart from the other points' runs.
-            folder = out / "runs" / point["name"]
-            train = partial(run_one, config, task, "mle", seed, folder, "cpu", False)
-            label = f"[regime] {point['name']} seed {seed}"
-            try:
-                row = stored_or_run(path, config, train, label, extra={"point": point})
-            except ValueError as err:
-                parser.error(str(err))
-            rows.append(row)
-        meta["wall_seconds"] = time.perf_counter() - started
-        meta["compute_seconds"] = sum(r["train_seconds"] + r["eval_seconds"] for r in rows)
-        summary = summarise(args.task, rows, meta["eval_episodes"])
-        write_json_atomic(out / "results.json", strict_json({"meta": meta, "points": summary}))
-        write_report(args.task, summary, meta, out)
+    with claimed_scan(out, RESULTS_KEYS):
+        record(out, *OUTPUTS)
+        meta = {
+            "command": "python -m agents.experiments.regime " + " ".join(argv or sys.argv[1:]),
+            "base": base["name"],
+            "seeds": [SCAN_SEED + i for i in range(args.seeds)],
+            "disturbance": base["train"].get("disturbance"),
+            "eval_episodes": int(base["train"].get("eval_episodes", 100)),
+            "machine": f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}",
+            "wall_seconds": 0.0,
+        }
+        started = time.perf_counter()
+        rows: list[dict[str, Any]] = []
+        for point in grid:
+            config = merge(base, {"task_args": point["task_args"], "train": point["train"]})
+            task = make_task(config["task"], **config["task_args"])
+            for seed in meta["seeds"]:
+                path = out / "runs" / f"{point['name']}-s{seed}.json"
+                # TensorBoard runs go under runs/<point>/, apart from the other points' runs.
+                folder = out / "runs" / point["name"]
+                train = partial(run_one, config, task, "mle", seed, folder, "cpu", False)
+                label = f"[regime] {point['name']} seed {seed}"
+                try:
+                    row = stored_or_run(path, config, train, label, extra={"point": point})
+                except ValueError as err:
+                    parser.error(str(err))
+                rows.append(row)
+            meta["wall_seconds"] = time.perf_counter() - started
+            meta["compute_seconds"] = sum(r["train_seconds"] + r["eval_seconds"] for r in rows)
+            summary = summarise(args.task, rows, meta["eval_episodes"])
+            write_json_atomic(out / "results.json", strict_json({"meta": meta, "points": summary}))
+            write_report(args.task, summary, meta, out)
     print((out / "report.md").read_text())
     return 0
 

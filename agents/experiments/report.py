@@ -481,7 +481,7 @@ def plots(results: dict[str, Any], out: Path) -> None:
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
         fig.tight_layout()
-        _save(fig, out / name)
+        save_figure(fig, out / name)
 
     metrics = metrics_of(results)
     fig, axes = plt.subplots(1, max(1, len(metrics)), figsize=(3 * max(1, len(metrics)), 3.5))
@@ -507,15 +507,15 @@ def plots(results: dict[str, Any], out: Path) -> None:
         ax.set_title(f"{metric} {_arrow(metric)}".rstrip(), fontsize=9)
     fig.suptitle("mean over seeds, 95% bootstrap interval", fontsize=8)
     fig.tight_layout()
-    _save(fig, out / "metrics.png")
+    save_figure(fig, out / "metrics.png")
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path, dpi: int = 100) -> None:
     """Draw ``fig`` as a PNG and write it by the output rule (atomically); close it."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
     write_file(path, buffer.getvalue())
 

@@ -9,10 +9,11 @@ written before the folder marker existed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from agents.experiments.report import output_names, strict_json
 from agents.outputs import (
     LOCK,
     check_folder,
+    claimed,
     has_content,
     listed,
     mark,
@@ -220,6 +222,58 @@ def check_out(
             "write into it); choose a new or empty folder"
         )
     return entries
+
+
+@contextlib.contextmanager
+def claimed_scan(out: Path, results_keys: frozenset[str]) -> Iterator[None]:
+    """Hold the ``--out`` folder of a regime scan or a sweep for the block, marked as a scan.
+
+    Checked before anything is made, and again under the lock: new, empty, marked as a scan, or
+    a scan from before the marker (:func:`_pre_marker_scan`, its results.json holding
+    ``results_keys``). Anything else that holds files is a user's folder, refused in one line.
+    """
+    check_scan_out(out, results_keys)  # a user's folder is refused before its lock file is made
+    with claimed(out, "--out"):
+        check_scan_out(out, results_keys, probe=False)
+        mark(out, "scan")
+        yield
+
+
+def check_scan_out(out: Path, results_keys: frozenset[str], probe: bool = True) -> None:
+    """Refuse an ``--out`` of a scan or sweep that is not one (see :func:`claimed_scan`)."""
+    check_folder(out, "--out", "scan", probe=probe)
+    if not out.is_dir() or owner(out) == "scan" or not has_content(out):
+        return
+    if not _pre_marker_scan(out, results_keys):
+        raise FileExistsError(
+            f"--out {out}: the folder holds files and is not a seqmatch scan (refusing to write "
+            "into it); choose a new or empty folder"
+        )
+
+
+def _pre_marker_scan(out: Path, results_keys: frozenset[str]) -> bool:
+    """Whether ``out`` is a scan or sweep written before the marker existed.
+
+    Recognised by content: a results.json that is a JSON object with ``results_keys``, or,
+    for one stopped before its first results.json, nothing but finished-run files, TensorBoard
+    event files and seqmatch checkpoints.
+    """
+    try:
+        results = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        results = None
+    if isinstance(results, dict):
+        return results_keys <= results.keys()
+    for path in out.rglob("*"):
+        if path.is_dir() or path == out / LOCK or path.name.startswith("events.out.tfevents"):
+            continue
+        if any(owner(folder) == "checkpoint" for folder in path.parents):
+            continue
+        try:
+            read_run(path)
+        except (OSError, ValueError):
+            return False
+    return True
 
 
 def _event_files_only(folder: Path) -> bool:

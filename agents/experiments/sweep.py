@@ -26,9 +26,15 @@ from agents.evaluation.evaluate import TASK_METRICS
 from agents.experiments.compare_config import CompareConfig, load_config
 from agents.experiments.report import stat_cell, strict_json
 from agents.experiments.single_run import run_one
-from agents.experiments.storage import run_path, stored_or_run, write_json_atomic
+from agents.experiments.storage import claimed_scan, run_path, stored_or_run, write_json_atomic
 from agents.experiments.summary import aggregate
+from agents.outputs import record, write_file
 from seqenv.tasks import make_task
+
+RESULTS_KEYS = frozenset({"task", "base", "agent", "params"})
+"""The keys of a sweep's results.json: how a sweep folder from before the marker is recognised."""
+OUTPUTS = ("results.json", "report.md", "runs", "checkpoints")
+"""What a sweep writes in its ``--out`` (its manifest lists them)."""
 
 # Parameter -> values; the base config's own value is among them. `kappa` is c * alpha, the one
 # knob of the chi^2 divergences (docs/method.md §3): it is set through c at the config's alpha.
@@ -139,7 +145,7 @@ def write_report(results: dict, out: Path) -> str:
             lines.append(f"| {value} | " + " | ".join(cells) + " |")
         lines.append("")
     text = "\n".join(lines)
-    (out / "report.md").write_text(text)
+    write_file(out / "report.md", text)
     return text
 
 
@@ -176,34 +182,40 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     config = load_config(CompareConfig(config=args.config, seeds=args.seeds, quick=args.quick))
     task = make_task(config["task"], **config.get("task_args", {}))
-    args.out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    results: dict = {"task": config["task"], "base": config, "agent": args.agent, "params": {}}
-    for param in renamed_params(args.params):
-        runs = []
-        base_value = _base_value(config, param)
-        for value in GRID[param]:
-            is_base = _same(value, base_value)
-            if args.skip_base and is_base:
-                continue
-            # The base value's run is the same run for every parameter: one key, trained once.
-            override = {} if is_base else _override(config, param, value)
-            for seed in range(args.seeds):
-                path = run_path(args.out / "runs", args.agent, seed, override)
-                train = partial(
-                    run_one, config, task, args.agent, seed, args.out, "auto", False, **override
-                )
-                label = f"[sweep] {param}={value} seed {seed}"
-                try:
-                    row = stored_or_run(path, config, train, label)
-                except ValueError as err:
-                    parser.error(str(err))
-                runs.append({**row, "value": value})
-        results["params"][param] = {"runs": runs, "by_value": aggregate(runs, key="value")}
-        results["wall_seconds"] = time.perf_counter() - started
-        write_json_atomic(args.out / "results.json", strict_json(results))
-        write_report(results, args.out)
-    print(write_report(results, args.out))
+    params = renamed_params(args.params)
+    unknown = [p for p in params if p not in GRID]
+    if unknown:
+        parser.error(f"--params: unknown {unknown}; known: {', '.join(GRID)}")
+    with claimed_scan(args.out, RESULTS_KEYS):
+        record(args.out, *OUTPUTS)
+        started = time.perf_counter()
+        results: dict = {"task": config["task"], "base": config, "agent": args.agent, "params": {}}
+        for param in params:
+            runs = []
+            base_value = _base_value(config, param)
+            for value in GRID[param]:
+                is_base = _same(value, base_value)
+                if args.skip_base and is_base:
+                    continue
+                # The base value's run is the same run for every parameter: one key, trained once.
+                override = {} if is_base else _override(config, param, value)
+                for seed in range(args.seeds):
+                    path = run_path(args.out / "runs", args.agent, seed, override)
+                    train = partial(
+                        run_one, config, task, args.agent, seed, args.out, "auto", False, **override
+                    )
+                    label = f"[sweep] {param}={value} seed {seed}"
+                    try:
+                        row = stored_or_run(path, config, train, label)
+                    except ValueError as err:
+                        parser.error(str(err))
+                    runs.append({**row, "value": value})
+            results["params"][param] = {"runs": runs, "by_value": aggregate(runs, key="value")}
+            results["wall_seconds"] = time.perf_counter() - started
+            write_json_atomic(args.out / "results.json", strict_json(results))
+            write_report(results, args.out)
+        text = write_report(results, args.out)
+    print(text)
     return 0
 
 

@@ -137,3 +137,50 @@ def test_sweep_run_cost_bundles_and_the_base_bundle() -> None:
     off = {"train": {**config["train"], **sweep._override(config, "run_cost", "off")}}
     assert sweep._base_value(off, "run_cost") == "off"
     assert sweep._base_value({"train": sweep.RUN_COST["mbs16"]}, "run_cost") == "mbs16"
+
+
+@pytest.mark.parametrize("tool", ["regime", "sweep"])
+def test_scan_and_sweep_outs_follow_the_output_rule(
+    tool: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's folder is refused before any run, every byte kept; the folder the tool makes is
+    marked and lists what it wrote; a scan from before the marker is recognised and resumed."""
+    from agents.experiments.storage import check_out
+    from agents.outputs import LOCK, MANIFEST, listed, owner
+
+    fake = CountingRunOne()
+    module = regime if tool == "regime" else sweep
+    monkeypatch.setattr(module, "run_one", fake)
+    if tool == "sweep":
+        monkeypatch.setattr(sweep, "aggregate", lambda runs, key: {str(r[key]): {} for r in runs})
+
+    def argv(out: Path) -> list[str]:
+        if tool == "regime":
+            return ["--task", "dyck", "--out", str(out), "--points", "depth4-20-1x32-n100"]
+        return ["--config", "dyck_cpu", "--out", str(out), "--seeds", "1", "--params", "kappa"]
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my notes")
+    with pytest.raises(FileExistsError, match="not a seqmatch scan"):
+        module.main(argv(mine))
+    assert fake.calls == [] and sorted(p.name for p in mine.iterdir()) == ["report.md"]
+    assert (mine / "report.md").read_text() == "my notes"
+
+    out = tmp_path / "new" / "scan"
+    assert module.main(argv(out)) == 0
+    assert owner(out) == "scan" and {"results.json", "report.md", "runs"} <= listed(out)
+    with pytest.raises(FileExistsError, match="a seqmatch scan is there"):
+        check_out(out)  # a comparison does not write into a scan
+    calls = len(fake.calls)
+
+    # Before the marker: the same folder without its marker, manifest and lock is resumed.
+    for name in ("seqmatch-scan", MANIFEST, LOCK):
+        (out / name).unlink()
+    assert module.main(argv(out)) == 0
+    assert len(fake.calls) == calls and owner(out) == "scan"
+
+    # A stopped first run of the sweep left no results.json: its run files alone are recognised.
+    for name in ("results.json", "report.md", "scan.png", "seqmatch-scan", MANIFEST, LOCK):
+        (out / name).unlink(missing_ok=True)
+    assert module.main(argv(out)) == 0 and len(fake.calls) == calls

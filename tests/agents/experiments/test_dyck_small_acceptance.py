@@ -119,3 +119,22 @@ def test_a_missing_control_folder_is_refused_unless_left_out(tmp_path: Path) -> 
         main(["--results", str(main_dir), "--kappa", str(tmp_path / "nowhere")])
     assert main(["--results", str(main_dir), "--kappa", ""]) == 0
     assert "Negative control" not in (main_dir / "acceptance.md").read_text()
+
+
+def test_out_is_checked_before_reading_and_never_an_input(tmp_path: Path) -> None:
+    """--out follows the output rule: a folder there or the comparison's own results.json is
+    refused in one line before anything is read, and a file is replaced whole."""
+    main_dir = tmp_path / "dyck_small"
+    main_dir.mkdir()
+    data = json.dumps(results([run("sequencematch", 0)]))
+    (main_dir / "results.json").write_text(data)
+    with pytest.raises(IsADirectoryError, match=r"--out .*a folder is there"):
+        main(["--results", str(main_dir), "--kappa", "", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"this run's input \(--results"):
+        main(["--results", str(main_dir), "--kappa", "", "--out", str(main_dir / "results.json")])
+    assert (main_dir / "results.json").read_text() == data
+    page = tmp_path / "page.md"
+    page.write_text("my earlier page")
+    page.chmod(0o640)
+    assert main(["--results", str(main_dir), "--kappa", "", "--out", str(page)]) == 0
+    assert "my earlier page" not in page.read_text() and page.stat().st_mode & 0o777 == 0o640
