@@ -29,10 +29,14 @@ def _ctrl_c_exits() -> Iterator[None]:
 
     Python's own handler would print a traceback from inside torch's import. Only where that
     handler is in place (a library that set its own, or an ignored SIGINT, is left alone).
+    Whatever the interrupted import turns the exit into (numpy's C start-up reports it as an
+    ImportError), the interrupt decides the outcome.
     """
+    interrupted = False
 
     def stop(signum: int, frame: Any) -> None:
-        print("seqmatch: interrupted", file=sys.stderr)
+        nonlocal interrupted
+        interrupted = True
         raise SystemExit(130)
 
     on_main = threading.current_thread() is threading.main_thread()
@@ -42,8 +46,14 @@ def _ctrl_c_exits() -> Iterator[None]:
     signal.signal(signal.SIGINT, stop)
     try:
         yield
+    except BaseException:
+        if not interrupted:
+            raise
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupted:
+        print("seqmatch: interrupted", file=sys.stderr)
+        raise SystemExit(130)
 
 
 with _ctrl_c_exits():
