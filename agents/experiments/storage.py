@@ -212,16 +212,30 @@ def check_out(
     Returns:
         The entries (relative paths) the pre-marker comparison wrote; empty otherwise.
     """
-    check_folder(out, "--out", "comparison", inputs, probe=probe)
-    if not out.is_dir() or owner(out) == "comparison" or not has_content(out):
+    if not _unmarked_with_files(out, "comparison", inputs, probe):
         return []
     entries = _pre_marker_entries(out)
     if entries is None:
-        raise FileExistsError(
-            f"--out {out}: the folder holds files and is not a seqmatch comparison (refusing to "
-            "write into it); choose a new or empty folder"
-        )
+        raise _not_seqmatchs(out, "comparison")
     return entries
+
+
+def _unmarked_with_files(
+    out: Path, kind: str, inputs: Sequence[tuple[str, str | None]], probe: bool
+) -> bool:
+    """Whether ``out`` holds files unmarked, so that its content must say whose it is.
+
+    First checked as the ``--out`` of a ``kind`` folder (:func:`check_folder`).
+    """
+    check_folder(out, "--out", kind, inputs, probe=probe)
+    return out.is_dir() and owner(out) != kind and has_content(out)
+
+
+def _not_seqmatchs(out: Path, kind: str) -> FileExistsError:
+    return FileExistsError(
+        f"--out {out}: the folder holds files and is not a seqmatch {kind} (refusing to write "
+        "into it); choose a new or empty folder"
+    )
 
 
 @contextlib.contextmanager
@@ -241,14 +255,8 @@ def claimed_scan(out: Path, results_keys: frozenset[str]) -> Iterator[None]:
 
 def check_scan_out(out: Path, results_keys: frozenset[str], probe: bool = True) -> None:
     """Refuse an ``--out`` of a scan or sweep that is not one (see :func:`claimed_scan`)."""
-    check_folder(out, "--out", "scan", probe=probe)
-    if not out.is_dir() or owner(out) == "scan" or not has_content(out):
-        return
-    if not _pre_marker_scan(out, results_keys):
-        raise FileExistsError(
-            f"--out {out}: the folder holds files and is not a seqmatch scan (refusing to write "
-            "into it); choose a new or empty folder"
-        )
+    if _unmarked_with_files(out, "scan", (), probe) and not _pre_marker_scan(out, results_keys):
+        raise _not_seqmatchs(out, "scan")
 
 
 def _pre_marker_scan(out: Path, results_keys: frozenset[str]) -> bool:
@@ -267,7 +275,8 @@ def _pre_marker_scan(out: Path, results_keys: frozenset[str]) -> bool:
     for path in out.rglob("*"):
         if path.is_dir() or path == out / LOCK or path.name.startswith("events.out.tfevents"):
             continue
-        if any(owner(folder) == "checkpoint" for folder in path.parents):
+        inside = path.relative_to(out).parents  # the folders between out and the file
+        if any(owner(out / folder) == "checkpoint" for folder in inside):
             continue
         try:
             read_run(path)
